@@ -1,0 +1,40 @@
+"""The exceptions dualign raises on purpose. The CLI turns each into one line and exit code 2."""
+from __future__ import annotations
+
+
+class DualignError(Exception):
+    """Base class: an error whose message is meant for the user, not a traceback."""
+
+
+class InputError(DualignError, ValueError):
+    """Bad user input: names the file, the record and the field when they are known."""
+
+    def __init__(self, message: str, *, file: str | None = None, record: int | str | None = None,
+                 field: str | None = None):
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if record is not None:
+            where.append(f"record {record}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        self.file, self.record, self.field = file, record, field
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+class InfeasibleMarginError(DualignError, ValueError):
+    """A safety margin that no reweighting of the reference's samples can reach.
+
+    Attributes
+    ----------
+    constraint : int or str
+        Which constraint (index or name) is out of reach.
+    margin : float
+        The margin that was asked for.
+    max_gain : numpy.ndarray, shape (m,)
+        The largest achievable gain of every constraint on this sample.
+    """
+
+    def __init__(self, message: str, *, constraint, margin: float, max_gain):
+        self.constraint, self.margin, self.max_gain = constraint, margin, max_gain
+        super().__init__(message)
