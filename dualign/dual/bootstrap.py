@@ -1,0 +1,116 @@
+"""Bootstrap confidence intervals for λ* and for every prediction, by resampling prompts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InfeasibleMarginError
+from .problem import DualProblem, validate_scores
+from .solver import DualResult, solve_problem
+
+# The quantities whose intervals are reported, read off a DualResult.
+_FIELDS = {
+    "lambda": lambda r: r.lam,
+    "reward": lambda r: np.atleast_1d(r.predicted.reward),
+    "reward_gain": lambda r: np.atleast_1d(r.predicted.reward_gain),
+    "safety_gain": lambda r: r.predicted.safety_gain,
+    "kl": lambda r: np.atleast_1d(r.predicted.kl),
+    "ess_mean": lambda r: np.atleast_1d(r.predicted.ess_mean),
+}
+
+
+@dataclass
+class BootstrapResult:
+    """Percentile bootstrap intervals.
+
+    Attributes
+    ----------
+    estimate : DualResult
+        The solution on the full sample.
+    ci : dict[str, ndarray]
+        For each of 'lambda', 'reward', 'reward_gain', 'safety_gain', 'kl', 'ess_mean' an
+        array of shape (d, 2) of (low, high), d = m for 'lambda' and 'safety_gain', else 1.
+    replicates : dict[str, ndarray]
+        The raw replicate values, shape (B_ok, d).
+    level : float
+        Confidence level, e.g. 0.95.
+    n_boot : int
+        Replicates drawn.
+    n_infeasible : int
+        Replicates where the margins were out of reach (left out of the intervals; a large
+        count means the margin sits near the edge of what the samples support).
+    """
+
+    estimate: DualResult
+    ci: dict
+    replicates: dict
+    level: float
+    n_boot: int
+    n_infeasible: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "n_boot": self.n_boot, "n_infeasible": self.n_infeasible,
+                "seed": self.seed, "ci": {k: v.tolist() for k, v in self.ci.items()}}
+
+
+def bootstrap_dual(reward, safety, beta: float = 0.1, margins=0.0, *, n_boot: int = 1000,
+                   level: float = 0.95, seed: int = 0, names=None, progress: bool = False,
+                   **solver_options) -> BootstrapResult:
+    """Solve the dual, then re-solve it on `n_boot` resamples of the prompts.
+
+    Parameters
+    ----------
+    reward, safety, beta, margins
+        As in `solve_dual`.
+    n_boot : int
+        Bootstrap replicates (≥ 1).
+    level : float
+        Confidence level of the percentile intervals, in (0, 1).
+    seed : int
+        Seed of the resampling; the same seed gives the same intervals.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    BootstrapResult
+
+    Raises
+    ------
+    ValueError, InfeasibleMarginError
+        As `solve_dual`, for the full sample (replicates that are infeasible are counted).
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1; got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    R, G, beta, b = validate_scores(reward, safety, beta, margins)
+    estimate = solve_problem(DualProblem(R, G, beta, b), names=names, **solver_options)
+    rng = np.random.default_rng(seed)
+    reps = {k: [] for k in _FIELDS}
+    n_infeasible = 0
+    it = range(n_boot)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="bootstrap", unit="rep")
+    for _ in it:
+        idx = rng.integers(0, R.shape[0], size=R.shape[0])
+        try:
+            res = solve_problem(DualProblem(R[idx], G[idx], beta, b), names=names,
+                                lam0=estimate.lam, **solver_options)
+        except InfeasibleMarginError:
+            n_infeasible += 1
+            continue
+        for k, f in _FIELDS.items():
+            reps[k].append(f(res))
+    alpha = (1 - level) / 2
+    replicates, ci = {}, {}
+    for k, v in reps.items():
+        arr = np.array(v) if v else np.full((0, len(_FIELDS[k](estimate))), np.nan)
+        replicates[k] = arr
+        ci[k] = (np.stack([np.quantile(arr, alpha, axis=0), np.quantile(arr, 1 - alpha, axis=0)], axis=1)
+                 if len(arr) else np.full((arr.shape[1], 2), np.nan))
+    return BootstrapResult(estimate=estimate, ci=ci, replicates=replicates, level=level,
+                           n_boot=n_boot, n_infeasible=n_infeasible, seed=seed)

@@ -1,0 +1,219 @@
+"""The dual function of safety-constrained alignment, estimated from reference samples.
+
+For multipliers λ >= 0 (shape (m,)) and scores of K reference samples for N prompts,
+
+    z[x, k]  = (R[x, k] + G[x, k] @ λ) / β
+    D(λ)     = β · mean_x log mean_k exp(z[x, k])  −  λ @ (ḡ + b)
+    ∇D(λ)    = mean_x Σ_k w[x, k] G[x, k]  −  ḡ  −  b        w = softmax_k z[x, :]
+    ∇²D(λ)   = (1/β) · mean_x Cov_w[G[x, :]]
+
+with ḡ the reference policy's mean safety and b the margins (DESIGN.md §2). Everything is
+computed with log-sum-exp, so scores of any magnitude work.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    """What the tilted policy π_λ is predicted to do, relative to the reference.
+
+    Attributes
+    ----------
+    reward : float
+        E_x E_{π_λ}[r].
+    reward_gain : float
+        E_x E_{π_λ}[r] − E_x E_{π_ref}[r].
+    safety_gain : numpy.ndarray, shape (m,)
+        E_x E_{π_λ}[g_j] − E_x E_{π_ref}[g_j] per constraint.
+    kl : float
+        E_x KL(π_λ(.|x) ‖ π_ref(.|x)), in nats, over the K samples.
+    ess_mean, ess_min, ess_median : float
+        Effective sample size (Σw)²/Σw² per prompt, summarized over prompts (1 ≤ ESS ≤ K).
+        A small ESS means the prediction rests on a few samples per prompt.
+    ess_fraction : float
+        ess_mean / K.
+    """
+
+    reward: float
+    reward_gain: float
+    safety_gain: np.ndarray
+    kl: float
+    ess_mean: float
+    ess_min: float
+    ess_median: float
+    ess_fraction: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["safety_gain"] = [float(v) for v in self.safety_gain]
+        return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
+
+
+def _as_float_array(name: str, a) -> np.ndarray:
+    try:
+        a = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric") from None
+    if not np.all(np.isfinite(a)):
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{name} has a non-finite value at index {tuple(int(i) for i in bad)}")
+    return a
+
+
+def validate_scores(reward, safety, beta, margins):
+    """Check and normalize the inputs of the dual.
+
+    Returns
+    -------
+    R : ndarray (N, K); G : ndarray (N, K, m); beta : float; b : ndarray (m,)
+
+    Raises
+    ------
+    ValueError
+        Non-finite scores, wrong or mismatched shapes, K < 2, β ≤ 0 or non-finite margins.
+    """
+    R = _as_float_array("reward", reward)
+    G = _as_float_array("safety", safety)
+    if R.ndim != 2:
+        raise ValueError(f"reward must have shape (N prompts, K samples); got shape {R.shape}")
+    if G.ndim == 2:
+        G = G[:, :, None]
+    if G.ndim != 3 or G.shape[:2] != R.shape:
+        raise ValueError(f"safety must have shape (N, K) or (N, K, m) matching reward {R.shape}; "
+                         f"got {np.shape(safety)}")
+    n, k, m = G.shape
+    if n < 1:
+        raise ValueError("need at least one prompt")
+    if k < 2:
+        raise ValueError(f"need K >= 2 reference samples per prompt to estimate the dual; got K = {k}")
+    if m < 1:
+        raise ValueError("safety has no constraint (m = 0)")
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a positive number; got {beta!r}") from None
+    if not (np.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be > 0; got {beta}")
+    b = np.broadcast_to(_as_float_array("margins", margins), (m,)).astype(np.float64) \
+        if np.ndim(margins) == 0 else _as_float_array("margins", margins)
+    if b.shape != (m,):
+        raise ValueError(f"margins must be a float or {m} floats (one per constraint); got {b.shape[0]}")
+    return R, G, beta, b
+
+
+class DualProblem:
+    """The sample estimate of the CAN dual D(λ) (DESIGN.md §2).
+
+    Parameters
+    ----------
+    reward : array_like, shape (N, K)
+        Reward of K samples from the reference policy for each of N prompts.
+    safety : array_like, shape (N, K) or (N, K, m)
+        Safety scores (higher = safer) of the same samples, one column per constraint.
+    beta : float
+        KL coefficient, > 0.
+    margins : float or array_like, shape (m,)
+        Required gain of each mean safety score over the reference's.
+
+    Raises
+    ------
+    ValueError
+        See `validate_scores`.
+
+    Notes
+    -----
+    One evaluation makes one pass over the scores and allocates a few (N, K) arrays, never
+    an (N, K, m) one, so memory stays O(N·K) whatever m is.
+    """
+
+    def __init__(self, reward, safety, beta: float = 0.1, margins=0.0):
+        self.R, self.G, self.beta, self.margins = validate_scores(reward, safety, beta, margins)
+        self.n, self.k, self.m = self.G.shape
+        self.g_ref = self.G.mean(axis=(0, 1))
+        self.r_ref = float(self.R.mean())
+        self.n_evals = 0  # passes over the scores, for benchmarks
+
+    # -- one pass over the scores ------------------------------------------------------
+    def _tilt(self, lam):
+        """Per-prompt log-mean-exp of z and the softmax weights w (N, K)."""
+        lam = np.asarray(lam, dtype=np.float64).reshape(self.m)
+        self.n_evals += 1
+        z = self.R if not lam.any() else self.R + self.G @ lam
+        z = z / self.beta
+        zmax = z.max(axis=1, keepdims=True)
+        np.subtract(z, zmax, out=z)
+        np.exp(z, out=z)  # z now holds unnormalized weights in (0, 1]
+        s = z.sum(axis=1, keepdims=True)
+        lme = np.log(s[:, 0] / self.k) + zmax[:, 0]
+        z /= s
+        return lam, lme, z
+
+    def _moments(self, w):
+        """E_w[g] per prompt, shape (N, m)."""
+        return np.einsum("nk,nkm->nm", w, self.G)
+
+    def evaluate(self, lam, hessian: bool = True):
+        """D(λ), ∇D(λ) and (optionally) ∇²D(λ) from a single pass: (value, grad (m,), hess (m, m))."""
+        lam, lme, w = self._tilt(lam)
+        eg = self._moments(w)
+        target = self.g_ref + self.margins
+        value = self.beta * lme.mean() - lam @ target
+        grad = eg.mean(axis=0) - target
+        hess = None
+        if hessian:
+            # Cov_w[g] = E_w[g gᵀ] − E_w[g]E_w[g]ᵀ, averaged over prompts; the second moment is
+            # accumulated one constraint at a time so no (N, K, m) temporary is made.
+            second = np.empty((self.m, self.m))
+            for i in range(self.m):
+                wg = w * self.G[:, :, i]
+                second[i] = np.einsum("nk,nkm->m", wg, self.G) / self.n
+            hess = (second - eg.T @ eg / self.n) / self.beta
+            hess = 0.5 * (hess + hess.T)
+        return float(value), grad, hess
+
+    def value(self, lam) -> float:
+        """D(λ) (float). λ has shape (m,) (a float when m = 1)."""
+        lam, lme, _ = self._tilt(lam)
+        return float(self.beta * lme.mean() - lam @ (self.g_ref + self.margins))
+
+    def grad(self, lam) -> np.ndarray:
+        """∇D(λ), shape (m,): the predicted constraint slack E_{π_λ}[g] − ḡ − b."""
+        return self.evaluate(lam, hessian=False)[1]
+
+    def hessian(self, lam) -> np.ndarray:
+        """∇²D(λ), shape (m, m), symmetric positive semi-definite."""
+        return self.evaluate(lam)[2]
+
+    def predict(self, lam) -> Prediction:
+        """Predicted reward, safety gain, KL and effective sample size of π_λ."""
+        lam, lme, w = self._tilt(lam)
+        eg = self._moments(w).mean(axis=0)
+        er = float(np.einsum("nk,nk->", w, self.R) / self.n)
+        z = (self.R + self.G @ lam) / self.beta
+        # KL(w ‖ uniform) per prompt = E_w[z] − log mean_k exp(z)
+        kl = float(np.einsum("nk,nk->", w, z) / self.n - lme.mean())
+        ess = 1.0 / np.einsum("nk,nk->n", w, w)
+        return Prediction(reward=er, reward_gain=er - self.r_ref, safety_gain=eg - self.g_ref,
+                          kl=max(kl, 0.0), ess_mean=float(ess.mean()), ess_min=float(ess.min()),
+                          ess_median=float(np.median(ess)), ess_fraction=float(ess.mean() / self.k))
+
+    def max_gain(self) -> np.ndarray:
+        """Largest achievable gain per constraint on this sample, shape (m,).
+
+        E_x max_k G[x, k, j] − ḡ_j: what putting all weight on each prompt's safest sample
+        gives. A margin at or beyond it makes the dual unbounded below.
+        """
+        return self.G.max(axis=1).mean(axis=0) - self.g_ref
+
+    def recession_slope(self, direction) -> float:
+        """lim_{t→∞} D(λ + t·d)/t = mean_x max_k d·G[x, k] − d·(ḡ + b), for d >= 0.
+
+        Negative for some d >= 0 exactly when the dual is unbounded below, i.e. the margins
+        cannot be met jointly: a certificate of infeasibility.
+        """
+        d = np.asarray(direction, dtype=np.float64).reshape(self.m)
+        return float((self.G @ d).max(axis=1).mean() - d @ (self.g_ref + self.margins))
