@@ -133,3 +133,20 @@ def read_jsonl(path) -> list[dict]:
                 raise InputError("expected a JSON object", file=str(p), record=f"line {i}")
             records.append(rec)
     return records
+
+
+def new_run_dir(out=None, prefix: str = "run") -> Path:
+    """`out` if given (created if needed), else a fresh `runs/<prefix>-<timestamp>` folder."""
+    import time
+
+    if out is not None:
+        path = Path(out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{prefix}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path("runs") / f"{prefix}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,107 @@
+"""The dual stage shared by `dualign dual`, MoCAN and PeCAN: solve, bootstrap, summarize, plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.scores import ScoreArrays
+from ..dual import bootstrap_dual
+from ..runio import array_digest, write_json
+
+
+def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
+                     level: float = 0.95, seed: int = 0, progress: bool = True,
+                     inputs: dict | None = None) -> dict:
+    """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
+
+    Raises
+    ------
+    InfeasibleMarginError, ValueError
+        As `bootstrap_dual`.
+    """
+    m = scores.safety.shape[2]
+    margins = np.broadcast_to(np.asarray(margins, dtype=float), (m,)).copy()
+    bs = bootstrap_dual(scores.reward, scores.safety, beta, margins, n_boot=n_boot, level=level,
+                        seed=seed, names=scores.safety_names, progress=progress)
+    est = bs.estimate
+    pred = est.predicted
+    ci = bs.ci
+    constraints = []
+    for j, name in enumerate(scores.safety_names):
+        constraints.append({
+            "name": name, "margin": float(margins[j]), "lambda": float(est.lam[j]),
+            "lambda_ci": ci["lambda"][j].tolist(), "active": bool(est.lam[j] > 0),
+            "reference_mean": float(scores.safety[:, :, j].mean()),
+            "predicted_gain": float(pred.safety_gain[j]), "predicted_gain_ci": ci["safety_gain"][j].tolist(),
+            "max_gain": float(est.max_gain[j]), "slack": float(est.slack[j]),
+            "unsafe_rate_reference": float(np.mean(scores.safety[:, :, j] < 0)),
+        })
+    return {
+        "beta": float(beta), "margins": margins.tolist(), "lambda": est.lam.tolist(),
+        "feasible": True, "converged": bool(est.converged), "iterations": est.iterations,
+        "kkt_residual": est.kkt_residual, "scaled_kkt_residual": est.scaled_kkt_residual,
+        "n_prompts": int(scores.reward.shape[0]), "n_samples_per_prompt": int(scores.reward.shape[1]),
+        "constraints": constraints,
+        "predicted": {
+            "reward_reference_mean": float(scores.reward.mean()),
+            "reward_gain": pred.reward_gain, "reward_gain_ci": ci["reward_gain"][0].tolist(),
+            "kl": pred.kl, "kl_ci": ci["kl"][0].tolist(),
+            "ess_mean": pred.ess_mean, "ess_min": pred.ess_min, "ess_fraction": pred.ess_fraction,
+        },
+        "bootstrap": bs.to_dict(),
+        "solver": est.options | {"n_evals": est.n_evals},
+        "history": [h.tolist() for h in est.history],
+        "inputs": {"scores_digest": array_digest(scores.reward, scores.safety), **(inputs or {})},
+    }
+
+
+def format_dual_summary(d: dict) -> str:
+    """A readable multi-line summary of a `dual.json` record."""
+    pct = int(round(d["bootstrap"]["level"] * 100))
+    lines = [f"Dual solution   β = {d['beta']:g}   N = {d['n_prompts']} prompts × K = "
+             f"{d['n_samples_per_prompt']} samples",
+             f"  {'constraint':<22}{'margin':>9}{'λ*':>10}   {pct}% CI{'':<12}{'pred. gain':>11}"
+             f"{'max gain':>10}"]
+    for c in d["constraints"]:
+        lo, hi = c["lambda_ci"]
+        lines.append(f"  {c['name']:<22}{c['margin']:>9.4g}{c['lambda']:>10.4g}   [{lo:.4g}, {hi:.4g}]"
+                     f"{'':<{max(1, 16 - len(f'[{lo:.4g}, {hi:.4g}]'))}}{c['predicted_gain']:>11.4g}"
+                     f"{c['max_gain']:>10.4g}" + ("" if c["active"] else "   (inactive)"))
+    p = d["predicted"]
+    lo, hi = p["reward_gain_ci"]
+    lines.append(f"  predicted reward gain {p['reward_gain']:+.4g}  [{lo:+.4g}, {hi:+.4g}]   "
+                 f"KL(π_λ‖π_ref) {p['kl']:.4g} nats")
+    lines.append(f"  effective samples per prompt: mean {p['ess_mean']:.3g} of {d['n_samples_per_prompt']}"
+                 f" (min {p['ess_min']:.3g})" + ("   ← few: predictions rest on few samples; draw more"
+                                                   if p["ess_fraction"] < 0.1 else ""))
+    lines.append(f"  certificate: converged={d['converged']} in {d['iterations']} Newton steps, "
+                 f"KKT residual {d['kkt_residual']:.2e} (scaled {d['scaled_kkt_residual']:.2e}); "
+                 f"{d['bootstrap']['n_boot']} bootstrap replicates"
+                 + (f", {d['bootstrap']['n_infeasible']} infeasible" if d["bootstrap"]["n_infeasible"] else ""))
+    return "\n".join(lines)
+
+
+def write_dual_outputs(d: dict, scores: ScoreArrays, out_json=None, plot_dir=None) -> list[Path]:
+    """Write dual.json (atomically) and, with `plot_dir`, the three figures. Returns the paths."""
+    from ..eval.figures import plot_convergence, plot_dual_curves, plot_safety_histogram
+
+    written = []
+    if out_json is not None:
+        write_json(d, out_json)
+        written.append(Path(out_json))
+    if plot_dir is not None:
+        plot_dir = Path(plot_dir)
+        lam = np.array(d["lambda"])
+        mg = np.array([c["max_gain"] for c in d["constraints"]])
+        margins = np.array(d["margins"])
+        sweep = [margins * f for f in (0.5, 1.0)] + [np.minimum(margins * 1.5, 0.95 * mg)]
+        if not np.any(margins):
+            sweep = [mg * f for f in (0.0, 0.25, 0.5)]
+        written += [
+            plot_safety_histogram(scores.safety, scores.safety_names, plot_dir / "safety_histogram.png"),
+            plot_dual_curves(scores.reward, scores.safety, d["beta"], sweep, lam, scores.safety_names,
+                             plot_dir / "dual_function.png"),
+            plot_convergence(d["history"], lam, plot_dir / "solver_convergence.png"),
+        ]
+    return written
