@@ -99,12 +99,164 @@ def _dual_demo(args) -> int:
     return 0
 
 
+def _add_sample(sub):
+    from .models.loading import EMBEDDED_DEFAULT
+
+    p = sub.add_parser("sample", help="sample K responses per prompt from a policy (samples.parquet)",
+                       description="Batched, seeded, resumable sampling: writes RUN_DIR/samples.parquet "
+                                   "(prompt_id, prompt, sample_id, response, n_tokens, seed, model).")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT,
+                   help=f"HF id, local directory, .gguf file, or '{EMBEDDED_DEFAULT}' (default)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="JSONL/CSV/Parquet (see --column), .txt (one per line), or a HF dataset name")
+    p.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
+    p.add_argument("--split", default="train", help="split, for a HF dataset (default: train)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
+    p.add_argument("--num-samples", "-k", type=int, default=4, metavar="K", help="responses per prompt (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="T")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
+    p.add_argument("--template", help="prompt template with {prompt} (default: chat template, else PKU)")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+    return p
+
+
+def cmd_sample(args) -> int:
+    from .models.generation import SAMPLES_FILE, read_prompts, sample, sample_vllm
+    from .runio import write_parquet
+
+    prompts = read_prompts(args.prompts, column=args.column, split=args.split, limit=args.limit)
+    kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+              template=args.template)
+    out = Path(args.out) / SAMPLES_FILE
+    if args.backend == "vllm":
+        df = sample_vllm(args.model, prompts, dtype=args.dtype or "auto", **kw)
+        write_parquet(df, out)
+    else:
+        from .models.loading import load_policy
+
+        model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+        df = sample(model, tok, prompts, batch_size=args.batch_size, model_name=args.model,
+                    out_dir=args.out, progress=not args.no_progress, **kw)
+    print(f"wrote {out}: {len(prompts)} prompts x {args.num_samples} samples, "
+          f"{int(df['n_tokens'].sum())} tokens, {int(df['truncated'].sum())} truncated")
+    return 0
+
+
+def _add_logprobs(sub):
+    from .models.loading import EMBEDDED_DEFAULT
+
+    p = sub.add_parser("logprobs", help="add log π(response|prompt) under a model to scores.parquet",
+                       description="Sequence log-probabilities of the samples under --model, written as "
+                                   "column logp/NAME of scores.parquet (next to the samples by default).")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
+    p.add_argument("--samples", required=True, metavar="RUN_DIR/samples.parquet")
+    p.add_argument("--name", required=True, help="column suffix: logp/NAME (e.g. ref)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--template", help="prompt template (default: the one the samples were drawn with)")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--out", metavar="FILE", help="default: scores.parquet next to the samples")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_logprobs)
+    return p
+
+
+def cmd_logprobs(args) -> int:
+    from .models.scorers import column_is_current, read_samples, write_scores
+    from .runio import file_digest
+
+    samples = read_samples(args.samples)
+    template = args.template
+    if template is None:
+        template = (samples.attrs.get("dualign") or {}).get("template")
+    out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
+    col = f"logp/{args.name}"
+    prov = {"model": args.model, "template": template, "samples": file_digest(args.samples)}
+    if column_is_current(out, col, prov):
+        print(f"{out}: {col} is up to date")
+        return 0
+    from .models.loading import load_policy
+    from .models.logprobs import logprobs
+
+    model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+    lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
+                     batch_size=args.batch_size, template=template, progress=not args.no_progress)
+    write_scores(out, samples, {col: lp}, provenance={col: prov})
+    print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
+    return 0
+
+
+def _add_score(sub):
+    p = sub.add_parser("score", help="score samples with reward and safety/cost models (scores.parquet)",
+                       description="Writes scores.parquet: the samples' keys plus `reward` and "
+                                   "`safety/NAME` (higher = safer; a cost model is negated, and must "
+                                   "say so: NAME=cost:SPEC, or kind/score_type in its own config).")
+    p.add_argument("--samples", required=True, metavar="RUN_DIR/samples.parquet")
+    p.add_argument("--reward", metavar="SPEC",
+                   help="reward scorer: directory or HF id (sequence classifier, safe-rlhf LlamaForScore, "
+                        "trained head), or module:function")
+    p.add_argument("--safety", action="append", default=[], metavar="NAME=SPEC",
+                   help="safety constraint; SPEC prefixed by cost: (negated) or safety: (as is) unless "
+                        "its config declares the kind; repeatable")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--template", help="prompt template for the score models")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--out", metavar="FILE", help="default: scores.parquet next to the samples")
+    p.set_defaults(func=cmd_score)
+    return p
+
+
+def cmd_score(args) -> int:
+    from .errors import InputError
+    from .models.scorers import (check_safety_sign, column_is_current, load_scorer, parse_named,
+                                 read_samples, write_scores)
+    from .runio import file_digest
+
+    if not args.reward and not args.safety:
+        raise InputError("nothing to score: give --reward and/or --safety NAME=SPEC")
+    jobs = [("reward", args.reward, "reward")] if args.reward else []
+    for s in args.safety:
+        name, spec = parse_named(s)
+        check_safety_sign(spec, name)  # before any model is loaded
+        jobs.append((f"safety/{name}", spec, "safety"))
+    if len({c for c, _, _ in jobs}) != len(jobs):
+        raise InputError("two --safety constraints share a name", field="--safety")
+    samples = read_samples(args.samples)
+    out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
+    digest = file_digest(args.samples)
+    prompts, responses = samples["prompt"].tolist(), samples["response"].tolist()
+    for col, spec, role in jobs:
+        prov = {"spec": spec, "template": args.template, "samples": digest}
+        if column_is_current(out, col, prov):
+            print(f"{out}: {col} is up to date")
+            continue
+        scorer = load_scorer(spec, batch_size=args.batch_size, template=args.template,
+                             dtype=args.dtype, device=args.device)
+        values = scorer.reward(prompts, responses) if role == "reward" else scorer.safety(prompts, responses)
+        scorer.close()
+        write_scores(out, samples, {col: values}, provenance={col: prov})
+        print(f"{col}: mean {values.mean():.4f}, sd {values.std():.4f} ({spec})")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualign", description=__doc__.splitlines()[0])
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo):
+    for add in (_add_dual, _add_demo, _add_sample, _add_logprobs, _add_score):
         add(sub)
     return parser
 

@@ -1,0 +1,406 @@
+"""Sampling K responses per prompt from a policy, batched, reproducible and resumable.
+
+Reproducible: every (prompt_id, sample_id) row draws its tokens from its own uniform stream,
+seeded by (seed, prompt_id, sample_id) and consumed by inverse-CDF sampling inside
+`model.generate`. So a row's response depends on the seed and the row only, not on which
+other rows share its batch (up to float rounding of the padded forward pass).
+
+Resumable: rows are sorted by prompt length into a fixed list of batches; each finished
+batch is written atomically as one Parquet part under `samples.partial/`, and the final
+`samples.parquet` is assembled from the parts. A killed run rerun with the same settings
+skips the parts it has and ends with the same file an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..runio import read_table, write_json, write_parquet
+from .text import encode_prompt
+
+SAMPLES_FILE = "samples.parquet"
+PARTIAL_DIR = "samples.partial"
+COLUMNS = ["prompt_id", "prompt", "sample_id", "response", "n_tokens", "truncated", "seed", "model"]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def read_prompts(source: str, column: str = "prompt", split: str = "train",
+                 limit: int | None = None) -> list[str]:
+    """Prompts from a file (`.txt`: one per non-blank line; `.jsonl`/`.json`/`.csv`/`.parquet`:
+    the `column`) or, when `source` is not a file, a Hugging Face dataset name.
+
+    Returns
+    -------
+    list of str
+        In file order (a prompt's index is its `prompt_id`); the first `limit` when given.
+
+    Raises
+    ------
+    InputError
+        Missing or empty file ("no prompts"), missing column, or a record whose prompt is
+        not a non-empty string (naming file, record and field).
+    """
+    p = Path(source).expanduser()
+    if p.suffix.lower() == ".txt":
+        if not p.is_file():
+            raise InputError("no such file", file=str(p))
+        prompts = [ln.rstrip("\r\n") for ln in p.read_text(encoding="utf-8").splitlines()]
+        prompts = [x for x in prompts if x.strip()]
+        if not prompts:
+            raise InputError("no prompts (the file is empty)", file=str(p))
+        return prompts[:limit] if limit is not None else prompts
+    if p.exists() or str(source).startswith((".", "/", "~")) or p.suffix:
+        if not p.exists():
+            raise InputError("no such file", file=str(p))
+        df = read_table(p, required=(column,))
+        values = df[column].tolist()
+    else:
+        values = _hf_dataset_column(str(source), column, split)
+    if limit is not None:
+        values = values[:limit]
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v.strip():
+            raise InputError(f"expected a non-empty string, got {v!r}"[:120], file=str(source),
+                             record=i, field=column)
+    if not values:
+        raise InputError("no prompts", file=str(source))
+    return list(values)
+
+
+def _hf_dataset_column(name: str, column: str, split: str) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"'{name}' is not a file, and reading a Hugging Face dataset needs "
+                         "the package datasets (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # hub/network/config errors: one line naming the dataset
+        raise InputError(f"cannot load dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
+                         file=name) from None
+    if column not in ds.column_names:
+        raise InputError(f"missing column (columns are: {', '.join(ds.column_names)})",
+                         file=name, field=column)
+    return list(ds[column])
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_batches(prompt_lengths: Sequence[int], num_samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Deterministic batches of (prompt_id, sample_id) rows, longest prompts first.
+
+    Rows of one prompt stay adjacent, so a batch mostly holds prompts of equal length
+    (little padding) and the plan depends only on the lengths, K and the batch size.
+
+    Returns
+    -------
+    list of list of (int, int)
+        Every row (p, k), p < len(prompt_lengths), k < num_samples, exactly once.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise InputError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
+    rows = [(p, k) for p in order for k in range(num_samples)]
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def row_uniforms(seed: int, rows: Sequence[tuple[int, int]], n: int) -> np.ndarray:
+    """The uniforms row (prompt_id, sample_id) uses at each of its `n` decoding steps.
+
+    Returns
+    -------
+    numpy.ndarray, shape (len(rows), n), float64 in [0, 1)
+    """
+    return np.stack([np.random.default_rng([int(seed), int(p), int(k)]).random(n) for p, k in rows])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _sampler_processor(uniforms, prompt_len: int, temperature: float, top_p: float,
+                       top_k: int | None):
+    """A logits processor that samples each row's next token by inverse CDF with that row's
+    own uniform, and leaves only that token finite, so greedy decoding emits it."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class _RowSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            u = uniforms[:, step].to(scores.device)
+            logits = scores.float() / temperature
+            sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+            if top_k is not None and top_k > 0:
+                sorted_logits[:, top_k:] = float("-inf")
+            probs = torch.softmax(sorted_logits, dim=-1)
+            cum = probs.cumsum(-1)
+            # nucleus: drop tokens once the mass before them exceeds top_p (the first is kept)
+            probs = probs.masked_fill((cum - probs) > top_p, 0.0)
+            cum = probs.cumsum(-1)
+            target = (u * cum[:, -1]).unsqueeze(-1).to(cum.dtype)
+            j = torch.searchsorted(cum, target, right=True).clamp(max=probs.shape[1] - 1)
+            # float edge: never pick a zero-probability tail token
+            j = torch.minimum(j, (probs > 0).sum(-1, keepdim=True) - 1)
+            chosen = sorted_idx.gather(1, j)
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, chosen, 0.0)
+
+    return _RowSampler()
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = []
+    gc_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
+    for e in (gc_eos if isinstance(gc_eos, (list, tuple)) else [gc_eos]) + [tokenizer.eos_token_id]:
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    return ids
+
+
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                   uniforms: np.ndarray | None = None):
+    """Generate one batch with left padding.
+
+    Parameters
+    ----------
+    prompt_ids : sequence of list of int, length B
+        Token ids of each formatted prompt.
+    max_new_tokens : int
+    temperature : float
+        0 means greedy decoding (then `uniforms` is ignored).
+    top_p, top_k : nucleus and top-k truncation
+    uniforms : numpy.ndarray, shape (B, max_new_tokens)
+        Per-row uniforms (`row_uniforms`); required when temperature > 0.
+
+    Returns
+    -------
+    list of (list[int], bool)
+        Per row: the generated token ids up to and including the stop token (padding
+        removed), and whether it hit `max_new_tokens` without stopping.
+    """
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    T = max(len(x) for x in prompt_ids)
+    ids = torch.full((len(prompt_ids), T), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, x in enumerate(prompt_ids):
+        ids[i, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
+        att[i, T - len(x):] = 1
+    stops = _stop_ids(model, tokenizer)
+    # A fresh config: the checkpoint's sampling defaults must not leak into our sampler.
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                          pad_token_id=pad, eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
+    procs = LogitsProcessorList()
+    if temperature and temperature > 0:
+        if uniforms is None:
+            raise ValueError("sampling (temperature > 0) needs per-row uniforms")
+        procs.append(_sampler_processor(torch.as_tensor(uniforms, dtype=torch.float64), T,
+                                        float(temperature), float(top_p), top_k))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
+                             generation_config=gc, logits_processor=procs)
+    gen = out[:, T:].cpu().tolist()
+    results = []
+    for row in gen:
+        toks = []
+        stopped = False
+        for t in row:
+            toks.append(t)
+            if t in stops:
+                stopped = True
+                break
+        results.append((toks, not stopped))
+    return results
+
+
+def _decode(tokenizer, toks: list[int], stops: list[int]) -> str:
+    if toks and toks[-1] in stops:
+        toks = toks[:-1]
+    return tokenizer.decode(toks, skip_special_tokens=True)
+
+
+def sample_settings(model_name: str, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int,
+                    temperature: float, top_p: float, top_k: int | None, seed: int,
+                    batch_size: int, template: str | None, backend: str = "hf") -> dict:
+    """Everything the samples depend on (a prompts digest instead of the prompts)."""
+    import hashlib
+
+    h = hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest()[:16]
+    return {"model": model_name, "prompts_sha256": h, "n_prompts": len(prompts),
+            "num_samples": num_samples, "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+            "batch_size": batch_size, "template": template, "backend": backend}
+
+
+def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
+           max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 0.9,
+           top_k: int | None = None, seed: int = 0, batch_size: int = 16,
+           template: str | None = None, model_name: str = "", out_dir: str | Path | None = None,
+           progress: bool = True) -> pd.DataFrame:
+    """Sample `num_samples` responses to every prompt.
+
+    Parameters
+    ----------
+    model, tokenizer : from `load_policy` (any HF causal LM and its tokenizer)
+    prompts : sequence of str, length N
+    num_samples : int
+        K responses per prompt.
+    max_new_tokens : int
+    temperature, top_p, top_k : sampling settings (temperature 0: greedy)
+    seed : int >= 0
+        With the same settings, the same seed gives the same samples.
+    batch_size : int
+        Rows (prompt, sample) per `generate` call.
+    template : str, optional
+        Prompt template with `{prompt}`; default: chat template, else the PKU template.
+    model_name : str
+        Written to the `model` column and part of the resume key.
+    out_dir : path, optional
+        Run directory: finished batches go to `out_dir/samples.partial/` and the result to
+        `out_dir/samples.parquet` (atomically). An existing result with the same settings
+        is returned without sampling; a partial run with the same settings is resumed.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    pandas.DataFrame, N*K rows sorted by (prompt_id, sample_id)
+        Columns `COLUMNS`: n_tokens counts generated tokens including the stop token;
+        truncated is True when a response hit max_new_tokens. `df.attrs["dualign"]`
+        holds the settings.
+    """
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    prompts = list(prompts)
+    settings = sample_settings(model_name, prompts, num_samples=num_samples,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
+                               template=template)
+    final = part_dir = None
+    if out_dir is not None:
+        final, part_dir = Path(out_dir) / SAMPLES_FILE, Path(out_dir) / PARTIAL_DIR
+        if final.exists():
+            old = pd.read_parquet(final)
+            if old.attrs.get("dualign") == settings:
+                return old
+        _prepare_partial(part_dir, settings)
+
+    encoded = [encode_prompt(tokenizer, p, template) for p in prompts]
+    batches = plan_batches([len(x) for x in encoded], num_samples, batch_size)
+    stops = _stop_ids(model, tokenizer)
+    parts = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(map(len, batches)), desc="sampling", unit="resp")
+    for b in range(len(batches)):
+        rows = batches[b]
+        path = part_dir / f"batch-{b:06d}.parquet" if part_dir is not None else None
+        if path is not None and path.exists():
+            df = pd.read_parquet(path)
+        else:
+            res = generate_batch(model, tokenizer, [encoded[p] for p, _ in rows],
+                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k,
+                                 uniforms=row_uniforms(seed, rows, max_new_tokens))
+            df = pd.DataFrame({
+                "prompt_id": np.array([p for p, _ in rows], dtype=np.int64),
+                "prompt": [prompts[p] for p, _ in rows],
+                "sample_id": np.array([k for _, k in rows], dtype=np.int64),
+                "response": [_decode(tokenizer, t, stops) for t, _ in res],
+                "n_tokens": np.array([len(t) for t, _ in res], dtype=np.int64),
+                "truncated": np.array([tr for _, tr in res], dtype=bool),
+            })
+            if path is not None:
+                write_parquet(df, path)
+        parts.append(df)
+        if bar is not None:
+            bar.update(len(rows))
+            bar.set_postfix(tokens=int(sum(int(d["n_tokens"].sum()) for d in parts)))
+    if bar is not None:
+        bar.close()
+    out = _assemble(parts, seed, model_name)
+    out.attrs["dualign"] = settings
+    if final is not None:
+        write_parquet(out, final)
+        shutil.rmtree(part_dir, ignore_errors=True)
+    return out
+
+
+def _assemble(parts: list[pd.DataFrame], seed: int, model_name: str) -> pd.DataFrame:
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        {c: [] for c in COLUMNS[:-2]})
+    df["seed"] = np.int64(seed)
+    df["model"] = model_name
+    return df.sort_values(["prompt_id", "sample_id"], kind="stable").reset_index(drop=True)[COLUMNS]
+
+
+def _prepare_partial(part_dir: Path, settings: dict) -> None:
+    """Keep the parts of an interrupted run with the same settings; discard any others."""
+    meta = part_dir / "settings.json"
+    if part_dir.exists():
+        try:
+            same = json.loads(meta.read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        shutil.rmtree(part_dir)
+    part_dir.mkdir(parents=True)
+    write_json(settings, meta)
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+def sample_vllm(model_spec: str, prompts: Sequence[str], *, num_samples: int = 1,
+                max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 0.9,
+                top_k: int | None = None, seed: int = 0, template: str | None = None,
+                dtype: str = "auto") -> pd.DataFrame:
+    """The same table as `sample`, generated by vLLM (GPU only; `pip install vllm`).
+
+    Each row gets vLLM's per-request seed derived from (seed, prompt_id, sample_id), so
+    results are reproducible with vLLM, though not token-identical to the HF backend.
+    Not resumable: vLLM schedules the whole set at once.
+
+    Raises
+    ------
+    InputError
+        vllm is not installed.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise InputError("the vllm backend needs the package vllm (pip install vllm; GPU only)") from None
+    from .loading import load_tokenizer, resolve_spec
+
+    where, _ = resolve_spec(model_spec)
+    tok = load_tokenizer(model_spec)
+    llm = LLM(model=str(where), dtype=dtype, seed=seed)
+    rows = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
+    reqs, params = [], []
+    for p, k in rows:
+        reqs.append({"prompt_token_ids": encode_prompt(tok, prompts[p], template)})
+        row_seed = int(np.random.default_rng([seed, p, k]).integers(2**31 - 1))
+        params.append(SamplingParams(n=1, temperature=temperature, top_p=top_p,
+                                     top_k=top_k if top_k else -1, max_tokens=max_new_tokens,
+                                     seed=row_seed))
+    outs = llm.generate(reqs, params)
+    df = pd.DataFrame({
+        "prompt_id": np.array([p for p, _ in rows], dtype=np.int64),
+        "prompt": [prompts[p] for p, _ in rows],
+        "sample_id": np.array([k for _, k in rows], dtype=np.int64),
+        "response": [o.outputs[0].text for o in outs],
+        "n_tokens": np.array([len(o.outputs[0].token_ids) for o in outs], dtype=np.int64),
+        "truncated": np.array([o.outputs[0].finish_reason == "length" for o in outs], dtype=bool),
+    })
+    return _assemble([df], seed, model_spec)
