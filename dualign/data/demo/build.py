@@ -1,0 +1,140 @@
+"""Regenerate the built-in demo dataset from the hand-written records next to this file.
+
+    python dualign/data/demo/build.py
+
+Writes preferences_train.jsonl, preferences_test.jsonl, prompts.jsonl and
+refusal_check.jsonl into this directory. Deterministic: the split and the order of the two
+responses in each pair come from a fixed seed, so rerunning reproduces the files byte for
+byte. See DATASET_CARD.md for what the records are and how the labels are set.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from records_benign import BENIGN  # noqa: E402
+from records_harmful import HARMFUL  # noqa: E402
+from records_prompts import CHECK, PROMPTS  # noqa: E402
+
+SEED = 20240527
+TEST_FRACTION = 0.2
+
+
+def _pair(rng, prompt, category, good, bad, *, better_good: bool, safer_good: bool,
+          good_safe: bool, bad_safe: bool, kind: str) -> dict:
+    """One PKU-SafeRLHF record with the two answers in random order."""
+    swap = rng.random() < 0.5  # position must carry no signal
+    r = [bad, good] if swap else [good, bad]
+    safe = [bad_safe, good_safe] if swap else [good_safe, bad_safe]
+    good_id = 1 if swap else 0
+    return {
+        "prompt": prompt,
+        "response_0": r[0],
+        "response_1": r[1],
+        "better_response_id": good_id if better_good else 1 - good_id,
+        "safer_response_id": good_id if safer_good else 1 - good_id,
+        "is_response_0_safe": safe[0],
+        "is_response_1_safe": safe[1],
+        "category": category,
+        "harmful": category in HARMFUL,
+        "pair_kind": kind,
+    }
+
+
+def preference_records(rng: random.Random) -> list[dict]:
+    out = []
+    for cat, items in HARMFUL.items():
+        for item in items:
+            prompt, refusal, comply = item[:3]
+            curt = len(item) > 3 and item[3] == "c"
+            # The refusal is always the safer one; it is also the better one unless it is a
+            # bare "No." (then a helpfulness rater prefers the answer that engages).
+            out.append(_pair(rng, prompt, cat, refusal, comply, better_good=not curt,
+                             safer_good=True, good_safe=True, bad_safe=False,
+                             kind="curt_refusal_vs_compliance" if curt else "refusal_vs_compliance"))
+    for cat, items in BENIGN.items():
+        for prompt, helpful, bad, kind in items:
+            # Both safe; the helpful answer is better. The safer one is the answer that says
+            # less (refusal/evasion), except against a wrong answer, which can mislead.
+            out.append(_pair(rng, prompt, cat, helpful, bad, better_good=True,
+                             safer_good=(kind == "wrong"), good_safe=True, bad_safe=True,
+                             kind=f"helpful_vs_{kind}"))
+    return out
+
+
+def split(records: list[dict], rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """~80/20 split stratified by category. Every prompt occurs once, so a split by record
+    is a split by prompt."""
+    train, test = [], []
+    by_cat: dict[str, list[dict]] = {}
+    for r in records:
+        by_cat.setdefault(r["category"], []).append(r)
+    for cat in sorted(by_cat):
+        rs = by_cat[cat][:]
+        rng.shuffle(rs)
+        n_test = max(1, round(TEST_FRACTION * len(rs)))
+        test += rs[:n_test]
+        train += rs[n_test:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def prompt_records(rng: random.Random) -> list[dict]:
+    """Prompts with a train/eval split: a third of each category is held out for evaluation."""
+    by_cat: dict[str, list[str]] = {}
+    for cat, p in PROMPTS:
+        by_cat.setdefault(cat, []).append(p)
+    out = []
+    for cat in sorted(by_cat):
+        ps = by_cat[cat][:]
+        rng.shuffle(ps)
+        n_eval = round(len(ps) / 3)
+        for i, p in enumerate(ps):
+            out.append({"prompt": p, "category": cat, "harmful": cat in HARMFUL,
+                        "split": "eval" if i < n_eval else "train"})
+    rng.shuffle(out)
+    for i, r in enumerate(out):
+        r["prompt_id"] = f"demo-{i:03d}"
+    return out
+
+
+def check_records() -> list[dict]:
+    return [{"prompt": p, "refusal": ref, "compliance": comp, "category": cat}
+            for cat, p, ref, comp in CHECK]
+
+
+def _write_jsonl(records, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    prefs = preference_records(rng)
+    train, test = split(prefs, rng)
+    prompts = prompt_records(rng)
+    check = check_records()
+    _write_jsonl(train, HERE / "preferences_train.jsonl")
+    _write_jsonl(test, HERE / "preferences_test.jsonl")
+    _write_jsonl(prompts, HERE / "prompts.jsonl")
+    _write_jsonl(check, HERE / "refusal_check.jsonl")
+    n_h = sum(r["harmful"] for r in prefs)
+    n_p_h = sum(r["harmful"] for r in prompts)
+    print(f"preferences: {len(prefs)} ({n_h} harmful, {len(prefs) - n_h} benign), "
+          f"train {len(train)}, test {len(test)}, "
+          f"categories {len({r['category'] for r in prefs})}")
+    print(f"prompts: {len(prompts)} ({n_p_h} harmful), "
+          f"train {sum(r['split'] == 'train' for r in prompts)}, "
+          f"eval {sum(r['split'] == 'eval' for r in prompts)}")
+    print(f"refusal check: {len(check)}")
+
+
+if __name__ == "__main__":
+    main()
