@@ -1,0 +1,876 @@
+"""Train a policy on (pseudo-)preference pairs with the soft-label DPO loss, on HF `Trainer`.
+
+The pieces, in the order `train_preferences` uses them:
+
+1. `tokenize_pairs`: (prompt, y0, y1) → token ids through `dualign.models.text.encode_pairs`,
+   the tokenization every other stage uses.
+2. Reference log-probs log π_ref(y|x), computed ONCE, before training, by
+   `dualign.models.logprobs.logprobs` on the untouched model (the reference), cached in the
+   output directory (or taken from the pairs' `ref_logp_0`/`ref_logp_1` columns). A
+   training step then runs the policy only.
+3. `PreferenceTrainer`, a `transformers.Trainer` whose `compute_loss` runs y1 and y0 of a
+   batch in one forward pass and applies `pseudo_preference_loss`; batches are grouped by
+   length (seeded per epoch, so a resumed run sees the same batches). Accelerate,
+   DeepSpeed/FSDP, gradient accumulation, mixed precision, `report_to` and checkpoints
+   come from `Trainer`.
+4. Save: PEFT adapter (default) or merged/full safetensors weights, the tokenizer, a model
+   card (README.md) and `dualign_train.json`; `load_trained` reads them back.
+
+A killed run resumes from its last checkpoint and ends with the same weights as an
+uninterrupted one (same seed): checkpoints hold optimizer, scheduler and RNG states, and
+the batch order depends only on (seed, epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..models.text import encode_pairs, response_logps
+from ..runio import array_digest, atomic_path, write_json, write_text
+from .losses import hard_labels, pseudo_preference_loss
+
+PAIR_COLUMNS = ("prompt", "response_0", "response_1", "label")
+MODEL_DIRNAME = "model"
+RESULT_FILE = "train_result.json"
+REF_CACHE_FILE = "ref_logps.npz"
+RUN_FILE = "train_run.json"
+
+
+@dataclass
+class PreferenceConfig:
+    """Settings of one preference-training run; every field maps 1:1 to a YAML key.
+
+    Attributes
+    ----------
+    beta : float
+        KL coefficient β of the loss (the same β as the dual's).
+    label_mode : {"soft", "hard"}
+        "soft": train on p directly (default: same optimum, less variance). "hard": draw
+        Bernoulli(p) labels once with `seed` and run ordinary DPO, as the paper's code does.
+    use_lora : bool
+        Train a LoRA adapter (default; the only practical choice on CPU) or all weights.
+    lora_r, lora_alpha, lora_dropout : int, int, float
+        LoRA rank, scaling numerator and dropout.
+    lora_target_modules : str or list of str
+        Module names (or "all-linear": every linear layer but the output head).
+    max_length : int
+        Most tokens of prompt + response; the response is cut first, then the prompt from
+        the left (`encode_pairs`).
+    template : str or None
+        Prompt template with a `{prompt}` slot; None: the tokenizer's chat template, else
+        the PKU template.
+    append_eos : bool
+        End each response with EOS (the model learns where to stop).
+    learning_rate, num_train_epochs, max_steps, warmup_steps, weight_decay, max_grad_norm,
+    lr_scheduler_type, optim :
+        As in `transformers.TrainingArguments` (`max_steps > 0` overrides epochs).
+    per_device_train_batch_size : int
+        Pairs per micro-batch (a forward pass sees twice as many sequences).
+    gradient_accumulation_steps : int
+    group_by_length : bool
+        Batch pairs of similar length together (less padding, faster).
+    seed : int
+        Seeds LoRA init, batch order, dropout and hard labels.
+    output_dir : str
+        Checkpoints, the reference log-prob cache, the final model (`<output_dir>/model`).
+    save_steps : int
+        Checkpoint every this many optimizer steps (what a killed run resumes from).
+    save_total_limit : int or None
+        Keep at most this many checkpoints.
+    logging_steps : int
+    report_to : str or list of str
+        "none", "tensorboard", "wandb", ... (as in `TrainingArguments`).
+    bf16, fp16 : bool
+        Mixed precision (needs hardware support).
+    gradient_checkpointing : bool
+    save_format : {"adapter", "merged"}
+        With LoRA: save the adapter only (small; loads onto the base) or merge it into the
+        base and save full safetensors weights. Without LoRA full weights are always saved.
+    ref_batch_size : int
+        Pairs per forward pass when computing reference log-probs.
+    """
+
+    beta: float = 0.1
+    label_mode: str = "soft"
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = "all-linear"
+    max_length: int = 512
+    template: str | None = None
+    append_eos: bool = True
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_steps: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"
+    optim: str = "adamw_torch"
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    group_by_length: bool = True
+    seed: int = 0
+    output_dir: str = "runs/preference"
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    report_to: Any = "none"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    save_format: str = "adapter"
+    ref_batch_size: int = 8
+
+    # Fields that do not change the trained weights: a resumed run may change them.
+    _NON_TRAINING = ("output_dir", "save_steps", "save_total_limit", "logging_steps",
+                     "report_to", "save_format", "ref_batch_size")
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise InputError(f"beta must be > 0, got {self.beta}", field="beta")
+        if self.label_mode not in ("soft", "hard"):
+            raise InputError(f"must be 'soft' or 'hard', not {self.label_mode!r}", field="label_mode")
+        if self.save_format not in ("adapter", "merged"):
+            raise InputError(f"must be 'adapter' or 'merged', not {self.save_format!r}",
+                             field="save_format")
+        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "save_steps", "logging_steps", "ref_batch_size", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise InputError("set max_steps > 0 or num_train_epochs > 0", field="num_train_epochs")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PreferenceConfig":
+        """Build from a YAML mapping; unknown keys raise InputError naming them."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown training setting(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["lora_target_modules"], tuple):
+            d["lora_target_modules"] = list(d["lora_target_modules"])
+        return d
+
+    def training_digest(self) -> str:
+        """Digest of the fields that determine the trained weights."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self._NON_TRAINING}
+        return array_digest(np.frombuffer(json.dumps(d, sort_keys=True).encode(), dtype=np.uint8))
+
+    def training_arguments(self, **overrides):
+        """The `transformers.TrainingArguments` of this config (`overrides` win)."""
+        from transformers import TrainingArguments
+
+        kw = dict(
+            output_dir=str(self.output_dir), learning_rate=self.learning_rate,
+            num_train_epochs=self.num_train_epochs, max_steps=self.max_steps,
+            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm, lr_scheduler_type=self.lr_scheduler_type,
+            optim=self.optim, per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, seed=self.seed,
+            save_strategy="steps", save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit, logging_steps=self.logging_steps,
+            report_to=self.report_to, bf16=self.bf16, fp16=self.fp16,
+            activation_checkpointing=self.gradient_checkpointing,
+            # the collator needs our extra keys (labels p, reference log-probs)
+            remove_unused_columns=False, label_names=["pref_label"],
+            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_pin_memory=_cuda_available(),
+        )
+        kw.update(overrides)
+        return TrainingArguments(**kw)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class TrainResult:
+    """What `train_preferences` returns.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The trained policy, in eval mode: a `peft.PeftModel` (adapter saved) or a plain
+        causal LM (merged or full fine-tune). With a PeftModel,
+        `with model.disable_adapter():` gives back the reference policy.
+    tokenizer : transformers tokenizer
+    model_dir : pathlib.Path
+        `<output_dir>/model`, loadable with `load_trained(model_dir, base_model)`.
+    output_dir : pathlib.Path
+    global_step : int
+        Optimizer steps taken in total (over all resumptions).
+    train_loss : float
+        Mean training loss of the run's steps (of the last session when resumed).
+    train_runtime : float
+        Seconds spent in the training loop (this session).
+    ref_seconds : float
+        Seconds spent computing reference log-probs (0 when cached or given).
+    ref_logp_0, ref_logp_1 : numpy.ndarray, shape (n,)
+        log π_ref of every pair's responses, in input order: store them with the pairs.
+    labels : numpy.ndarray, shape (n,)
+        The labels trained on (hard draws when `label_mode="hard"`).
+    log_history : list of dict
+        `Trainer.state.log_history`: loss, learning rate, reward margins, accuracy per log.
+    resumed_from : str or None
+        The checkpoint this session resumed from.
+    skipped : bool
+        True when the output directory already held the finished run (nothing trained).
+    """
+
+    model: Any
+    tokenizer: Any
+    model_dir: Path
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    train_runtime: float
+    ref_seconds: float
+    ref_logp_0: np.ndarray
+    ref_logp_1: np.ndarray
+    labels: np.ndarray
+    log_history: list = field(default_factory=list)
+    resumed_from: str | None = None
+    skipped: bool = False
+
+    def summary(self) -> dict:
+        """JSON-able summary (no model, no arrays)."""
+        return {"model_dir": str(self.model_dir), "global_step": self.global_step,
+                "train_loss": self.train_loss, "train_runtime": self.train_runtime,
+                "ref_seconds": self.ref_seconds, "n_pairs": int(len(self.labels)),
+                "resumed_from": self.resumed_from}
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+def validate_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Check a pairs table: columns prompt, response_0, response_1, label (p in [0, 1]).
+
+    Returns
+    -------
+    pandas.DataFrame with a fresh 0..n-1 index.
+
+    Raises
+    ------
+    InputError
+        Missing column, empty table, non-string text, or a label outside [0, 1].
+    """
+    if not isinstance(pairs, pd.DataFrame):
+        raise InputError(f"pairs must be a pandas DataFrame, not {type(pairs).__name__}")
+    for c in PAIR_COLUMNS:
+        if c not in pairs.columns:
+            raise InputError(f"missing column (columns are: {', '.join(map(str, pairs.columns))})",
+                             field=c)
+    if len(pairs) == 0:
+        raise InputError("no preference pairs to train on")
+    pairs = pairs.reset_index(drop=True)
+    for c in PAIR_COLUMNS[:3]:
+        bad = ~pairs[c].map(lambda v: isinstance(v, str))
+        if bad.any():
+            raise InputError("expected text", record=int(np.flatnonzero(bad.to_numpy())[0]), field=c)
+    lab = pd.to_numeric(pairs["label"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~((lab >= 0) & (lab <= 1))
+    if bad.any():
+        raise InputError("label must be a probability in [0, 1]",
+                         record=int(np.flatnonzero(bad)[0]), field="label")
+    return pairs
+
+
+def tokenize_pairs(tokenizer, pairs: pd.DataFrame, config: PreferenceConfig) -> list[dict]:
+    """Token ids of every pair, as `encode_pairs` makes them.
+
+    Returns
+    -------
+    list of dict, length n
+        Keys `prompt_ids`, `response_ids_0`, `response_ids_1` (lists of int). The prompt
+        is tokenized with each response separately, so truncation may cut it differently
+        for y0 and y1; `prompt_ids_0`/`prompt_ids_1` hold each version.
+    """
+    prompts = pairs["prompt"].tolist()
+    kw = dict(template=config.template, append_eos=config.append_eos, max_length=config.max_length)
+    enc0 = encode_pairs(tokenizer, prompts, pairs["response_0"].tolist(), **kw)
+    enc1 = encode_pairs(tokenizer, prompts, pairs["response_1"].tolist(), **kw)
+    return [{"prompt_ids_0": p0, "response_ids_0": r0, "prompt_ids_1": p1, "response_ids_1": r1}
+            for (p0, r0), (p1, r1) in zip(enc0, enc1)]
+
+
+def _tokens_digest(feats: list[dict]) -> str:
+    flat = []
+    for f in feats:
+        for k in ("prompt_ids_0", "response_ids_0", "prompt_ids_1", "response_ids_1"):
+            flat.extend(f[k])
+            flat.append(-1)  # separator, so different splits of the same ids differ
+    return array_digest(np.asarray(flat, dtype=np.int64))
+
+
+class PreferenceDataset:
+    """Map-style dataset of tokenized pairs with labels and reference log-probs.
+
+    Parameters
+    ----------
+    features : list of dict
+        From `tokenize_pairs`.
+    labels, ref_logp_0, ref_logp_1 : array_like, shape (n,)
+    """
+
+    def __init__(self, features, labels, ref_logp_0, ref_logp_1):
+        n = len(features)
+        for name, a in (("labels", labels), ("ref_logp_0", ref_logp_0), ("ref_logp_1", ref_logp_1)):
+            if len(a) != n:
+                raise ValueError(f"{name} has {len(a)} rows but there are {n} pairs")
+        self.features = features
+        self.labels = np.asarray(labels, dtype=np.float64)
+        self.ref_logp_0 = np.asarray(ref_logp_0, dtype=np.float64)
+        self.ref_logp_1 = np.asarray(ref_logp_1, dtype=np.float64)
+        # a batch is padded to its longest sequence, y0 or y1
+        self.lengths = [max(len(f["prompt_ids_0"]) + len(f["response_ids_0"]),
+                            len(f["prompt_ids_1"]) + len(f["response_ids_1"])) for f in features]
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return {**self.features[i], "label": self.labels[i],
+                "ref_logp_0": self.ref_logp_0[i], "ref_logp_1": self.ref_logp_1[i]}
+
+
+class PreferenceCollator:
+    """Pad a list of pairs into one batch: the B y1-sequences first, then the B y0-sequences.
+
+    Returns (as a dict of tensors)
+    ------------------------------
+    input_ids, attention_mask, response_mask : torch.LongTensor, shape (2B, T)
+        Right-padded; `response_mask` is 1 on response tokens only (prompt and padding
+        masked out of the log-probs).
+    pref_label : torch.FloatTensor, shape (B,)
+        p = P(y1 preferred). (Not called `labels`: `Trainer` would treat it as token labels.)
+    ref_logp_1, ref_logp_0 : torch.FloatTensor, shape (B,)
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: list[dict]) -> dict:
+        import torch
+
+        seqs = ([(it["prompt_ids_1"], it["response_ids_1"]) for it in items]
+                + [(it["prompt_ids_0"], it["response_ids_0"]) for it in items])
+        T = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), T), dtype=torch.long)
+        resp = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, (p, r) in enumerate(seqs):
+            n = len(p) + len(r)
+            ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+            att[i, :n] = 1
+            resp[i, len(p):n] = 1
+        f32 = lambda k: torch.tensor([float(it[k]) for it in items], dtype=torch.float32)  # noqa: E731
+        return {"input_ids": ids, "attention_mask": att, "response_mask": resp,
+                "pref_label": f32("label"), "ref_logp_1": f32("ref_logp_1"),
+                "ref_logp_0": f32("ref_logp_0")}
+
+
+class EpochSeededLengthSampler:
+    """Sample order that depends only on (seed, epoch): length-grouped or a plain shuffle.
+
+    Length grouping follows `transformers.trainer_pt_utils.get_length_grouped_indices`
+    (shuffle, sort mega-batches by length, longest batch first). Seeding per epoch instead
+    of drawing from the global RNG makes a resumed run replay the same batches.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, group_by_length: bool = True):
+        self.lengths = list(lengths)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.group_by_length:
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+        return iter(torch.randperm(len(self.lengths), generator=g).tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# trainer
+
+def _make_trainer_class():
+    # transformers is imported lazily (the dual math installs without it), so the subclass
+    # is built on first use.
+    import torch
+    from transformers import Trainer
+
+    class PreferenceTrainer(Trainer):
+        """`transformers.Trainer` with the soft-label DPO loss on precomputed reference log-probs.
+
+        Parameters
+        ----------
+        beta : float
+            KL coefficient β.
+        *args, **kwargs
+            As `Trainer` (model, args, train_dataset=PreferenceDataset,
+            data_collator=PreferenceCollator, processing_class, callbacks).
+        """
+
+        def __init__(self, *args, beta: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.beta = float(beta)
+            # our loss is a mean over pairs; Trainer must divide it by the accumulation steps
+            self.model_accepts_loss_kwargs = False
+            self._pref_metrics: dict[str, list[float]] = {}
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return EpochSeededLengthSampler(
+                ds.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                seed=self.args.seed, group_by_length=getattr(self, "group_by_length", True))
+
+        def policy_logps(self, model, inputs):
+            """log π_θ(y1|x), log π_θ(y0|x), each shape (B,), from one forward pass.
+
+            Only the logits from the first response position on are built
+            (`logits_to_keep`): the prompt's logits are never needed.
+            """
+            ids, att, resp = inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
+            first = int(resp.argmax(-1).min())
+            keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
+            kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
+            if keep < ids.shape[1]:
+                kwargs["logits_to_keep"] = keep
+            logits = model(**kwargs).logits
+            T = logits.shape[1]
+            logp = response_logps(logits, ids[:, -T:], resp[:, -T:])
+            return logp.chunk(2, dim=0)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logp_1, logp_0 = self.policy_logps(model, inputs)
+            ref_1 = inputs["ref_logp_1"].to(logp_1.dtype)
+            ref_0 = inputs["ref_logp_0"].to(logp_0.dtype)
+            p = inputs["pref_label"]
+            loss = pseudo_preference_loss(logp_1, logp_0, ref_1, ref_0, p, self.beta)
+            with torch.no_grad():
+                margin = self.beta * ((logp_1 - ref_1) - (logp_0 - ref_0))
+                target = torch.logit(p.clamp(1e-6, 1 - 1e-6))
+                m = self._pref_metrics
+                m.setdefault("rewards/margins", []).append(margin.mean().item())
+                # agreement in sign with the label (0.5-labels count as agreeing)
+                m.setdefault("rewards/accuracies", []).append(
+                    ((margin > 0) == (p > 0.5)).float().mean().item())
+                # how far βΔ is from its optimum logit(p) (soft labels only)
+                m.setdefault("rewards/target_gap", []).append((margin - target).abs().mean().item())
+            return (loss, {"logp_1": logp_1, "logp_0": logp_0}) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            for k, v in self._pref_metrics.items():
+                if v:
+                    logs[k] = float(np.mean(v))
+            self._pref_metrics = {}
+            super().log(logs, start_time)
+
+    return PreferenceTrainer
+
+
+_TRAINER_CLASS = None
+
+
+def preference_trainer_class():
+    """The `PreferenceTrainer` class (a `transformers.Trainer` subclass)."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        _TRAINER_CLASS = _make_trainer_class()
+    return _TRAINER_CLASS
+
+
+# ---------------------------------------------------------------------------------------
+# reference log-probs
+
+def _model_fingerprint(model) -> str:
+    """Cheap identity of a model's weights: its class, size and its first and last tensors."""
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    first, last = params[0].detach().float().cpu().numpy(), params[-1].detach().float().cpu().numpy()
+    tag = np.frombuffer(f"{type(model).__name__}:{n}".encode(), dtype=np.uint8)
+    return array_digest(tag, first, last)
+
+
+def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """log π_ref(y0|x) and log π_ref(y1|x) of every pair, with `model` as the reference.
+
+    A PEFT model is scored with its adapters disabled (its base is the reference).
+
+    Returns
+    -------
+    ref_logp_0, ref_logp_1 : numpy.ndarray, shape (n,), float64
+    """
+    import contextlib
+
+    from ..models.logprobs import logprobs
+
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    prompts = pairs["prompt"].tolist()
+    kw = dict(batch_size=config.ref_batch_size, template=config.template,
+              append_eos=config.append_eos, max_length=config.max_length, progress=progress)
+    with ctx:
+        # one call for y0 and y1 together: length-sorted batches mix both
+        lp, _ = logprobs(model, tokenizer, prompts + prompts,
+                         pairs["response_0"].tolist() + pairs["response_1"].tolist(), **kw)
+    n = len(prompts)
+    return lp[:n], lp[n:]
+
+
+def _cached_reference_logps(model, tokenizer, pairs, config, tokens_digest, out: Path):
+    """Reference log-probs from the pairs' columns, the output dir's cache, or computed (and
+    cached). Returns (ref_logp_0, ref_logp_1, seconds spent computing)."""
+    if "ref_logp_0" in pairs.columns and "ref_logp_1" in pairs.columns:
+        r0 = pairs["ref_logp_0"].to_numpy(np.float64)
+        r1 = pairs["ref_logp_1"].to_numpy(np.float64)
+        if np.all(np.isfinite(r0)) and np.all(np.isfinite(r1)):
+            return r0, r1, 0.0
+    key = f"{tokens_digest}:{_model_fingerprint(model)}"
+    cache = out / REF_CACHE_FILE
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["ref_logp_0"], z["ref_logp_1"], 0.0
+    t0 = time.perf_counter()
+    r0, r1 = reference_logps(model, tokenizer, pairs, config)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), ref_logp_0=r0, ref_logp_1=r1)
+    return r0, r1, seconds
+
+
+# ---------------------------------------------------------------------------------------
+# top level
+
+def _checkpoints(out: Path) -> list[Path]:
+    cps = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig | None = None,
+                      resume: bool = True, metadata: dict | None = None,
+                      callbacks: list | None = None) -> TrainResult:
+    """Train `model` on preference pairs with the soft-label DPO loss (DESIGN.md §3).
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        The reference policy π_ref; it is also the starting point of training. With LoRA it
+        is wrapped in place (`peft.get_peft_model`): keep no separate handle to it as "the
+        reference" — use `result.model.disable_adapter()` instead.
+    tokenizer : transformers tokenizer
+    pairs : pandas.DataFrame, n rows
+        Columns `prompt`, `response_0`, `response_1`, `label` (p = P(y1 preferred), in
+        [0, 1]); optional `ref_logp_0`, `ref_logp_1` (precomputed log π_ref, then used as is).
+    config : PreferenceConfig, optional
+    resume : bool
+        If `config.output_dir` holds checkpoints of the same run (same data, settings and
+        tokenization), resume from the last one; if it holds the finished run, load it and
+        train nothing. False: start over (old checkpoints and caches there are deleted).
+    metadata : dict, optional
+        Written into the model card and `dualign_train.json`: e.g. `lambda`, `margins`,
+        `data`, `scores`, `base_model`, `method`, `dual`.
+    callbacks : list of transformers.TrainerCallback, optional
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    InputError
+        Bad pairs table or settings, or `output_dir` holds checkpoints of a different run
+        while `resume=True`.
+    """
+    import torch
+    from transformers import set_seed
+
+    config = config or PreferenceConfig()
+    metadata = dict(metadata or {})
+    pairs = validate_pairs(pairs)
+    out = Path(config.output_dir)
+    if not resume and out.exists():
+        for cp in _checkpoints(out):
+            shutil.rmtree(cp)
+        for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
+            (out / name).unlink(missing_ok=True)
+        if (out / MODEL_DIRNAME).exists():
+            shutil.rmtree(out / MODEL_DIRNAME)
+
+    feats = tokenize_pairs(tokenizer, pairs, config)
+    p = pairs["label"].to_numpy(np.float64)
+    labels = hard_labels(p, config.seed) if config.label_mode == "hard" else p
+    tdig = _tokens_digest(feats)
+    run_digest = array_digest(np.frombuffer(
+        f"{tdig}:{array_digest(labels)}:{config.training_digest()}".encode(), dtype=np.uint8))
+
+    prev = _read_json(out / RUN_FILE)
+    if resume and prev is not None and prev.get("run_digest") != run_digest:
+        raise InputError("holds a run with other data or settings; choose another output_dir "
+                         "or pass resume=False to start over", file=str(out))
+    done = _read_json(out / RESULT_FILE)
+    if resume and done is not None and done.get("run_digest") == run_digest \
+            and (out / MODEL_DIRNAME).exists():
+        return _finished_result(model, tokenizer, out, done, labels)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"run_digest": run_digest, "config": config.to_dict()}, out / RUN_FILE)
+
+    # Reference log-probs before any adapter exists: the model as given *is* π_ref.
+    ref0, ref1, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, tdig, out)
+
+    set_seed(config.seed)  # LoRA init draws from the global RNG
+    if config.use_lora:
+        model = _add_lora(model, config)
+    if tokenizer.pad_token_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    else:
+        pad_id = tokenizer.pad_token_id
+
+    Trainer = preference_trainer_class()
+    args = config.training_arguments()
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=PreferenceDataset(feats, labels, ref0, ref1),
+                      data_collator=PreferenceCollator(pad_id), processing_class=tokenizer,
+                      callbacks=callbacks, beta=config.beta)
+    trainer.group_by_length = config.group_by_length
+    if config.use_lora and config.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs
+
+    cps = _checkpoints(out) if resume else []
+    resumed_from = str(cps[-1]) if cps else None
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resumed_from)
+    runtime = time.perf_counter() - t0
+
+    model = trainer.model
+    model.eval()
+    model_dir = out / MODEL_DIRNAME
+    result = TrainResult(model=model, tokenizer=tokenizer, model_dir=model_dir, output_dir=out,
+                         global_step=int(trainer.state.global_step),
+                         train_loss=float(output.training_loss), train_runtime=runtime,
+                         ref_seconds=ref_seconds, ref_logp_0=np.asarray(ref0),
+                         ref_logp_1=np.asarray(ref1), labels=np.asarray(labels),
+                         log_history=list(trainer.state.log_history), resumed_from=resumed_from)
+    result.model = save_trained(model, tokenizer, model_dir, config, metadata, result, pairs)
+    write_json({"run_digest": run_digest, **result.summary()}, out / RESULT_FILE)
+    return result
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _add_lora(model, config: PreferenceConfig):
+    from peft import LoraConfig, get_peft_model
+
+    tm = config.lora_target_modules
+    tm = list(tm) if isinstance(tm, (list, tuple)) else tm
+    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=tm,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def _finished_result(model, tokenizer, out: Path, done: dict, labels) -> TrainResult:
+    """The result of a run that already finished in `out` (its saved model, loaded)."""
+    model_dir = out / MODEL_DIRNAME
+    trained, _ = load_trained(model_dir, base_model=model)
+    r0 = r1 = np.full(len(labels), np.nan)
+    cache = out / REF_CACHE_FILE
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            r0, r1 = z["ref_logp_0"], z["ref_logp_1"]
+    info = _read_json(model_dir / "dualign_train.json") or {}
+    return TrainResult(model=trained, tokenizer=tokenizer, model_dir=model_dir, output_dir=out,
+                       global_step=int(done.get("global_step", 0)),
+                       train_loss=float(done.get("train_loss", math.nan)), train_runtime=0.0,
+                       ref_seconds=0.0, ref_logp_0=r0, ref_logp_1=r1, labels=np.asarray(labels),
+                       log_history=info.get("log_history", []), resumed_from=None, skipped=True)
+
+
+# ---------------------------------------------------------------------------------------
+# saving and loading
+
+def save_trained(model, tokenizer, model_dir: Path, config: PreferenceConfig, metadata: dict,
+                 result: TrainResult, pairs: pd.DataFrame | None = None):
+    """Write the trained model (adapter or merged safetensors), tokenizer, model card and
+    `dualign_train.json` into `model_dir` (atomically: a temp dir renamed at the end).
+
+    Returns
+    -------
+    The model to use from now on (the merged model when `save_format="merged"`).
+    """
+    model_dir = Path(model_dir)
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and config.save_format == "merged":
+        model = model.merge_and_unload()
+        is_peft = False
+    # safetensors only (transformers 5 and peft write nothing else by default; be explicit)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {"config": config.to_dict(), "metadata": metadata, "result": result.summary(),
+            "format": "peft-adapter" if is_peft else "full", "log_history": result.log_history}
+    write_json(info, tmp / "dualign_train.json")
+    write_text(model_card(config, metadata, result, is_peft, pairs), tmp / "README.md")
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    return model
+
+
+def model_card(config: PreferenceConfig, metadata: dict, result: TrainResult, is_peft: bool,
+               pairs: pd.DataFrame | None = None) -> str:
+    """A model card (README.md) recording how the model was aligned: β, λ*, margins, data,
+    scores, training settings and outcome."""
+    md = dict(metadata)
+    base = md.pop("base_model", None)
+    method = md.pop("method", "preference (soft-label DPO)")
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {json.dumps(str(base))}")
+    lines += [f"library_name: {'peft' if is_peft else 'transformers'}",
+              "tags: [dualign, safety-alignment, dpo, can]", "---", "",
+              f"# {method} — trained with dualign", "",
+              "Aligned once with the pseudo-preference (soft-label DPO) loss of CAN "
+              "(Huang et al., NeurIPS 2024, arXiv 2405.19544): the target policy is "
+              "π ∝ π_ref · exp((r + λᵀg)/β).", "",
+              "| setting | value |", "|---|---|",
+              f"| base model | {base if base else 'n/a'} |",
+              f"| β | {config.beta} |"]
+    for key, label in (("lambda", "λ*"), ("margins", "margins"), ("data", "data"),
+                       ("scores", "scores")):
+        if key in md:
+            lines.append(f"| {label} | {_cell(md.pop(key))} |")
+    n = len(result.labels)
+    lines += [f"| label mode | {config.label_mode} |",
+              f"| pairs | {n} (mean label {float(np.mean(result.labels)):.3f}) |",
+              f"| adapter | {'LoRA r=%d α=%d, %s' % (config.lora_r, config.lora_alpha, _cell(config.lora_target_modules)) if config.use_lora else 'none (full fine-tune)'} |",
+              f"| saved as | {'PEFT adapter' if is_peft else 'full safetensors weights'} |",
+              f"| optimizer steps | {result.global_step} |",
+              f"| learning rate | {config.learning_rate} |",
+              f"| batch | {config.per_device_train_batch_size} × {config.gradient_accumulation_steps} accumulation |",
+              f"| final mean loss | {result.train_loss:.4f} |", ""]
+    if md:
+        lines += ["## Other metadata", "", "```json", json.dumps(md, indent=2, default=str), "```", ""]
+    lines += ["## Load", "", "```python", "from dualign.train import load_trained",
+              "model, tokenizer = load_trained('<this folder>'"
+              + (", base_model=<the base model or its id>)" if is_peft else ")"), "```", "",
+              "Full settings: `dualign_train.json`.", ""]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return json.dumps(v, default=str) if not isinstance(v, str) else v
+
+
+def load_trained(model_dir, base_model=None, merge: bool = False, torch_dtype=None):
+    """Load a model saved by `train_preferences`, for sampling or scoring.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        `<output_dir>/model`.
+    base_model : torch.nn.Module or str, optional
+        For an adapter: the base model object, or a spec for `dualign.models.loading
+        .load_policy` / a local HF directory. Default: the adapter's recorded base path.
+        Ignored for full weights.
+    merge : bool
+        Merge the adapter into the base and return a plain model (faster generation).
+    torch_dtype : torch.dtype, optional
+
+    Returns
+    -------
+    model : the causal LM in eval mode (a `peft.PeftModel` unless merged or full weights)
+    tokenizer : the tokenizer saved with it
+
+    Raises
+    ------
+    InputError
+        `model_dir` holds no saved model, or the adapter's base cannot be found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        if base_model is None:
+            base_model = json.loads((model_dir / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+        if isinstance(base_model, (str, Path)):
+            base_model = _load_base(str(base_model), torch_dtype)
+        if base_model is None:
+            raise InputError("adapter without a known base model: pass base_model",
+                             file=str(model_dir))
+        if hasattr(base_model, "peft_config"):  # a wrapped model: use its base
+            base_model = base_model.unload() if hasattr(base_model, "unload") else base_model.get_base_model()
+        model = PeftModel.from_pretrained(base_model, model_dir)
+        if merge:
+            model = model.merge_and_unload()
+    elif (model_dir / "config.json").exists():
+        kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **kw)
+    else:
+        raise InputError("no saved model here (no adapter_config.json or config.json)",
+                         file=str(model_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def _load_base(spec: str, torch_dtype=None):
+    p = Path(spec)
+    if p.is_dir() and (p / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, **kw)
+    try:
+        from ..models.loading import load_policy
+    except ImportError as e:
+        raise InputError(f"cannot load base model {spec!r}: {e}") from None
+    return load_policy(spec)[0]
