@@ -1,0 +1,246 @@
+"""The preference trainer: masking/padding, reference log-probs once, resume, saving, config."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dualign.models.logprobs as logprobs_module
+from conftest import make_tiny_llama
+from dualign.errors import InputError
+from dualign.models.text import encode_pairs, response_logps
+from dualign.train import PreferenceConfig, hard_labels, load_trained, train_preferences
+from dualign.train.preference import (PreferenceCollator, preference_trainer_class,
+                                      tokenize_pairs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one thread is as fast, and immune to other processes on the 2 cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pairs(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["yes", "no", "maybe", "the sky is blue", "I can't help with that", "sure, here:",
+             "a much longer answer that goes on and on", "ok", "never", "fine then"]
+    prompts = ["hi", "what is two plus two?", "tell me a story about a dragon", "why?"]
+    return pd.DataFrame({
+        "prompt": [prompts[i % len(prompts)] for i in range(n)],
+        "response_0": [words[i % len(words)] for i in range(n)],
+        "response_1": [words[(3 * i + 1) % len(words)] for i in range(n)],
+        "label": rng.uniform(0, 1, n)})
+
+
+def _spy_logprobs(monkeypatch):
+    """Count calls of the real `logprobs` (the call goes through unchanged)."""
+    calls = []
+    real = logprobs_module.logprobs
+
+    def counting(*a, **k):
+        calls.append(len(a[2]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(logprobs_module, "logprobs", counting)
+    return calls
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_policy_logps_equal_one_by_one_response_logps(tiny_tokenizer, tmp_path):
+    """Padding and prompt masking: log-probs from the padded, concatenated y1/y0 batch (with
+    logits kept only from the first response position) equal each pair run alone."""
+    tok = tiny_tokenizer
+    model = make_tiny_llama(len(tok), seed=0)
+    pairs = _pairs(5)
+    cfg = PreferenceConfig(output_dir=str(tmp_path), use_lora=False, max_length=40,
+                           template="Q: {prompt}\nA:")
+    feats = tokenize_pairs(tok, pairs, cfg)
+    lengths = [len(f["prompt_ids_0"]) + len(f["response_ids_0"]) for f in feats]
+    assert len(set(lengths)) > 2  # really different lengths: padding is exercised
+    items = [{**f, "label": 0.5, "ref_logp_0": 0.0, "ref_logp_1": 0.0} for f in feats]
+    batch = PreferenceCollator(tok.pad_token_id)(items)
+    trainer = preference_trainer_class()(model=model, args=cfg.training_arguments(), beta=0.1)
+    with torch.no_grad():
+        lp1, lp0 = trainer.policy_logps(model, batch)
+        for side, got in (("0", lp0), ("1", lp1)):
+            for i, f in enumerate(feats):
+                p, r = f[f"prompt_ids_{side}"], f[f"response_ids_{side}"]
+                ids = torch.tensor([p + r])
+                mask = torch.tensor([[0] * len(p) + [1] * len(r)])
+                alone = response_logps(model(input_ids=ids).logits, ids, mask)
+                assert float(got[i]) == pytest.approx(float(alone[0]), abs=1e-4)
+    # the same tokens as encode_pairs (the tokenization every stage shares), truncated alike
+    enc = encode_pairs(tok, pairs["prompt"].tolist(), pairs["response_1"].tolist(), max_length=40,
+                       template="Q: {prompt}\nA:")
+    assert [(f["prompt_ids_1"], f["response_ids_1"]) for f in feats] == enc
+    assert max(len(p) + len(r) for p, r in enc) == 40  # one pair was truncated
+
+
+def test_reference_logps_computed_once_and_only_policy_runs(tiny_tokenizer, tmp_path, monkeypatch):
+    tok = tiny_tokenizer
+    model = make_tiny_llama(len(tok), seed=0)
+    pairs = _pairs(8)
+    calls = _spy_logprobs(monkeypatch)
+    forwards = []  # grad enabled? per forward pass of the underlying model
+    model.register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
+    cfg = PreferenceConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                           learning_rate=1e-3)
+    res = train_preferences(model, tok, pairs, cfg, resume=False)
+    assert len(calls) == 1 and calls[0] == 2 * len(pairs)  # y0 and y1 of every pair, one call
+    n_ref = forwards.index(True)
+    # reference passes (no grad) all come first; then exactly one policy pass (y1 and y0
+    # together) per optimizer step, and no reference pass during training
+    assert n_ref >= 1 and not any(forwards[:n_ref]) and all(forwards[n_ref:])
+    assert len(forwards) - n_ref == 4
+    # the reference log-probs are in input order and equal a direct computation
+    with res.model.disable_adapter():
+        direct0, _ = logprobs_module.logprobs(res.model, tok, pairs["prompt"].tolist(),
+                                              pairs["response_0"].tolist())
+    np.testing.assert_allclose(res.ref_logp_0, direct0, atol=1e-4)
+
+    # Running again in the same directory: the run is finished, nothing is recomputed.
+    calls.clear()
+    again = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg, resume=True)
+    assert again.skipped and calls == []
+    for k, v in _state(res.model).items():
+        torch.testing.assert_close(_state(again.model)[k], v)
+
+
+class _KillAt:
+    """A TrainerCallback that kills the run (raises) when `global_step` reaches `step`."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == step:
+                    raise KeyboardInterrupt(f"killed at step {step}")
+
+        return Kill()
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_resume_after_kill_gives_identical_weights(tiny_tokenizer, tmp_path, monkeypatch, use_lora):
+    tok = tiny_tokenizer
+    pairs = _pairs(10)
+    # 10 pairs, 2 × 2 accumulation: 3 steps per epoch (the last one short), 7 steps = 3 epochs;
+    # dropout on, so the restored RNG state matters too.
+    common = dict(max_steps=7, save_steps=2, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, learning_rate=5e-3, use_lora=use_lora,
+                  lora_dropout=0.1, lr_scheduler_type="linear", seed=7, save_total_limit=None)
+    full = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs,
+                             PreferenceConfig(output_dir=str(tmp_path / "a"), **common), resume=False)
+
+    cfg_b = PreferenceConfig(output_dir=str(tmp_path / "b"), **common)
+    with pytest.raises(KeyboardInterrupt):
+        train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg_b, resume=False,
+                          callbacks=[_KillAt(5)])
+    assert (tmp_path / "b" / "checkpoint-4").is_dir() and not (tmp_path / "b" / "model").exists()
+
+    calls = _spy_logprobs(monkeypatch)
+    resumed = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg_b, resume=True)
+    assert resumed.resumed_from.endswith("checkpoint-4")
+    assert calls == []  # reference log-probs came from the run directory's cache
+    assert resumed.global_step == full.global_step == 7
+
+    a, b = _state(full.model), _state(resumed.model)
+    assert a.keys() == b.keys()
+    init = _state(make_tiny_llama(len(tok), seed=0))
+    moved = False
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+        base_key = k.replace("base_model.model.", "").replace(".base_layer", "")
+        if base_key in init and init[base_key].shape == a[k].shape:
+            moved |= not torch.allclose(a[k], init[base_key])
+        else:
+            moved |= "lora_B" in k and bool(a[k].abs().max() > 0)
+    assert moved, "training changed nothing: the comparison would be vacuous"
+
+
+def test_resume_refuses_a_different_run(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    cfg = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, save_steps=1,
+                           per_device_train_batch_size=4)
+    train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), cfg, resume=False)
+    other = PreferenceConfig(**{**cfg.to_dict(), "learning_rate": 1.0})
+    with pytest.raises(InputError, match="other data or settings"):
+        train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume=True)
+    # resume=False starts over in the same directory
+    res = train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume=False)
+    assert res.global_step == 1 and not res.skipped
+
+
+def test_hard_label_mode_trains_on_seeded_draws(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    pairs = _pairs(12)
+    cfg = PreferenceConfig(output_dir=str(tmp_path), label_mode="hard", seed=5, max_steps=1,
+                           per_device_train_batch_size=4)
+    res = train_preferences(make_tiny_llama(len(tok)), tok, pairs, cfg, resume=False)
+    np.testing.assert_array_equal(res.labels, hard_labels(pairs["label"].to_numpy(), seed=5))
+
+
+def test_saved_model_loads_back_with_a_card(tiny_tokenizer, tmp_path):
+    """Adapter and merged saves reload to the trained policy; the card records β, λ*, margins."""
+    tok = tiny_tokenizer
+    pairs = _pairs(6)
+    meta = {"lambda": [0.73], "margins": [0.5], "data": "demo pairs (6)",
+            "scores": ["reward", "safety/cost"], "method": "MoCAN"}
+    probe_p, probe_r = pairs["prompt"].tolist(), pairs["response_1"].tolist()
+    for fmt in ("adapter", "merged"):
+        cfg = PreferenceConfig(output_dir=str(tmp_path / fmt), max_steps=3, save_steps=10,
+                               per_device_train_batch_size=3, learning_rate=1e-2, save_format=fmt,
+                               beta=0.25)
+        res = train_preferences(make_tiny_llama(len(tok)), tok, pairs, cfg, resume=False, metadata=meta)
+        files = sorted(p.name for p in res.model_dir.iterdir())
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+        assert ("adapter_model.safetensors" in files) == (fmt == "adapter")
+        assert ("model.safetensors" in files) == (fmt == "merged")
+        card = (res.model_dir / "README.md").read_text()
+        for needle in ("| β | 0.25 |", "| λ* | [0.73] |", "| margins | [0.5] |", "demo pairs (6)",
+                       "safety/cost", "MoCAN"):
+            assert needle in card, needle
+        info = json.loads((res.model_dir / "dualign_train.json").read_text())
+        assert info["config"]["beta"] == 0.25 and info["metadata"]["lambda"] == [0.73]
+
+        trained, _ = logprobs_module.logprobs(res.model, tok, probe_p, probe_r)
+        loaded, tok2 = load_trained(res.model_dir, base_model=make_tiny_llama(len(tok)))
+        again, _ = logprobs_module.logprobs(loaded, tok2, probe_p, probe_r)
+        base, _ = logprobs_module.logprobs(make_tiny_llama(len(tok)), tok, probe_p, probe_r)
+        np.testing.assert_allclose(again, trained, atol=1e-4)
+        assert np.abs(trained - base).max() > 1e-3  # training moved the policy
+
+
+def test_config_maps_to_yaml_and_rejects_unknown_keys():
+    cfg = PreferenceConfig.from_dict({"beta": 0.2, "lora_r": 4, "max_steps": 10})
+    assert PreferenceConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match="lr"):
+        PreferenceConfig.from_dict({"lr": 1e-4})
+    with pytest.raises(InputError, match="label_mode"):
+        PreferenceConfig(label_mode="fuzzy")
+    with pytest.raises(InputError, match="beta"):
+        PreferenceConfig(beta=0)
+    args = PreferenceConfig(output_dir="x", gradient_accumulation_steps=3, report_to="none",
+                            learning_rate=2e-5).training_arguments()
+    assert args.gradient_accumulation_steps == 3 and args.learning_rate == 2e-5
+
+
+def test_bad_pairs_raise_input_error(tiny_tokenizer, tmp_path):
+    cfg = PreferenceConfig(output_dir=str(tmp_path), max_steps=1)
+    model = make_tiny_llama(len(tiny_tokenizer))
+    bad = _pairs(3).drop(columns=["label"])
+    with pytest.raises(InputError, match="label"):
+        train_preferences(model, tiny_tokenizer, bad, cfg)
+    bad = _pairs(3).assign(label=[0.2, 1.5, 0.1])
+    with pytest.raises(InputError, match="record 1"):
+        train_preferences(model, tiny_tokenizer, bad, cfg)
