@@ -58,7 +58,9 @@ def _as_float_array(name: str, a) -> np.ndarray:
         a = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be numeric") from None
-    if not np.all(np.isfinite(a)):
+    # A finite sum proves every entry finite (NaN and ±inf propagate), at the cost of one
+    # reduction instead of a boolean array; only on failure is the culprit located.
+    if not np.isfinite(a.sum()) and not np.all(np.isfinite(a)):
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"{name} has a non-finite value at index {tuple(int(i) for i in bad)}")
     return a
@@ -102,7 +104,7 @@ def validate_scores(reward, safety, beta, margins):
         if np.ndim(margins) == 0 else _as_float_array("margins", margins)
     if b.shape != (m,):
         raise ValueError(f"margins must be a float or {m} floats (one per constraint); got {b.shape[0]}")
-    return R, G, beta, b
+    return np.ascontiguousarray(R), np.ascontiguousarray(G), beta, b
 
 
 class DualProblem:
@@ -135,49 +137,73 @@ class DualProblem:
         self.n, self.k, self.m = self.G.shape
         self.g_ref = self.G.mean(axis=(0, 1))
         self.r_ref = float(self.R.mean())
+        self._Rb = self.R / self.beta
+        self._Gflat = self.G.reshape(self.n * self.k, self.m)  # a view: G is C-contiguous
+        self._G2 = None
+        self._cache = None  # (λ, log-mean-exp per prompt, weights) of the last pass
         self.n_evals = 0  # passes over the scores, for benchmarks
 
     # -- one pass over the scores ------------------------------------------------------
     def _tilt(self, lam):
-        """Per-prompt log-mean-exp of z and the softmax weights w (N, K)."""
-        lam = np.asarray(lam, dtype=np.float64).reshape(self.m)
-        self.n_evals += 1
-        z = self.R if not lam.any() else self.R + self.G @ lam
-        z = z / self.beta
-        zmax = z.max(axis=1, keepdims=True)
-        np.subtract(z, zmax, out=z)
-        np.exp(z, out=z)  # z now holds unnormalized weights in (0, 1]
-        s = z.sum(axis=1, keepdims=True)
-        lme = np.log(s[:, 0] / self.k) + zmax[:, 0]
-        z /= s
-        return lam, lme, z
+        """One pass at λ: (λ (m,), log mean_k exp(z) (N,), e (N, K), s (N,), E_w[g] (N, m)).
 
-    def _moments(self, w):
-        """E_w[g] per prompt, shape (N, m)."""
-        return np.einsum("nk,nkm->nm", w, self.G)
+        e = exp(z − max_k z) are the *unnormalized* weights and s their row sums, so
+        w = e / s[:, None]; normalizing lazily saves a full pass over (N, K). The last
+        pass is cached: the solver's final evaluation and `predict` share it.
+        """
+        lam = np.asarray(lam, dtype=np.float64).reshape(self.m)
+        if self._cache is not None and np.array_equal(self._cache[0], lam):
+            return self._cache
+        self.n_evals += 1
+        if not lam.any():
+            z = self._Rb.copy()
+        elif self.m == 1:  # an elementwise multiply beats a (NK, 1) matrix-vector product
+            z = self._Gflat.reshape(self.n, self.k) * (lam[0] / self.beta)
+            z += self._Rb
+        else:
+            # einsum, not BLAS: level-1/2 BLAS calls are slow under some OpenBLAS core settings
+            z = np.einsum("nkm,m->nk", self.G, lam / self.beta)
+            z += self._Rb
+        zmax = z.max(axis=1, keepdims=True)
+        z -= zmax
+        # exp(-600) ≈ 1e-261 is already nothing next to the row's largest weight, 1; clipping
+        # keeps every weight a normal float, since subnormal arithmetic is ~100x slower.
+        np.maximum(z, -600.0, out=z)
+        e = np.exp(z, out=z)
+        s = e.sum(axis=1)
+        lme = np.log(s / self.k) + zmax[:, 0]
+        if self.m == 1:
+            eg = np.einsum("nk,nk->n", e, self._Gflat.reshape(self.n, self.k))[:, None]
+        else:
+            eg = np.einsum("nk,nkm->nm", e, self.G)
+        eg /= s[:, None]
+        self._cache = (lam.copy(), lme, e, s, eg)
+        return self._cache
 
     def evaluate(self, lam, hessian: bool = True):
         """D(λ), ∇D(λ) and (optionally) ∇²D(λ) from a single pass: (value, grad (m,), hess (m, m))."""
-        lam, lme, w = self._tilt(lam)
-        eg = self._moments(w)
+        lam, lme, e, s, eg = self._tilt(lam)
         target = self.g_ref + self.margins
         value = self.beta * lme.mean() - lam @ target
         grad = eg.mean(axis=0) - target
         hess = None
         if hessian:
-            # Cov_w[g] = E_w[g gᵀ] − E_w[g]E_w[g]ᵀ, averaged over prompts; the second moment is
-            # accumulated one constraint at a time so no (N, K, m) temporary is made.
-            second = np.empty((self.m, self.m))
-            for i in range(self.m):
-                wg = w * self.G[:, :, i]
-                second[i] = np.einsum("nk,nkm->m", wg, self.G) / self.n
-            hess = (second - eg.T @ eg / self.n) / self.beta
+            # mean_x Cov_w[g] = mean_x E_w[g gᵀ] − mean_x E_w[g] E_w[g]ᵀ; the prompt weights
+            # 1/s are folded into e so E_w[g gᵀ] is one weighted Gram product.
+            if self.m == 1:
+                if self._G2 is None:  # g² once, so each Hessian costs one more pass, not three
+                    self._G2 = self._Gflat.reshape(self.n, self.k) ** 2
+                second = np.array([[np.einsum("nk,nk->n", e, self._G2) @ (1.0 / s)]])
+            else:
+                u = (e / s[:, None]).ravel()
+                second = (self._Gflat * u[:, None]).T @ self._Gflat  # m (N, K) arrays, once
+            hess = (second / self.n - eg.T @ eg / self.n) / self.beta
             hess = 0.5 * (hess + hess.T)
         return float(value), grad, hess
 
     def value(self, lam) -> float:
         """D(λ) (float). λ has shape (m,) (a float when m = 1)."""
-        lam, lme, _ = self._tilt(lam)
+        lam, lme = self._tilt(lam)[:2]
         return float(self.beta * lme.mean() - lam @ (self.g_ref + self.margins))
 
     def grad(self, lam) -> np.ndarray:
@@ -190,14 +216,14 @@ class DualProblem:
 
     def predict(self, lam) -> Prediction:
         """Predicted reward, safety gain, KL and effective sample size of π_λ."""
-        lam, lme, w = self._tilt(lam)
-        eg = self._moments(w).mean(axis=0)
-        er = float(np.einsum("nk,nk->", w, self.R) / self.n)
-        z = (self.R + self.G @ lam) / self.beta
-        # KL(w ‖ uniform) per prompt = E_w[z] − log mean_k exp(z)
-        kl = float(np.einsum("nk,nk->", w, z) / self.n - lme.mean())
-        ess = 1.0 / np.einsum("nk,nk->n", w, w)
-        return Prediction(reward=er, reward_gain=er - self.r_ref, safety_gain=eg - self.g_ref,
+        lam, lme, e, s, eg = self._tilt(lam)
+        er_x = np.einsum("nk,nk->n", e, self.R) / s
+        er = float(er_x.mean())
+        egm = eg.mean(axis=0)
+        # KL(π_λ ‖ π_ref) per prompt = E_w[z] − log mean_k exp(z), with E_w[z] = (E_w[r] + λ·E_w[g]) / β
+        kl = float(np.mean((er_x + eg @ lam) / self.beta - lme))
+        ess = s ** 2 / np.einsum("nk,nk->n", e, e)
+        return Prediction(reward=er, reward_gain=er - self.r_ref, safety_gain=egm - self.g_ref,
                           kl=max(kl, 0.0), ess_mean=float(ess.mean()), ess_min=float(ess.min()),
                           ess_median=float(np.median(ess)), ess_fraction=float(ess.mean() / self.k))
 

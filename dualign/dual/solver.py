@@ -32,8 +32,8 @@ class DualResult:
     kkt_residual : float
         ‖min(λ, ∇D(λ))‖∞ in safety-score units.
     scaled_kkt_residual : float
-        The same residual with each constraint's slack divided by the spread (std) of its
-        safety scores: scale-free, what `tol` is compared with.
+        The same residual with each constraint's slack divided by its largest achievable
+        gain: scale-free, what `tol` is compared with.
     value : float
         D(λ*).
     slack : ndarray, shape (m,)
@@ -83,7 +83,7 @@ def _kkt(lam, grad, scale):
 def _check_margins(problem: DualProblem, names):
     mg = problem.max_gain()
     # Within rounding of the edge counts as out of reach: λ* would be astronomically large.
-    edge = mg - 1e-9 * np.maximum(np.abs(mg), problem.G.std(axis=(0, 1)))
+    edge = mg - 1e-9 * np.abs(mg)
     for j in range(problem.m):
         if problem.margins[j] >= edge[j]:
             raise InfeasibleMarginError(
@@ -108,8 +108,8 @@ def solve_problem(problem: DualProblem, *, tol: float = 1e-10, max_iter: int = 1
     m = problem.m
     names = list(names) if names is not None else list(range(m))
     mg = _check_margins(problem, names)
-    scale = problem.G.std(axis=(0, 1))
-    scale = np.where(scale > 0, scale, 1.0)
+    # Slack is measured in units of the largest achievable gain: scale-free, and meaningful.
+    scale = np.where(mg > 0, mg, 1.0)
 
     lam = np.zeros(m) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64).reshape(m), 0)
     val, g, H = problem.evaluate(lam)
@@ -178,7 +178,8 @@ def solve_dual(reward, safety, beta: float = 0.1, margins=0.0, *, tol: float = 1
     margins : float or array_like, shape (m,)
         Required gain of each constraint's mean safety over the reference's.
     tol : float
-        Target for the scale-free KKT residual (slack in units of each score's std).
+        Target for the scale-free KKT residual (slack in units of each constraint's largest
+        achievable gain).
     max_iter : int
         Newton iterations allowed.
     lam0 : array_like, shape (m,), optional
