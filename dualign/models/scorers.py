@@ -342,10 +342,10 @@ def _local_dir(spec: str) -> Path | None:
     p = Path(spec).expanduser()
     if p.is_dir():
         return p
+    if ":" in spec:  # module:function or file.py:function, never a hub id
+        return None
     if spec.startswith((".", "/", "~")):
         raise InputError("unknown scorer: no such directory", file=spec)
-    if ":" in spec:  # module:function, not a hub id
-        return None
     try:
         from huggingface_hub import snapshot_download
 
