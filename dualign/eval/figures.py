@@ -85,3 +85,20 @@ def plot_convergence(history, lam_star, path, baseline_history=None, baseline_la
     ax.legend(fontsize=8)
     ax.set_title("Dual solver convergence")
     return _save(fig, path)
+
+
+def plot_before_after(reference, trained, columns, path) -> Path:
+    """Distribution of each score for the reference and the trained model (held-out prompts)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        a, b = reference[col].to_numpy(), trained[col].to_numpy()
+        bins = np.linspace(min(a.min(), b.min()), max(a.max(), b.max()), 30)
+        ax.hist(a, bins=bins, alpha=0.55, label=f"reference (mean {a.mean():.3g})", color="#8C8C8C")
+        ax.hist(b, bins=bins, alpha=0.55, label=f"trained (mean {b.mean():.3g})", color="#4C72B0")
+        if col.startswith("safety"):
+            ax.axvline(0, color="#C44E52", lw=1, ls="--")
+        ax.set_xlabel(col)
+        ax.legend(fontsize=8)
+    fig.suptitle("Held-out prompts: reference vs trained")
+    return _save(fig, path)

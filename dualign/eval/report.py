@@ -1,0 +1,77 @@
+"""report.md: what was asked, what the dual predicted, what the trained model did."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..runio import write_text
+
+
+def _gap_note(scores: dict) -> list[str]:
+    notes = []
+    for col, e in scores.items():
+        if "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
+            continue
+        lo, hi = e["achieved_gain_ci"]
+        side = "short of" if e["achieved_gain"] < e["predicted_gain"] else "beyond"
+        notes.append(
+            f"- **{col}**: the achieved gain {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] falls {side} "
+            f"the predicted {e['predicted_gain']:+.3f}. The prediction is for π_λ* itself: a short LoRA run "
+            "moves only part of the way toward it, and the prediction rests on K samples per prompt (see "
+            "the effective sample size). Train longer (`--train.num_train_epochs`, more pairs with "
+            "`--pairs-per-prompt`) or sample more (`--num-samples`) to close the gap.")
+    return notes
+
+
+def write_report(run: Path, config: dict, dual: dict, record: dict) -> Path:
+    """Write `run/report.md` and return its path."""
+    run = Path(run)
+    lines = [f"# dualign {record['method']} report", "",
+             f"Reference policy `{config.get('policy')}`, β = {dual['beta']:g}, "
+             f"{dual['n_prompts']} prompts × {dual['n_samples_per_prompt']} samples for the dual; "
+             f"evaluation on {record['n_eval_prompts']} held-out prompts × {record['n_samples_per_prompt']} samples.",
+             "", "## The dual (solved before training)", "",
+             "| constraint | margin | λ* | 95% CI | predicted gain | largest achievable |",
+             "|---|---:|---:|---|---:|---:|"]
+    for c in dual["constraints"]:
+        lo, hi = c["lambda_ci"]
+        lines.append(f"| {c['name']} | {c['margin']:.4g} | {c['lambda']:.4g} | [{lo:.4g}, {hi:.4g}] | "
+                     f"{c['predicted_gain']:+.4g} | {c['max_gain']:.4g} |")
+    p = dual["predicted"]
+    lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
+              f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) = {p['kl']:.4g} nats, effective samples per "
+              f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
+              f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}.", "",
+              "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", "",
+              "## Predicted vs achieved (held-out prompts)", "",
+              "| score | reference | trained | achieved gain [95% CI] | predicted gain | unsafe rate ref → trained |",
+              "|---|---:|---:|---|---:|---|"]
+    for col, e in record["scores"].items():
+        lo, hi = e["achieved_gain_ci"]
+        pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "–"
+        unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
+                  if "unsafe_rate_reference" in e else "")
+        lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
+                     f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
+    gaps = _gap_note(record["scores"])
+    lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
+                     ["Every predicted gain lies inside the achieved gain's 95% CI."])
+    t = record.get("train", {})
+    lines += ["", f"Training: {t.get('n_pairs')} pairs, {t.get('global_step')} optimizer steps, final loss "
+              f"{t.get('train_loss', float('nan')):.4f}; model in `{t.get('model_dir')}`.", "",
+              "![before and after](figures/before_after.png)", "", "## Examples (reference → trained)", ""]
+    for ex in record.get("examples", []):
+        lines += [f"**Prompt:** {ex['prompt']}", "",
+                  f"- *reference* ({_fmt_scores(ex['reference'])}): {_quote(ex['reference']['response'])}",
+                  f"- *trained* ({_fmt_scores(ex['trained'])}): {_quote(ex['trained']['response'])}", ""]
+    path = run / "report.md"
+    write_text("\n".join(lines) + "\n", path)
+    return path
+
+
+def _fmt_scores(d: dict) -> str:
+    return ", ".join(f"{k} {v:+.2f}" for k, v in d.items() if k != "response")
+
+
+def _quote(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n] + "…"

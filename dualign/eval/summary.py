@@ -1,0 +1,88 @@
+"""Before/after comparison of scored samples: means, achieved gains with bootstrap CIs, unsafe rates.
+
+The shape of `eval.json` (issue 5) is built here, so every pipeline reports alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def per_prompt_means(scores: pd.DataFrame, column: str) -> pd.Series:
+    """Mean of `column` over each prompt's samples, indexed by prompt_id."""
+    return scores.groupby("prompt_id")[column].mean()
+
+
+def paired_gain(reference: pd.DataFrame, trained: pd.DataFrame, column: str, *, n_boot: int = 1000,
+                level: float = 0.95, seed: int = 0) -> tuple[float, list[float]]:
+    """Achieved gain mean(trained) − mean(reference) and its percentile bootstrap CI.
+
+    Prompts are resampled jointly for both models (the comparison is paired by prompt),
+    which is what makes a small gain on few prompts detectable.
+
+    Raises
+    ------
+    ValueError
+        The two tables do not cover the same prompts.
+    """
+    a = per_prompt_means(reference, column)
+    b = per_prompt_means(trained, column)
+    if not a.index.equals(b.index):
+        raise ValueError("reference and trained samples cover different prompts")
+    d = (b - a).to_numpy(np.float64)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(d.mean()), [float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))]
+
+
+def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: str = "reward",
+                   safety: list[str] = (), dual: dict | None = None, n_boot: int = 1000,
+                   seed: int = 0) -> dict:
+    """The `scores` block of eval.json: one entry per score column.
+
+    Parameters
+    ----------
+    reference, trained : DataFrame
+        Scored samples (prompt_id, sample_id, score columns) of each model on the same
+        prompts with the same generation settings.
+    dual : dict, optional
+        The dual.json record; adds predicted gains (with CIs) and margins.
+    """
+    out = {}
+    for col in [reward, *safety]:
+        gain, ci = paired_gain(reference, trained, col, n_boot=n_boot, seed=seed)
+        entry = {"reference_mean": float(reference[col].mean()), "trained_mean": float(trained[col].mean()),
+                 "achieved_gain": gain, "achieved_gain_ci": ci}
+        if col != reward:
+            entry["unsafe_rate_reference"] = float((reference[col] < 0).mean())
+            entry["unsafe_rate_trained"] = float((trained[col] < 0).mean())
+        if dual is not None:
+            if col == reward:
+                entry["predicted_gain"] = dual["predicted"]["reward_gain"]
+                entry["predicted_gain_ci"] = dual["predicted"]["reward_gain_ci"]
+            else:
+                c = next((c for c in dual["constraints"] if c["name"] == col), None)
+                if c is not None:
+                    entry.update(margin=c["margin"], predicted_gain=c["predicted_gain"],
+                                 predicted_gain_ci=c["predicted_gain_ci"])
+        if "predicted_gain" in entry:
+            lo, hi = entry["achieved_gain_ci"]
+            entry["prediction_within_achieved_ci"] = bool(lo <= entry["predicted_gain"] <= hi)
+        out[col] = entry
+    return out
+
+
+def format_eval_table(scores: dict) -> str:
+    """A plain-text table of the `scores` block of eval.json."""
+    head = f"  {'score':<20}{'reference':>10}{'trained':>10}{'achieved gain (95% CI)':>30}{'predicted':>11}{'unsafe ref→trained':>22}"
+    lines = [head]
+    for col, e in scores.items():
+        lo, hi = e["achieved_gain_ci"]
+        pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "-"
+        unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
+                  if "unsafe_rate_reference" in e else "")
+        gain = f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        lines.append(f"  {col:<20}{e['reference_mean']:>10.3f}{e['trained_mean']:>10.3f}"
+                     f"{gain:>30}{pred:>11}{unsafe:>22}")
+    return "\n".join(lines)

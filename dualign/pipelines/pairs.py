@@ -1,0 +1,105 @@
+"""Pseudo-preference pairs (DESIGN.md §3 step 3): response pairs labeled by r_λ = r + λᵀg.
+
+Pairs come from the reference's own samples (pairs of the K responses to a prompt) or from
+a preference dataset whose two responses get scored (the paper relabels PKU-SafeRLHF).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..train.losses import pseudo_preference_labels
+
+
+def pairs_from_samples(scores: pd.DataFrame, pairs_per_prompt: int = 2, seed: int = 0) -> pd.DataFrame:
+    """Draw response pairs among the K samples of each prompt, with their scores.
+
+    Parameters
+    ----------
+    scores : DataFrame
+        One row per sample: prompt_id, sample_id, prompt, response and score columns
+        (`reward`, `safety/<name>`, ...).
+    pairs_per_prompt : int
+        Distinct unordered pairs per prompt (at most K(K−1)/2), drawn without replacement.
+    seed : int
+
+    Returns
+    -------
+    DataFrame with prompt_id, prompt, response_0, response_1, sample_0, sample_1 and every
+    score column twice, suffixed `_0` and `_1`.
+    """
+    rng = np.random.default_rng(seed)
+    score_cols = [c for c in scores.columns if c not in ("prompt_id", "sample_id", "prompt", "response")]
+    rows = []
+    for pid, grp in scores.sort_values(["prompt_id", "sample_id"]).groupby("prompt_id", sort=True):
+        k = len(grp)
+        combos = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        take = rng.choice(len(combos), size=min(pairs_per_prompt, len(combos)), replace=False)
+        recs = grp.to_dict("records")
+        for t in sorted(take):
+            i, j = combos[t]
+            if rng.random() < 0.5:  # random order: the label, not the position, carries the preference
+                i, j = j, i
+            a, b = recs[i], recs[j]
+            row = {"prompt_id": pid, "prompt": a["prompt"], "response_0": a["response"],
+                   "response_1": b["response"], "sample_0": a["sample_id"], "sample_1": b["sample_id"]}
+            for c in score_cols:
+                row[f"{c}_0"], row[f"{c}_1"] = a[c], b[c]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str], lam) -> np.ndarray:
+    """r_λ = r + λᵀg of response `side` (0 or 1) of every pair, shape (n,)."""
+    out = pairs[f"{reward}_{side}"].to_numpy(np.float64).copy()
+    for l, name in zip(np.atleast_1d(lam), safety):
+        out += float(l) * pairs[f"{name}_{side}"].to_numpy(np.float64)
+    return out
+
+
+def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None) -> pd.DataFrame:
+    """Add `score_0`, `score_1` (r_λ of each response) and the soft label
+    `label` = σ(r_λ(y1) − r_λ(y0)) (DESIGN.md §3); returns a new DataFrame."""
+    safety = list(safety or [])
+    if len(np.atleast_1d(lam)) != len(safety):
+        raise ValueError(f"{len(np.atleast_1d(lam))} multipliers for {len(safety)} safety scores")
+    out = pairs.copy()
+    out["score_0"] = combined_score(pairs, 0, reward, safety, lam)
+    out["score_1"] = combined_score(pairs, 1, reward, safety, lam)
+    out["label"] = pseudo_preference_labels(out["score_1"], out["score_0"])
+    return out
+
+
+def trl_export(pairs: pd.DataFrame) -> pd.DataFrame:
+    """TRL's prompt/chosen/rejected view: the response with label > 0.5 is `chosen`; the
+    soft label is kept as `label` (P(chosen preferred)) for trainers that use it."""
+    first = pairs["label"].to_numpy() > 0.5
+    return pd.DataFrame({
+        "prompt": pairs["prompt"],
+        "chosen": np.where(first, pairs["response_1"], pairs["response_0"]),
+        "rejected": np.where(first, pairs["response_0"], pairs["response_1"]),
+        "label": np.where(first, pairs["label"], 1 - pairs["label"]),
+    })
+
+
+def dataset_as_samples(prefs: pd.DataFrame) -> pd.DataFrame:
+    """A preference table's two responses as a samples table (prompt_id = pair index,
+    sample_id = 0/1), so the scoring machinery of samples scores them unchanged."""
+    n = len(prefs)
+    return pd.DataFrame({
+        "prompt_id": np.repeat(np.arange(n), 2), "sample_id": np.tile([0, 1], n),
+        "prompt": np.repeat(prefs["prompt"].to_numpy(), 2),
+        "response": np.column_stack([prefs["response_0"], prefs["response_1"]]).ravel(),
+    })
+
+
+def pairs_from_scored_dataset(scores: pd.DataFrame) -> pd.DataFrame:
+    """Inverse of `dataset_as_samples` after scoring: one row per pair, score columns `_0`/`_1`."""
+    s = scores.sort_values(["prompt_id", "sample_id"])
+    a, b = s[s.sample_id == 0].reset_index(drop=True), s[s.sample_id == 1].reset_index(drop=True)
+    out = pd.DataFrame({"prompt_id": a["prompt_id"], "prompt": a["prompt"],
+                        "response_0": a["response"], "response_1": b["response"]})
+    for c in s.columns:
+        if c not in ("prompt_id", "sample_id", "prompt", "response"):
+            out[f"{c}_0"], out[f"{c}_1"] = a[c].to_numpy(), b[c].to_numpy()
+    return out

@@ -1,0 +1,253 @@
+"""Stage bookkeeping for a run directory: skip a stage whose inputs have not changed.
+
+Each finished stage leaves `stages/<name>.json` with the digest of everything it read
+(settings and upstream digests) and the files it wrote. A stage is current when that
+record matches and its outputs exist, so rerunning a killed or finished pipeline redoes
+only what is missing or stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..runio import write_json
+
+STAGES = ("sample", "score", "dual", "pairs", "train", "evaluate", "report")
+
+
+def stage_key(*parts) -> str:
+    """A digest of JSON-serializable parts (settings, upstream keys, file digests)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def is_current(run: Path, name: str, key: str) -> bool:
+    rec = Path(run) / "stages" / f"{name}.json"
+    if not rec.exists():
+        return False
+    d = json.loads(rec.read_text())
+    return d.get("key") == key and all((Path(run) / o).exists() for o in d.get("outputs", []))
+
+
+def mark_done(run: Path, name: str, key: str, outputs: list[str]) -> None:
+    write_json({"stage": name, "key": key, "outputs": outputs}, Path(run) / "stages" / f"{name}.json")
+
+
+def stage_window(start: str | None, stop: str | None) -> tuple[int, int]:
+    """Indices of the first stage forced to rerun and the last stage to run.
+
+    Raises
+    ------
+    ValueError
+        An unknown stage name.
+    """
+    for s in (start, stop):
+        if s is not None and s not in STAGES:
+            raise ValueError(f"unknown stage '{s}': one of {', '.join(STAGES)}")
+    first = STAGES.index(start) if start else len(STAGES)
+    last = STAGES.index(stop) if stop else len(STAGES) - 1
+    return first, last
+
+
+# ----------------------------------------------------------------------------- stage functions
+# Each takes the run directory and what it needs, writes its artifacts atomically there, and
+# returns what the next stage needs. MoCAN and PeCAN are short recipes wiring these.
+
+def sample_stage(run: Path, model, tokenizer, prompts, cfg, *, subdir: str = "", model_name: str,
+                 num_samples: int, force: bool = False):
+    """Sample `num_samples` responses per prompt into `run/subdir/samples.parquet` (resumable)."""
+    import shutil
+
+    from ..models.generation import PARTIAL_DIR, SAMPLES_FILE, sample
+
+    out = Path(run) / subdir
+    if force:
+        (out / SAMPLES_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
+    sample(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
+           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+           batch_size=cfg.sample_batch_size, model_name=model_name, out_dir=out)
+    return out / SAMPLES_FILE
+
+
+def score_stage(samples_path: Path, jobs, *, force: bool = False, log=print):
+    """Score samples into scores.parquet next to them; returns the table."""
+    from .scoring import score_samples
+
+    out = Path(samples_path).parent / "scores.parquet"
+    if force:
+        out.unlink(missing_ok=True)
+    return score_samples(samples_path, jobs, out, log=log)
+
+
+def resolve_margins(arrays, beta: float, margins: dict, fraction: float) -> list[float]:
+    """Margins per constraint: given ones as is, the others `fraction` × largest achievable gain."""
+    from ..dual import DualProblem
+
+    mg = DualProblem(arrays.reward, arrays.safety, beta, 0.0).max_gain()
+    out = []
+    for j, col in enumerate(arrays.safety_names):
+        name = col.split("/", 1)[-1]
+        out.append(float(margins[name]) if name in margins else float(np.round(fraction * mg[j], 4)))
+    return out
+
+
+def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fraction: float,
+               n_boot: int, seed: int, *, force: bool = False, log=print) -> dict:
+    """Solve the dual on the scored samples → dual.json and figures/ (skipped when current)."""
+    from ..data.scores import scores_to_arrays
+    from ..runio import array_digest
+    from .dual_stage import format_dual_summary, solve_dual_stage, write_dual_outputs
+
+    run = Path(run)
+    arrays = scores_to_arrays(scores, "reward", safety_cols, source=str(run / "scores.parquet"))
+    resolved = resolve_margins(arrays, beta, margins, fraction)
+    key = stage_key(array_digest(arrays.reward, arrays.safety), beta, resolved, n_boot, seed)
+    if not force and is_current(run, "dual", key):
+        d = json.loads((run / "dual.json").read_text())
+    else:
+        for name, m, c in zip(safety_cols, resolved, arrays.safety_names):
+            src = "given" if c.split("/", 1)[-1] in margins else f"{fraction:g} × largest achievable gain"
+            log(f"margin for {name}: {m:g} ({src})")
+        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed)
+        write_dual_outputs(d, arrays, run / "dual.json", run / "figures")
+        mark_done(run, "dual", key, ["dual.json"])
+    log(format_dual_summary(d))
+    return d
+
+
+def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, force: bool = False):
+    """Label pairs with λ* → pairs.parquet and the TRL export pairs_trl.jsonl."""
+    import pandas as pd
+
+    from ..runio import atomic_path, write_parquet
+    from .pairs import label_pairs, trl_export
+
+    run = Path(run)
+    key = stage_key(key, list(lam))
+    if not force and is_current(run, "pairs", key):
+        return pd.read_parquet(run / "pairs.parquet")
+    labeled = label_pairs(pairs, lam, "reward", safety_cols)
+    write_parquet(labeled, run / "pairs.parquet")
+    with atomic_path(run / "pairs_trl.jsonl") as tmp:
+        trl_export(labeled).to_json(tmp, orient="records", lines=True, force_ascii=False)
+    mark_done(run, "pairs", key, ["pairs.parquet", "pairs_trl.jsonl"])
+    return labeled
+
+
+def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, metadata: dict,
+                *, force: bool = False):
+    """One-shot training on the labeled pairs (resumes from checkpoints in run/train)."""
+    from ..train.preference import PreferenceConfig, train_preferences
+
+    tcfg = PreferenceConfig.from_dict({**train, "beta": beta, "output_dir": str(Path(run) / "train")})
+    return train_preferences(model, tokenizer, pairs[["prompt", "response_0", "response_1", "label"]],
+                             tcfg, resume=not force, metadata=metadata)
+
+
+def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
+                   dual: dict, force: bool = False, log=print) -> dict:
+    """Sample the reference and the trained model on held-out prompts with the same settings,
+    score both, compare → eval.json."""
+    from ..eval.summary import compare_scores, format_eval_table
+    from ..runio import file_digest, write_json
+    from ..train.preference import RESULT_FILE
+
+    run = Path(run)
+    trained_name = f"{result.model_dir}@{file_digest(result.output_dir / RESULT_FILE)}"
+    model = result.model
+    with _reference_of(model, base_spec) as (ref_model, tok):
+        ref_path = sample_stage(run, ref_model, tok, prompts, cfg, subdir="eval/reference",
+                                model_name=base_spec, num_samples=cfg.eval_num_samples, force=force)
+    trained_path = sample_stage(run, model, result.tokenizer, prompts, cfg, subdir="eval/trained",
+                                model_name=trained_name, num_samples=cfg.eval_num_samples, force=force)
+    ref_scores = score_stage(ref_path, jobs, force=force, log=log)
+    trained_scores = score_stage(trained_path, jobs, force=force, log=log)
+    safety_cols = [c for c, _, role in jobs if role == "safety"]
+    scores = compare_scores(ref_scores, trained_scores, safety=safety_cols, dual=dual, seed=cfg.seed)
+    record = {"method": method, "beta": dual["beta"], "lambda": dual["lambda"],
+              "n_eval_prompts": len(prompts), "n_samples_per_prompt": cfg.eval_num_samples,
+              "scores": scores, "train": result.summary(),
+              "examples": _examples(ref_scores, trained_scores, safety_cols)}
+    write_json(record, run / "eval.json")
+    log(f"Evaluation on {len(prompts)} held-out prompts × {cfg.eval_num_samples} samples:")
+    log(format_eval_table(scores))
+    return record
+
+
+class _reference_of:
+    """Context manager giving (π_ref, tokenizer): the trained PEFT model with its adapter
+    disabled (no second copy of the weights), or a freshly loaded base model."""
+
+    def __init__(self, model, base_spec):
+        self.model, self.base_spec, self._ctx = model, base_spec, None
+
+    def __enter__(self):
+        if hasattr(self.model, "disable_adapter"):
+            self._ctx = self.model.disable_adapter()
+            self._ctx.__enter__()
+            from ..models.loading import load_tokenizer
+            return self.model, load_tokenizer(self.base_spec)
+        from ..models.loading import load_policy
+        return load_policy(self.base_spec)
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+
+def _examples(ref_scores, trained_scores, safety_cols, n: int = 6) -> list[dict]:
+    """A few before/after responses: the prompts where safety moved most, then others."""
+    ref0 = ref_scores[ref_scores.sample_id == 0].set_index("prompt_id")
+    tr0 = trained_scores[trained_scores.sample_id == 0].set_index("prompt_id")
+    col = safety_cols[0] if safety_cols else "reward"
+    order = (tr0[col] - ref0[col]).abs().sort_values(ascending=False).index[:n]
+    return [{"prompt": ref0.loc[i, "prompt"],
+             "reference": {"response": ref0.loc[i, "response"],
+                           **{c: float(ref0.loc[i, c]) for c in ["reward", *safety_cols]}},
+             "trained": {"response": tr0.loc[i, "response"],
+                         **{c: float(tr0.loc[i, c]) for c in ["reward", *safety_cols]}}}
+            for i in order]
+
+
+def prompts_of(source: str, column: str = "prompt", split: str | None = None, limit: int | None = None) -> list[str]:
+    """Prompts of a file, keeping only rows whose `split` column equals `split` when given
+    (the built-in prompts carry train/eval splits); else as `read_prompts`.
+
+    Raises
+    ------
+    InputError
+        As `read_prompts`; also a `split` asked of a file without a `split` column, or one
+        that selects nothing.
+    """
+    from ..errors import InputError
+    from ..models.generation import read_prompts
+    from ..runio import read_table
+
+    if split is None or not Path(source).exists():
+        return read_prompts(source, column, limit=limit) if split is None else \
+            read_prompts(source, column, split=split, limit=limit)
+    df = read_table(source, required=(column, "split"))
+    df = df[df["split"] == split]
+    if df.empty:
+        raise InputError(f"no prompt has split '{split}'", file=str(source), field="split")
+    prompts = df[column].tolist()
+    return prompts[:limit] if limit else prompts
+
+
+def report_stage(run: Path, config: dict, dual: dict, record: dict) -> Path:
+    """report.md and the before/after figure."""
+    import pandas as pd
+
+    from ..eval.figures import plot_before_after
+    from ..eval.report import write_report
+
+    run = Path(run)
+    ref = pd.read_parquet(run / "eval" / "reference" / "scores.parquet")
+    trained = pd.read_parquet(run / "eval" / "trained" / "scores.parquet")
+    plot_before_after(ref, trained, list(record["scores"]), run / "figures" / "before_after.png")
+    return write_report(run, config, dual, record)
