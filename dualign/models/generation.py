@@ -123,31 +123,85 @@ def row_uniforms(seed: int, rows: Sequence[tuple[int, int]], n: int) -> np.ndarr
 
 # ----------------------------------------------------------------------------- sampling
 
+_TOPK_FIRST = 256  # nucleus candidates tried before falling back to a full sort
+
+
+def _inverse_cdf(probs, u):
+    """Index j of the first cumulative mass > u * total, per row (probs: (B, n), u: (B,))."""
+    import torch
+
+    cum = probs.cumsum(-1)
+    target = (u.to(cum.dtype) * cum[:, -1]).unsqueeze(-1)
+    j = torch.searchsorted(cum, target, right=True)
+    # float edge: never step past the last token with non-zero mass
+    return torch.minimum(j, (probs > 0).sum(-1, keepdim=True) - 1).clamp(min=0)
+
+
+def _nucleus(sorted_probs, top_p: float):
+    """Zero the tokens after the nucleus: those whose preceding mass already exceeds top_p."""
+    cum = sorted_probs.cumsum(-1)
+    return sorted_probs.masked_fill((cum - sorted_probs) > top_p, 0.0)
+
+
+def sample_tokens(logits, u, temperature: float, top_p: float = 1.0, top_k: int | None = None):
+    """Draw one token per row by inverse CDF of the (top-k, top-p truncated) distribution at
+    that row's uniform, tokens ordered by decreasing probability.
+
+    Exact, and cheap at large vocabularies: the nucleus is looked for among the 256 likeliest
+    tokens (`topk`); only rows whose nucleus is wider look among 4096, then the whole
+    vocabulary. Which candidate set is used depends on the row alone, never on the batch.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (B, V)
+    u : torch.Tensor, shape (B,), uniforms in [0, 1)
+    temperature : float > 0
+    top_p : float in (0, 1]
+    top_k : int, optional
+
+    Returns
+    -------
+    torch.LongTensor, shape (B, 1): the chosen token ids.
+    """
+    import torch
+
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if top_p >= 1.0 and not top_k:  # no truncation: the natural order serves as well
+        return _inverse_cdf(torch.softmax(logits, -1), u)
+    if top_k:  # top-k renormalized, then the nucleus inside it
+        vals, idx = torch.topk(logits, min(V, top_k), dim=-1)
+        return idx.gather(1, _inverse_cdf(_nucleus(torch.softmax(vals, -1), top_p), u))
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    chosen = torch.empty((len(u), 1), dtype=torch.long, device=logits.device)
+    rows = torch.arange(len(u), device=logits.device)
+    # widen the candidate set only for rows whose nucleus does not fit: a few rows with a flat
+    # distribution must not make every row pay for a full sort of the vocabulary
+    for k in (_TOPK_FIRST, 16 * _TOPK_FIRST, V):
+        k = min(k, V)
+        vals, idx = torch.topk(logits[rows], k, dim=-1)
+        probs = torch.exp(vals - lse[rows])
+        fits = probs.sum(-1) >= top_p if k < V else torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+        if bool(fits.any()):
+            f = fits.nonzero().squeeze(-1)
+            chosen[rows[f]] = idx[f].gather(1, _inverse_cdf(_nucleus(probs[f], top_p), u[rows[f]]))
+        rows = rows[~fits]
+        if len(rows) == 0:
+            break
+    return chosen
+
+
 def _sampler_processor(uniforms, prompt_len: int, temperature: float, top_p: float,
                        top_k: int | None):
-    """A logits processor that samples each row's next token by inverse CDF with that row's
-    own uniform, and leaves only that token finite, so greedy decoding emits it."""
+    """A logits processor that samples each row's next token with that row's own uniform
+    (`sample_tokens`) and leaves only that token finite, so greedy decoding emits it."""
     import torch
     from transformers import LogitsProcessor
 
     class _RowSampler(LogitsProcessor):
         def __call__(self, input_ids, scores):
             step = input_ids.shape[1] - prompt_len
-            u = uniforms[:, step].to(scores.device)
-            logits = scores.float() / temperature
-            sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-            if top_k is not None and top_k > 0:
-                sorted_logits[:, top_k:] = float("-inf")
-            probs = torch.softmax(sorted_logits, dim=-1)
-            cum = probs.cumsum(-1)
-            # nucleus: drop tokens once the mass before them exceeds top_p (the first is kept)
-            probs = probs.masked_fill((cum - probs) > top_p, 0.0)
-            cum = probs.cumsum(-1)
-            target = (u * cum[:, -1]).unsqueeze(-1).to(cum.dtype)
-            j = torch.searchsorted(cum, target, right=True).clamp(max=probs.shape[1] - 1)
-            # float edge: never pick a zero-probability tail token
-            j = torch.minimum(j, (probs > 0).sum(-1, keepdim=True) - 1)
-            chosen = sorted_idx.gather(1, j)
+            chosen = sample_tokens(scores, uniforms[:, step].to(scores.device), temperature, top_p, top_k)
             out = torch.full_like(scores, float("-inf"))
             return out.scatter_(1, chosen, 0.0)
 

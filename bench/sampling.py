@@ -1,0 +1,103 @@
+"""Benchmark: batched sampling (dualign.models.generation) against one prompt at a time with
+`model.generate`, side by side in one process on the embedded SmolLM2-135M-Instruct.
+
+    .venv/bin/python bench/sampling.py [--n-prompts 16] [--max-new-tokens 48] [--batch-size 16]
+
+(1) Greedy decoding both ways: the token sequences must be identical (batching and left
+    padding change nothing); tokens/s of each and the ratio (target >= 3x).
+(2) Sampling (temperature 1, top-p 0.9) with dualign's per-row streams at batch size B and
+    at batch size 1: identical responses (a row's sample does not depend on its batch),
+    and the tokens/s ratio.
+Tokens counted are the generated tokens up to and including the stop token.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dualign.models.generation import _stop_ids, generate_batch, plan_batches, sample
+from dualign.models.loading import EMBEDDED_DEFAULT, load_policy
+from dualign.models.text import encode_prompt
+
+PROMPTS = [
+    "Write a short poem about the sea.", "Explain photosynthesis to a child.",
+    "List three uses of baking soda.", "What causes the seasons on Earth?",
+    "Give me a recipe for pancakes.", "How do vaccines work?",
+    "Describe the water cycle.", "What is a black hole?",
+    "Why is the sky blue?", "How can I improve my handwriting?",
+    "Tell me a story about a brave mouse.", "What are the benefits of exercise?",
+    "How does a bicycle stay upright?", "Summarize the plot of Romeo and Juliet.",
+    "What is machine learning?", "Give tips for learning a new language.",
+]
+
+
+def one_at_a_time(model, tok, enc, max_new_tokens, stops):
+    """The baseline: `model.generate` on each prompt alone, greedy."""
+    out = []
+    for ids in enc:
+        g = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id, eos_token_id=stops)[0, len(ids):].tolist()
+        cut = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))
+        out.append(g[:cut])
+    return out
+
+
+def batched_greedy(model, tok, enc, max_new_tokens, batch_size):
+    out = [None] * len(enc)
+    for rows in plan_batches([len(e) for e in enc], 1, batch_size):
+        res = generate_batch(model, tok, [enc[p] for p, _ in rows], max_new_tokens=max_new_tokens,
+                             temperature=0)
+        for (p, _), (toks, _) in zip(rows, res):
+            out[p] = toks
+    return out
+
+
+def timed(f):
+    t = time.perf_counter()
+    r = f()
+    return r, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=EMBEDDED_DEFAULT)
+    ap.add_argument("--n-prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--num-samples", type=int, default=2, help="K for the sampling comparison")
+    a = ap.parse_args()
+
+    model, tok = load_policy(a.model)
+    prompts = (PROMPTS * (a.n_prompts // len(PROMPTS) + 1))[:a.n_prompts]
+    prompts = [p if i < len(PROMPTS) else f"{p} (variant {i})" for i, p in enumerate(prompts)]
+    enc = [encode_prompt(tok, p) for p in prompts]
+    stops = _stop_ids(model, tok)
+    print(f"model {a.model} on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
+          f"{len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch size {a.batch_size}")
+
+    batched_greedy(model, tok, enc[:2], 4, 2)  # warm-up (first-call allocations)
+    ref, t_ref = timed(lambda: one_at_a_time(model, tok, enc, a.max_new_tokens, stops))
+    bat, t_bat = timed(lambda: batched_greedy(model, tok, enc, a.max_new_tokens, a.batch_size))
+    n_ref, n_bat = sum(map(len, ref)), sum(map(len, bat))
+    same = sum(r == b for r, b in zip(ref, bat))
+    print(f"greedy, one at a time (model.generate): {n_ref} tokens in {t_ref:.1f}s = {n_ref / t_ref:.1f} tok/s")
+    print(f"greedy, batched:                        {n_bat} tokens in {t_bat:.1f}s = {n_bat / t_bat:.1f} tok/s")
+    print(f"greedy outputs identical: {same}/{len(ref)}")
+    print(f"RATIO greedy batched/one-at-a-time tokens/s: {(n_bat / t_bat) / (n_ref / t_ref):.2f}x (target >= 3x)")
+
+    kw = dict(num_samples=a.num_samples, max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=0.9,
+              seed=0, progress=False)
+    s1, t1 = timed(lambda: sample(model, tok, prompts[: max(1, a.n_prompts // 2)], batch_size=1, **kw))
+    sb, tb = timed(lambda: sample(model, tok, prompts[: max(1, a.n_prompts // 2)], batch_size=a.batch_size, **kw))
+    same_s = int((s1["response"] == sb["response"]).sum())
+    n1, nb = int(s1["n_tokens"].sum()), int(sb["n_tokens"].sum())
+    print(f"sampling, batch 1: {n1} tokens in {t1:.1f}s = {n1 / t1:.1f} tok/s; "
+          f"batch {a.batch_size}: {nb} tokens in {tb:.1f}s = {nb / tb:.1f} tok/s")
+    print(f"sampled responses identical across batch sizes: {same_s}/{len(s1)}")
+    print(f"RATIO sampling batched/batch-1 tokens/s: {(nb / tb) / (n1 / t1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
