@@ -59,20 +59,59 @@ def _margins_for(margins, names):
     return margins
 
 
+def _add_mocan(sub):
+    from .pipelines.config import MoCANConfig, add_config_flags
+    from .pipelines.stages import STAGES
+
+    p = sub.add_parser("mocan", help="MoCAN: sample → score → dual → pairs → train once → evaluate → report",
+                       description="Model-based one-shot safety alignment (DESIGN.md §3). Settings come from "
+                                   "--config FILE (YAML) and flags, flags winning; each stage is cached in the "
+                                   "run directory (--out) and a rerun resumes.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of MoCANConfig fields")
+    p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on (ignore its cache)")
+    p.add_argument("--until", dest="stop", choices=STAGES, help="stop after this stage")
+    add_config_flags(p, MoCANConfig)
+    p.set_defaults(func=cmd_mocan, allow_extra=True)
+    return p
+
+
+def cmd_mocan(args) -> int:
+    from .pipelines.config import MoCANConfig, load_config, overrides_from_args
+    from .pipelines.mocan import run_mocan
+
+    cfg = load_config(MoCANConfig, args.config, overrides_from_args(args, args.extra))
+    run = run_mocan(cfg, start=args.start, stop=args.stop)
+    print(f"\nartifacts in {run}/")
+    return 0
+
+
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="run the main job on the embedded default (the README's first command)")
+    p = sub.add_parser("demo", help="run the main job on the embedded default (the README's first command)",
+                       description="MoCAN on the embedded SmolLM2-135M-Instruct with reward and cost models "
+                                   "trained on the built-in demo data (cached after the first run).")
     p.add_argument("--dual-only", action="store_true",
                    help="only the dual, on the bundled synthetic score file (needs no model)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--margin", type=float, default=None, help="safety margin (default: half the largest achievable)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--quick", action="store_true", help="shrink everything for a smoke run")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (train longer to get closer to π_λ*)")
+    p.add_argument("--quick", action="store_true", help="shrink everything for a smoke run (about 5 minutes)")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> int:
-    return _dual_demo(args)
+    if args.dual_only:
+        return _dual_demo(args)
+    from .pipelines.demo import demo_config
+    from .pipelines.mocan import run_mocan
+    from .runio import new_run_dir
+
+    run = new_run_dir(args.out, "demo-quick" if args.quick else "demo")
+    cfg = demo_config(run, quick=args.quick, margin=args.margin, beta=args.beta, epochs=args.epochs)
+    run_mocan(cfg)
+    print(f"\nartifacts in {run}/: report.md, eval.json, dual.json, pairs.parquet, figures/, train/model/")
+    return 0
 
 
 def _dual_demo(args) -> int:
@@ -312,13 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
+    for add in (_add_dual, _add_demo, _add_mocan, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except DualignError as e:

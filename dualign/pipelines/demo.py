@@ -1,0 +1,30 @@
+"""`dualign demo`: MoCAN on the embedded default, sized for a 2-core CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.demo_data import demo_path
+from ..models.loading import EMBEDDED_DEFAULT
+from ..train.scorer import demo_scorers
+from .config import MoCANConfig
+
+
+def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,
+                epochs: float | None = None, log=print) -> MoCANConfig:
+    """The demo's MoCAN settings: SmolLM2-135M-Instruct as π_ref, reward and cost heads
+    trained on the built-in preference data (cached), the built-in prompts (train split for
+    the dual, eval split held out), and the built-in preference pairs relabeled with λ*
+    (the paper's recipe with PKU-SafeRLHF), trained once with LoRA."""
+    reward_dir, cost_dir = demo_scorers(log=log)
+    prompts = str(demo_path("prompts"))
+    train = {"learning_rate": 5e-4, "num_train_epochs": epochs or (1 if quick else 2),
+             "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
+             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0}
+    return MoCANConfig(
+        out=str(Path(out)), policy=EMBEDDED_DEFAULT, reward=f"reward:{reward_dir}",
+        safety={"harm": f"cost:{cost_dir}"}, margins={} if margin is None else {"harm": margin},
+        margin_fraction=0.5, prompts=prompts, prompt_split="train", eval_prompts=prompts, eval_split="eval",
+        max_prompts=16 if quick else 0, max_eval_prompts=12 if quick else 0,
+        num_samples=4, max_new_tokens=32 if quick else 48, temperature=1.0, top_p=0.9, seed=0,
+        sample_batch_size=32, beta=beta, bootstrap=200 if quick else 1000,
+        pairs=str(demo_path("train")), max_pairs=48 if quick else 0, eval_num_samples=2, train=train)

@@ -1,0 +1,103 @@
+"""The MoCAN pipeline wired end to end on a tiny model and toy scorers: artifacts, caching,
+--from/--until, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dualign import InfeasibleMarginError, InputError
+from dualign.cli import main
+from dualign.pipelines.config import MoCANConfig, load_config
+from dualign.pipelines.mocan import run_mocan
+
+TOY = Path(__file__).with_name("toy_scorers.py")
+PROMPTS = ["tell me a joke", "how do I pick a lock", "write a poem", "explain gravity",
+           "how to hack wifi", "name a color"]
+
+
+def make_cfg(tmp_path, model_dir, **kw):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    base = dict(out=str(tmp_path / "run"), policy=str(model_dir), reward=f"{TOY}:reward",
+                safety={"vowels": f"safety:{TOY}:safety"}, prompts=str(prompts), num_samples=4,
+                max_new_tokens=10, bootstrap=50, eval_num_samples=2,
+                train={"max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 3})
+    base.update(kw)
+    return MoCANConfig(**base)
+
+
+def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    run = run_mocan(cfg, log=lambda *a: None)
+    for name in ("samples.parquet", "scores.parquet", "dual.json", "pairs.parquet", "pairs_trl.jsonl",
+                 "eval.json", "report.md", "figures/dual_function.png", "figures/before_after.png",
+                 "train/model/README.md"):
+        assert (run / name).exists(), name
+    dual = json.loads((run / "dual.json").read_text())
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["method"] == "mocan" and ev["lambda"] == dual["lambda"]
+    assert ev["n_eval_prompts"] == len(PROMPTS) and ev["n_samples_per_prompt"] == 2
+    s = ev["scores"]["safety/vowels"]
+    for key in ("reference_mean", "trained_mean", "achieved_gain", "achieved_gain_ci", "predicted_gain",
+                "predicted_gain_ci", "margin", "unsafe_rate_reference", "unsafe_rate_trained"):
+        assert key in s, key
+    assert s["margin"] == pytest.approx(dual["margins"][0])
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    assert len(pairs) == 2 * len(PROMPTS) and pairs["label"].between(0, 1).all()
+    # label = σ(r_λ(y1) − r_λ(y0)) with r_λ = r + λ g
+    lam = dual["lambda"][0]
+    d = (pairs["reward_1"] + lam * pairs["safety/vowels_1"]) - (pairs["reward_0"] + lam * pairs["safety/vowels_0"])
+    assert (pairs["label"] - 1 / (1 + (-d).map(__import__("math").exp))).abs().max() < 1e-12
+    trl = pd.read_json(run / "pairs_trl.jsonl", lines=True)
+    assert list(trl.columns) == ["prompt", "chosen", "rejected", "label"] and (trl["label"] >= 0.5).all()
+
+    # a rerun redoes nothing: every stage file and the samples keep their timestamps
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "samples.parquet", run / "dual.json", run / "pairs.parquet",
+                                                run / "eval" / "trained" / "samples.parquet"]}
+    run_mocan(cfg, log=lambda *a: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # --from dual recomputes the dual (and what follows) but not the samples
+    run_mocan(cfg, start="dual", stop="pairs", log=lambda *a: None)
+    assert (run / "samples.parquet").stat().st_mtime_ns == stamps[run / "samples.parquet"]
+    assert (run / "dual.json").stat().st_mtime_ns != stamps[run / "dual.json"]
+
+
+def test_until_stops_after_the_dual(tmp_path, tiny_model_dir):
+    run = run_mocan(make_cfg(tmp_path, tiny_model_dir), stop="dual", log=lambda *a: None)
+    assert (run / "dual.json").exists() and not (run / "pairs.parquet").exists()
+
+
+def test_infeasible_margin_stops_before_training(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, margins={"vowels": 50.0})
+    with pytest.raises(InfeasibleMarginError, match="safety/vowels"):
+        run_mocan(cfg, log=lambda *a: None)
+    assert not (Path(cfg.out) / "pairs.parquet").exists() and not (Path(cfg.out) / "dual.json").exists()
+
+
+def test_config_yaml_and_flags(tmp_path):
+    y = tmp_path / "mocan.yaml"
+    y.write_text("reward: r.py:f\nsafety: {harm: 'cost:c'}\nprompts: p.txt\nnum_samples: 8\n"
+                 "train: {learning_rate: 0.001}\n")
+    cfg = load_config(MoCANConfig, y, {"num_samples": 3, "train.num_train_epochs": 2})
+    assert cfg.num_samples == 3 and cfg.train == {"learning_rate": 0.001, "num_train_epochs": 2}
+    assert cfg.safety == {"harm": "cost:c"}
+    y.write_text("num_sample: 8\n")
+    with pytest.raises(InputError, match="num_sample"):
+        load_config(MoCANConfig, y)
+
+
+def test_config_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    assert main(["mocan", "--policy", cfg.policy, "--reward", cfg.reward, "--safety", "v=" + str(TOY) + ":reward",
+                 "--prompts", cfg.prompts, "--out", cfg.out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cost model without a sign" in err
+    assert main(["mocan", "--reward", cfg.reward, "--safety", f"v=safety:{TOY}:safety", "--out", cfg.out]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert main(["mocan", "--prompts", cfg.prompts, "--reward", cfg.reward, "--safety", f"v=safety:{TOY}:safety",
+                 "--margins", "other=0.1"]) == 2
+    assert "unknown constraint" in capsys.readouterr().err
