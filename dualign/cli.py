@@ -347,7 +347,9 @@ def cmd_train_scorer(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualign", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dualign", description="One-shot safety alignment of language models via optimal dualization "
+                                    "(CAN: MoCAN and PeCAN). Run `dualign COMMAND --help` for a command's flags.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

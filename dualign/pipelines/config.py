@@ -29,6 +29,8 @@ class MoCANConfig:
         or the scorer's own config).
     margins : constraint name → required gain over π_ref; constraints left out get
         `margin_fraction` × their largest achievable gain (shown before training).
+    margin_fraction : fraction of the largest achievable gain used as the margin of
+        constraints without one.
     prompts, prompt_column, prompt_split : prompts for sampling, the dual and training
         (`prompt_split` filters a `split` column when the file has one).
     eval_prompts, eval_split : held-out prompts for evaluation (default: `prompts`).
@@ -123,9 +125,31 @@ def load_config(cls, path=None, overrides: dict | None = None):
     return cls(**data)
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Field name → its description, read from the class docstring's Attributes section
+    (`name[, name...] : text` lines, text continuing on indented lines)."""
+    import inspect
+    import re
+
+    docs, names = {}, []
+    for line in inspect.getdoc(cls).splitlines():
+        m = re.match(r"^([a-z_]+(?:, [a-z_]+)*) : (.*)$", line)
+        if m:
+            names = m.group(1).split(", ")
+            for n in names:
+                docs[n] = m.group(2)
+        elif line.startswith("    ") and names:
+            for n in names:
+                docs[n] += " " + line.strip()
+        else:
+            names = []
+    return docs
+
+
 def add_config_flags(parser, cls) -> None:
     """One flag per dataclass field (`--num-samples`), plus `--train.FIELD` for training."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
@@ -133,10 +157,12 @@ def add_config_flags(parser, cls) -> None:
             continue
         if t is dict or typing.get_origin(t) is dict:
             parser.add_argument(flag, action="append", metavar="NAME=VALUE", dest=f"cfg_{f.name}",
-                                help=f"(repeatable) {f.name} entry")
+                                help=docs.get(f.name, "") + " (repeatable)")
         else:
             base = t if t in (int, float, str) else str
-            parser.add_argument(flag, type=base, dest=f"cfg_{f.name}", default=None)
+            default = "" if f.default in ("", None) else f" (default: {f.default})"
+            parser.add_argument(flag, type=base, dest=f"cfg_{f.name}", default=None,
+                                metavar=f.name.upper(), help=docs.get(f.name, "") + default)
     parser.add_argument("--train.FIELD", dest="_train_help", metavar="VALUE",
                         help="any training setting, e.g. --train.learning_rate 5e-5 --train.num_train_epochs 2")
 
