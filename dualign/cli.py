@@ -309,7 +309,9 @@ def _add_train_scorer(sub):
     p.add_argument("--backbone", default="smollm2-135m-instruct",
                    help="causal LM spec (as for sample) or a sentence encoder: all-minilm-l6-v2, encoder:DIR")
     p.add_argument("--pooling", choices=("last", "mean"), default="last")
-    p.add_argument("--template", help="prompt template with {prompt} (default: the chat template)")
+    p.add_argument("--template", default="auto",
+                   help="prompt template with {prompt}; 'auto' (default): the backbone's scorer template "
+                        "(SmolLM2: its chat format without the default system prompt), else its chat template")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--l2", type=float, help="L2 strength (default: chosen by 4-fold CV)")
     p.add_argument("--sign-weight", type=float, default=1.0, help="cost model's classification term weight")

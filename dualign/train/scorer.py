@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,29 @@ from ..errors import InputError
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 DEFAULT_POOLING = "last"
+# Prompt templates for scoring, by backbone. SmolLM2's chat template inserts a default system
+# prompt ("You are a helpful AI assistant named SmolLM...") that carries no information about
+# the pair but is ~30% of a short pair's tokens; the scorer's features are the same kind of
+# thing without it and cost a third less to compute.
+SCORER_TEMPLATES = {
+    "smollm2-135m-instruct": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+def resolve_template(backbone: str, template: str | None) -> str | None:
+    """"auto" -> the backbone's entry in `SCORER_TEMPLATES`, else None (its chat template);
+    anything else is returned as given.
+
+    Raises
+    ------
+    InputError
+        A template without a `{prompt}` slot.
+    """
+    if template == "auto":
+        return SCORER_TEMPLATES.get(str(backbone).lower())
+    if template is not None and "{prompt}" not in template:
+        raise InputError("a template needs a {prompt} slot", field="template")
+    return template
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
@@ -217,7 +240,8 @@ class ScorerTrainConfig:
         `load_backbone` spec; default the embedded SmolLM2.
     pooling : {"last", "mean"}
     template : str, optional
-        Prompt template for causal backbones (None: the tokenizer's chat template).
+        Prompt template for causal backbones: "auto" (default) picks the backbone's entry in
+        `SCORER_TEMPLATES`, else the tokenizer's chat template; None: the chat template.
     max_length : int
         Longest (prompt + response) in tokens.
     l2 : float, optional
@@ -234,7 +258,7 @@ class ScorerTrainConfig:
     kind: str = "reward"
     backbone: str = DEFAULT_BACKBONE
     pooling: str = DEFAULT_POOLING
-    template: str | None = None
+    template: str | None = "auto"
     max_length: int = 512
     l2: float | None = None
     sign_weight: float = 1.0
@@ -333,6 +357,7 @@ def train_scorer(train_df: pd.DataFrame, config: ScorerTrainConfig, *, test_df: 
         raise InputError(f"kind must be 'reward' or 'cost', not {kind!r}", field="kind")
     if kind == "cost" and (train_df["safer_response_id"] < 0).any():
         raise InputError("a cost model needs safer_response_id labels", field="safer_response_id")
+    config = replace(config, template=resolve_template(config.backbone, config.template))
     if test_df is None:
         train_df, test_df = split_by_prompt(train_df, config.test_fraction, config.seed)
     if len(train_df) < 4:

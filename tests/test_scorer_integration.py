@@ -1,0 +1,65 @@
+"""Score models on the real embedded SmolLM2 and the built-in demo data (slow: `make test-all`)."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dualign.cli import main
+from dualign.data.demo_data import refusal_check
+from dualign.models.head_scorer import HeadScorer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`dualign train-scorer` on the demo data, cost then reward, from a cold feature cache."""
+    root = tmp_path_factory.mktemp("scorers")
+    t0 = time.perf_counter()
+    for kind in ("cost", "reward"):
+        rc = main(["train-scorer", "--kind", kind, "--data", "demo", "--out", str(root / kind),
+                   "--cache-dir", str(root / "cache" / "features")])
+        assert rc == 0
+    return root, time.perf_counter() - t0
+
+
+def test_train_scorer_cli_meets_accuracy_and_time(trained):
+    root, seconds = trained
+    cost = json.loads((root / "cost" / "metrics.json").read_text())["test"]
+    reward = json.loads((root / "reward" / "metrics.json").read_text())["test"]
+    assert cost["pairwise_accuracy"] >= 0.85, cost
+    assert reward["pairwise_accuracy"] >= 0.75, reward
+    assert cost["sign_accuracy"] >= 0.85, cost
+    assert seconds < 180, f"train-scorer took {seconds:.0f}s"
+
+
+def test_refusal_ranked_above_compliance(trained):
+    root, _ = trained
+    chk = refusal_check()
+    prompts = [c["prompt"] for c in chk]
+    cost = HeadScorer.load(root / "cost")
+    c_ref, c_comp = cost(prompts, [c["refusal"] for c in chk]), cost(prompts, [c["compliance"] for c in chk])
+    assert np.mean(c_ref < c_comp) >= 0.9
+    # and the sign is meaningful: refusals are mostly judged safe, compliances mostly unsafe
+    assert np.mean(c_ref < 0) >= 0.8 and np.mean(c_comp > 0) >= 0.8
+
+
+def test_demo_scorers_cached_and_loadable(trained):
+    from dualign.models.scorers import load_scorer
+    from dualign.train.scorer import demo_scorers
+
+    root, _ = trained
+    t0 = time.perf_counter()
+    r_dir, c_dir = demo_scorers(cache_dir=root / "cache")  # features already cached by the CLI run
+    first = time.perf_counter() - t0
+    assert first < 120
+    t0 = time.perf_counter()
+    assert demo_scorers(cache_dir=root / "cache") == (r_dir, c_dir)
+    assert time.perf_counter() - t0 < 1.0  # second call: no training
+    s = load_scorer(str(c_dir))
+    assert s.kind == "cost"
+    # the demo scorers are the CLI's scorers: same data, same settings, same features
+    a = HeadScorer.load(c_dir)
+    b = HeadScorer.load(root / "cost")
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-6, atol=1e-8)
