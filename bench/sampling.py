@@ -1,7 +1,7 @@
 """Benchmark: batched sampling (dualign.models.generation) against one prompt at a time with
 `model.generate`, side by side in one process on the embedded SmolLM2-135M-Instruct.
 
-    .venv/bin/python bench/sampling.py [--n-prompts 16] [--max-new-tokens 48] [--batch-size 16]
+    .venv/bin/python bench/sampling.py [--n-prompts 8] [--max-new-tokens 32] [--batch-size 8]
 
 (1) Greedy decoding both ways: the token sequences must be identical (batching and left
     padding change nothing); tokens/s of each and the ratio (target >= 3x).
@@ -13,6 +13,7 @@ Tokens counted are the generated tokens up to and including the stop token.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -63,11 +64,14 @@ def timed(f):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=EMBEDDED_DEFAULT)
-    ap.add_argument("--n-prompts", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-samples", type=int, default=2, help="K for the sampling comparison")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     model, tok = load_policy(a.model)
     prompts = (PROMPTS * (a.n_prompts // len(PROMPTS) + 1))[:a.n_prompts]
@@ -75,7 +79,8 @@ def main():
     enc = [encode_prompt(tok, p) for p in prompts]
     stops = _stop_ids(model, tok)
     print(f"model {a.model} on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
-          f"{len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch size {a.batch_size}")
+          f"{len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch size {a.batch_size}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     batched_greedy(model, tok, enc[:2], 4, 2)  # warm-up (first-call allocations)
     ref, t_ref = timed(lambda: one_at_a_time(model, tok, enc, a.max_new_tokens, stops))
