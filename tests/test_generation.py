@@ -160,3 +160,12 @@ def test_sample_tokens_candidate_sets_agree_with_full_sort(monkeypatch):
     # top-k: never outside the k likeliest
     k = sample_tokens(logits, u, 1.0, 1.0, top_k=5)
     assert all(t in set(logits[i].topk(5).indices.tolist()) for i, t in enumerate(k[:, 0].tolist()))
+
+
+def test_inverse_cdf_never_picks_a_zero_mass_token():
+    from dualign.models.generation import _inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]] * 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 1.0 - 1e-12], dtype=torch.float64)
+    assert _inverse_cdf(probs, u)[:, 0].tolist() == [1, 1, 3, 3]
+    assert _inverse_cdf(probs, torch.ones(4, dtype=torch.float64))[:, 0].tolist() == [3] * 4  # rounding edge

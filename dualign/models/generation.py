@@ -133,8 +133,11 @@ def _inverse_cdf(probs, u):
     cum = probs.cumsum(-1)
     target = (u.to(cum.dtype) * cum[:, -1]).unsqueeze(-1)
     j = torch.searchsorted(cum, target, right=True)
-    # float edge: never step past the last token with non-zero mass
-    return torch.minimum(j, (probs > 0).sum(-1, keepdim=True) - 1).clamp(min=0)
+    # j lands on a token with mass (cum rises there) unless rounding put the target at the
+    # very top; then take the last token with mass (zeros need not be a suffix)
+    pos = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, pos, 0).amax(-1, keepdim=True)
+    return torch.minimum(j, last)
 
 
 def _nucleus(sorted_probs, top_p: float):
