@@ -173,13 +173,31 @@ def test_safety_sign_must_be_declared(seqcls_dir, saferlhf_dir):
         load_scorer("./no/such/dir")
 
 
-def test_head_scorer_dispatch(tmp_path):
-    """A directory with dualign_scorer.json goes to HeadScorer (owned by the score-model
-    trainer); its declared kind is used."""
-    hs = pytest.importorskip("dualign.models.head_scorer")
-    if not hasattr(hs.HeadScorer, "load"):
-        pytest.skip("HeadScorer.load not available yet")
-    pytest.skip("building a HeadScorer directory is the trainer's API; covered by its tests")
+def test_head_scorer_dispatch_and_declared_kind(tmp_path, tiny_model_dir, tiny_model, tiny_tokenizer):
+    """A directory with dualign_scorer.json goes to HeadScorer; its declared kind ("cost")
+    lets `dualign score --safety NAME=DIR` negate it without a prefix."""
+    from dualign.models.features import pooled_features
+    from dualign.models.head_scorer import HeadScorer
+
+    rng = np.random.default_rng(0)
+    head = HeadScorer("cost", str(tiny_model_dir), rng.normal(size=32), 0.5, rng.normal(size=32),
+                      rng.uniform(0.5, 2.0, size=32), pooling="mean")
+    head.save(tmp_path / "cost-head")
+    s = load_scorer(str(tmp_path / "cost-head"))
+    assert s.kind == "cost"
+    x = pooled_features(tiny_model, tiny_tokenizer, PROMPTS, RESPONSES, pooling="mean")
+    want = ((x - head.feature_mean) / head.feature_std) @ head.weight + head.bias  # by hand
+    np.testing.assert_allclose(s(PROMPTS, RESPONSES), want, rtol=1e-5, atol=1e-5)
+    check_safety_sign(str(tmp_path / "cost-head"), "harm")  # declared: no prefix needed
+    run = tmp_path / "run"
+    run.mkdir()
+    smp = _samples(2, 2)
+    smp.to_parquet(run / "samples.parquet")
+    assert main(["score", "--samples", str(run / "samples.parquet"),
+                 "--safety", f"harm={tmp_path / 'cost-head'}"]) == 0
+    x = pooled_features(tiny_model, tiny_tokenizer, smp["prompt"].tolist(), smp["response"].tolist(), pooling="mean")
+    cost = ((x - head.feature_mean) / head.feature_std) @ head.weight + head.bias
+    np.testing.assert_allclose(pd.read_parquet(run / "scores.parquet")["safety/harm"], -cost, rtol=1e-5, atol=1e-5)
 
 
 def _samples(n_prompts=3, k=2):
