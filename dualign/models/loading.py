@@ -66,7 +66,8 @@ def resolve_dtype(dtype=None, device: str | None = None):
         if dtype.lower() not in _DTYPES:
             raise InputError(f"unknown dtype '{dtype}' (use one of: bf16, fp16, fp32)")
         return getattr(torch, _DTYPES[dtype.lower()])
-    if device is not None and str(device).startswith("cuda") or device == "auto":
+    on_gpu = device is not None and (str(device).startswith("cuda") or device == "auto")
+    if on_gpu and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
