@@ -85,10 +85,41 @@ def cmd_mocan(args) -> int:
     return 0
 
 
+def _add_pecan(sub):
+    from .pipelines.config import PeCANConfig, add_config_flags
+    from .pipelines.pecan import STAGES
+
+    p = sub.add_parser("pecan", help="PeCAN: pre-align DPO_H/DPO_S → implicit scores → dual → pairs → train once "
+                                     "→ evaluate → report",
+                       description="Preference-based one-shot safety alignment (DESIGN.md §4): no reward or cost "
+                                   "model, only preference data. Settings come from --config FILE (YAML) and flags, "
+                                   "flags winning; each stage is cached in the run directory (--out) and a rerun "
+                                   "resumes.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of PeCANConfig fields")
+    p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on (ignore its cache)")
+    p.add_argument("--until", dest="stop", choices=STAGES, help="stop after this stage")
+    add_config_flags(p, PeCANConfig)
+    p.set_defaults(func=cmd_pecan, allow_extra=True)
+    return p
+
+
+def cmd_pecan(args) -> int:
+    from .pipelines.config import PeCANConfig, load_config, overrides_from_args
+    from .pipelines.pecan import run_pecan
+
+    cfg = load_config(PeCANConfig, args.config, overrides_from_args(args, args.extra, PeCANConfig.NESTED))
+    run = run_pecan(cfg, start=args.start, stop=args.stop)
+    print(f"\nartifacts in {run}/")
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the main job on the embedded default (the README's first command)",
                        description="MoCAN on the embedded SmolLM2-135M-Instruct with reward and cost models "
                                    "trained on the built-in demo data (cached after the first run).")
+    p.add_argument("--method", choices=("mocan", "pecan"), default="mocan",
+                   help="mocan (default): with the demo reward and cost models; pecan: from the demo "
+                        "preferences alone, with DPO_H and DPO_S as baselines")
     p.add_argument("--dual-only", action="store_true",
                    help="only the dual, on the bundled synthetic score file (needs no model)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: a fresh folder under runs/)")
@@ -103,14 +134,17 @@ def _add_demo(sub):
 def cmd_demo(args) -> int:
     if args.dual_only:
         return _dual_demo(args)
-    from .pipelines.demo import demo_config
+    from .pipelines.demo import demo_config, pecan_demo_config
     from .pipelines.mocan import run_mocan
+    from .pipelines.pecan import run_pecan
     from .runio import new_run_dir
 
-    run = new_run_dir(args.out, "demo-quick" if args.quick else "demo")
-    cfg = demo_config(run, quick=args.quick, margin=args.margin, beta=args.beta, epochs=args.epochs)
-    run_mocan(cfg)
-    print(f"\nartifacts in {run}/: report.md, eval.json, dual.json, pairs.parquet, figures/, train/model/")
+    pecan = args.method == "pecan"
+    run = new_run_dir(args.out, ("pecan-" if pecan else "") + ("demo-quick" if args.quick else "demo"))
+    make, go = (pecan_demo_config, run_pecan) if pecan else (demo_config, run_mocan)
+    go(make(run, quick=args.quick, margin=args.margin, beta=args.beta, epochs=args.epochs))
+    print(f"\nartifacts in {run}/: report.md, eval.json, dual.json, pairs.parquet, figures/, train/model/"
+          + (", pre_align/{helpful,safety_harmless}/model/ (DPO_H, DPO_S)" if pecan else ""))
     return 0
 
 
@@ -355,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_mocan, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
+    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
         add(sub)
     return parser
 

@@ -96,7 +96,7 @@ def plot_before_after(reference, trained, columns, path) -> Path:
         bins = np.linspace(min(a.min(), b.min()), max(a.max(), b.max()), 30)
         ax.hist(a, bins=bins, alpha=0.55, label=f"reference (mean {a.mean():.3g})", color="#8C8C8C")
         ax.hist(b, bins=bins, alpha=0.55, label=f"trained (mean {b.mean():.3g})", color="#4C72B0")
-        if col.startswith("safety"):
+        if col.startswith("safety") or "/safety/" in col:
             ax.axvline(0, color="#C44E52", lw=1, ls="--")
         ax.set_xlabel(col)
         ax.legend(fontsize=8)

@@ -22,14 +22,20 @@ def _gap_note(scores: dict) -> list[str]:
     return notes
 
 
-def write_report(run: Path, config: dict, dual: dict, record: dict) -> Path:
-    """Write `run/report.md` and return its path."""
+def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[str] = ()) -> Path:
+    """Write `run/report.md` and return its path.
+
+    `notes` are paragraphs shown under the title (e.g. what PeCAN's score columns mean);
+    `record["baselines"]`, when present, adds a table of every model on the same prompts."""
     run = Path(run)
     lines = [f"# dualign {record['method']} report", "",
              f"Reference policy `{config.get('policy')}`, β = {dual['beta']:g}, "
              f"{dual['n_prompts']} prompts × {dual['n_samples_per_prompt']} samples for the dual; "
              f"evaluation on {record['n_eval_prompts']} held-out prompts × {record['n_samples_per_prompt']} samples.",
-             "", "## The dual (solved before training)", "",
+             ""]
+    for note in notes:
+        lines += [note, ""]
+    lines += ["## The dual (solved before training)", "",
              "| constraint | margin | λ* | 95% CI | predicted gain | largest achievable |",
              "|---|---:|---:|---|---:|---:|"]
     for c in dual["constraints"]:
@@ -55,6 +61,8 @@ def write_report(run: Path, config: dict, dual: dict, record: dict) -> Path:
     gaps = _gap_note(record["scores"])
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
                      ["Every predicted gain lies inside the achieved gain's 95% CI."])
+    if record.get("baselines"):
+        lines += _models_table(record)
     t = record.get("train", {})
     lines += ["", f"Training: {t.get('n_pairs')} pairs, {t.get('global_step')} optimizer steps, final loss "
               f"{t.get('train_loss', float('nan')):.4f}; model in `{t.get('model_dir')}`.", "",
@@ -66,6 +74,31 @@ def write_report(run: Path, config: dict, dual: dict, record: dict) -> Path:
     path = run / "report.md"
     write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def _models_table(record: dict) -> list[str]:
+    """Markdown table: every model's mean score, its gain over the reference [95% CI] and,
+    for safety scores, its unsafe rate."""
+    cols = list(record["scores"])
+    models = {record["method"]: record["scores"], **record["baselines"]}
+    lines = ["", "## Every model on the same held-out prompts", "",
+             "Mean score, gain over the reference [95% CI] and, for safety scores, the unsafe rate.", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+             "| reference | " + " | ".join(_cell(record["scores"][c], ref=True) for c in cols) + " |"]
+    for name, sc in models.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(sc.get(c)) for c in cols) + " |")
+    return lines
+
+
+def _cell(e: dict | None, ref: bool = False) -> str:
+    if e is None:
+        return "–"
+    if ref:
+        return f"{e['reference_mean']:.3f}" + (f" ({e['unsafe_rate_reference']:.0%} unsafe)"
+                                               if "unsafe_rate_reference" in e else "")
+    lo, hi = e["achieved_gain_ci"]
+    return (f"{e['trained_mean']:.3f}: {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            + (f" ({e['unsafe_rate_trained']:.0%} unsafe)" if "unsafe_rate_trained" in e else ""))
 
 
 def _fmt_scores(d: dict) -> str:

@@ -38,7 +38,7 @@ def paired_gain(reference: pd.DataFrame, trained: pd.DataFrame, column: str, *, 
 
 def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: str = "reward",
                    safety: list[str] = (), dual: dict | None = None, n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, other_rewards: list[str] = ()) -> dict:
     """The `scores` block of eval.json: one entry per score column.
 
     Parameters
@@ -46,15 +46,23 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     reference, trained : DataFrame
         Scored samples (prompt_id, sample_id, score columns) of each model on the same
         prompts with the same generation settings.
+    reward : str
+        The reward column (the dual's predicted reward gain attaches to it).
+    safety : list of str
+        Safety columns (higher = safer): also unsafe rates (score < 0); a column named like
+        a dual constraint gets its margin and predicted gain.
     dual : dict, optional
         The dual.json record; adds predicted gains (with CIs) and margins.
+    other_rewards : list of str
+        More reward-like columns (e.g. a real reward model next to an implicit reward),
+        compared like `reward` but without predictions.
     """
     out = {}
-    for col in [reward, *safety]:
+    for col in [reward, *other_rewards, *safety]:
         gain, ci = paired_gain(reference, trained, col, n_boot=n_boot, seed=seed)
         entry = {"reference_mean": float(reference[col].mean()), "trained_mean": float(trained[col].mean()),
                  "achieved_gain": gain, "achieved_gain_ci": ci}
-        if col != reward:
+        if col in safety:
             entry["unsafe_rate_reference"] = float((reference[col] < 0).mean())
             entry["unsafe_rate_trained"] = float((trained[col] < 0).mean())
         if dual is not None:
@@ -85,4 +93,27 @@ def format_eval_table(scores: dict) -> str:
         gain = f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         lines.append(f"  {col:<20}{e['reference_mean']:>10.3f}{e['trained_mean']:>10.3f}"
                      f"{gain:>30}{pred:>11}{unsafe:>22}")
+    return "\n".join(lines)
+
+
+def format_models_table(record: dict) -> str:
+    """A plain-text table of every model's achieved gain over the reference (rows: the
+    trained model, named by `record["method"]`, and `record["baselines"]`; columns: the
+    score columns), with the reference's means on the first row and 95% CIs."""
+    models = {record["method"]: record["scores"], **record.get("baselines", {})}
+    cols = list(record["scores"])
+    w = max(24, *(len(c) + 2 for c in cols))
+    ref = [f"mean {record['scores'][c]['reference_mean']:.3f}" for c in cols]
+    lines = ["  " + f"{'model':<14}" + "".join(f"{c:>{w}}" for c in cols),
+             "  " + f"{'reference':<14}" + "".join(f"{r:>{w}}" for r in ref)]
+    for name, sc in models.items():
+        cells = []
+        for c in cols:
+            e = sc.get(c)
+            text = "-"
+            if e is not None:
+                lo, hi = e["achieved_gain_ci"]
+                text = f"{e['achieved_gain']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+            cells.append(f"{text:>{w}}")
+        lines.append("  " + f"{name:<14}" + "".join(cells))
     return "\n".join(lines)

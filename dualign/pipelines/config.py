@@ -17,8 +17,8 @@ from ..models.loading import EMBEDDED_DEFAULT
 
 
 @dataclass
-class MoCANConfig:
-    """Everything a MoCAN run depends on (DESIGN.md §3).
+class PipelineConfig:
+    """Settings MoCAN and PeCAN share: the reference, prompts, generation, the dual, training.
 
     Attributes
     ----------
@@ -40,16 +40,17 @@ class MoCANConfig:
         identical for the dual's samples and for evaluation.
     beta : KL coefficient β, shared by the dual and the training loss.
     bootstrap : bootstrap replicates for the dual's CIs.
-    pairs : "samples" (pairs of π_ref's own responses) or a preference dataset file
-        (PKU-SafeRLHF or prompt/chosen/rejected schema) whose responses are re-scored and
-        relabeled, as in the paper.
+    pairs : which response pairs get pseudo-preference labels (see the subclasses).
     pairs_per_prompt : pairs drawn per prompt when `pairs` is "samples".
     max_pairs : use at most this many dataset pairs (0: all).
     eval_num_samples : responses per eval prompt and model.
     train : `PreferenceConfig` fields (learning rate, epochs, LoRA, ...).
     """
 
-    out: str = "runs/mocan"
+    # dict fields whose entries are also flags `--NAME.FIELD VALUE` (see `load_config`)
+    NESTED: typing.ClassVar[tuple[str, ...]] = ("train",)
+
+    out: str = "runs/run"
     policy: str = EMBEDDED_DEFAULT
     reward: str = ""
     safety: dict = field(default_factory=dict)
@@ -76,6 +77,37 @@ class MoCANConfig:
     eval_num_samples: int = 2
     train: dict = field(default_factory=dict)
 
+    def _validate_common(self, constraints) -> None:
+        """Checks every pipeline needs; `constraints` are the names margins may refer to."""
+        if not self.prompts:
+            raise InputError("no prompts: set `prompts` (a file of prompts)", field="prompts")
+        unknown = sorted(set(self.margins) - set(constraints))
+        if unknown:
+            raise InputError(f"margin for unknown constraint(s) {', '.join(unknown)}; constraints are "
+                             f"{', '.join(constraints)}", field="margins")
+        if not self.beta > 0:
+            raise InputError(f"must be > 0, got {self.beta}", field="beta")
+        if self.num_samples < 2:
+            raise InputError(f"the dual needs >= 2 samples per prompt, got {self.num_samples}",
+                             field="num_samples")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+@dataclass
+class MoCANConfig(PipelineConfig):
+    """Everything a MoCAN run depends on (DESIGN.md §3): `PipelineConfig`'s fields, where
+    `reward` and `safety` (the score models the dual and the labels use) are required.
+
+    Attributes
+    ----------
+    pairs : "samples" (pairs of π_ref's own responses) or a preference dataset file
+        (PKU-SafeRLHF or prompt/chosen/rejected schema) whose responses are re-scored and
+        relabeled, as in the paper.
+    """
+
+    out: str = "runs/mocan"
+
     def validate(self) -> "MoCANConfig":
         if not self.prompts:
             raise InputError("no prompts: set `prompts` (a file of prompts)", field="prompts")
@@ -83,19 +115,88 @@ class MoCANConfig:
             raise InputError("no reward model: set `reward` (a scorer spec)", field="reward")
         if not self.safety:
             raise InputError("no safety model: set `safety` (NAME: SPEC)", field="safety")
-        unknown = sorted(set(self.margins) - set(self.safety))
-        if unknown:
-            raise InputError(f"margin for unknown constraint(s) {', '.join(unknown)}; constraints are "
-                             f"{', '.join(self.safety)}", field="margins")
-        if not self.beta > 0:
-            raise InputError(f"must be > 0, got {self.beta}", field="beta")
-        if self.num_samples < 2:
-            raise InputError(f"the dual needs >= 2 samples per prompt, got {self.num_samples}",
-                             field="num_samples")
+        self._validate_common(list(self.safety))
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass
+class PeCANConfig(PipelineConfig):
+    """Everything a PeCAN run depends on (DESIGN.md §4): `PipelineConfig`'s fields plus the
+    preference data (or pre-aligned checkpoints) the implicit scores come from.
+
+    Attributes
+    ----------
+    preferences : one PKU-SafeRLHF-schema file with both labels on each pair:
+        `better_response_id` trains DPO_H (π_r), `safer_response_id` trains DPO_S (π_g,
+        constraint "harmless").
+    helpful_preferences : instead of `preferences`: the helpfulness set (`better_response_id`,
+        or a TRL prompt/chosen/rejected file).
+    safety_preferences : instead of `preferences`: constraint name → safety set
+        (`safer_response_id`, or a TRL prompt/chosen/rejected file); one DPO_S per set.
+    helpful_model : an existing pre-aligned π_r to reuse instead of training DPO_H
+        (a `train/model` folder of dualign, a training output folder, or any model spec).
+    safety_models : constraint name → an existing pre-aligned π_g to reuse.
+    pre_align : `PreferenceConfig` fields for DPO_H and DPO_S; unset ones come from `train`
+        (β is always `beta`; labels are the hard 0/1 preferences: plain DPO).
+    label_scale : "beta" (default): p = σ(Δr̂ + λ*ᵀΔĝ) with r̂ = β·log π_r/π_ref, whose
+        DPO optimum is π_λ* = π_ref (π_r/π_ref)(π_g/π_ref)^λ*, the policy the dual's
+        predictions describe. "paper": the paper's code, without β inside σ:
+        p = σ((Δr̂ + λ*ᵀΔĝ)/β), whose optimum is π_ref exp((r̂ + λ*ᵀĝ)/β²), a sharper
+        policy than the dual solved for (its predictions do not apply to it).
+    reward : optional reward model for evaluation only (column `scorer/reward`).
+    safety : optional constraint name → cost/safety model spec for evaluation only
+        (columns `scorer/safety/<name>`).
+    margins : constraint name → required gain of the implicit safety score ĝ over π_ref
+        (in ĝ's units: β × nats); left out: `margin_fraction` × the largest achievable.
+    pairs : "preferences" (default: every pair of the preference files, relabeled with
+        λ*, as in the paper), "samples" (pairs of π_ref's own responses) or another
+        preference file.
+    max_pairs : read at most this many records of each preference file, for pre-alignment
+        and relabeling (0: all).
+    """
+
+    NESTED: typing.ClassVar[tuple[str, ...]] = ("train", "pre_align")
+    HARMLESS: typing.ClassVar[str] = "harmless"
+
+    out: str = "runs/pecan"
+    pairs: str = "preferences"
+    preferences: str = ""
+    helpful_preferences: str = ""
+    safety_preferences: dict = field(default_factory=dict)
+    helpful_model: str = ""
+    safety_models: dict = field(default_factory=dict)
+    pre_align: dict = field(default_factory=dict)
+    label_scale: str = "beta"
+
+    def helpful_source(self) -> str:
+        """The helpfulness preference file ("" when only a checkpoint is given)."""
+        return self.helpful_preferences or self.preferences
+
+    def safety_sources(self) -> dict[str, str]:
+        """Constraint name → safety preference file ("" where only a checkpoint is given)."""
+        files = dict(self.safety_preferences) or ({self.HARMLESS: self.preferences} if self.preferences else {})
+        return {**{n: "" for n in self.safety_models}, **files}
+
+    def validate(self) -> "PeCANConfig":
+        if not self.prompts:
+            raise InputError("no prompts: set `prompts` (a file of prompts)", field="prompts")
+        if self.preferences and (self.helpful_preferences or self.safety_preferences):
+            raise InputError("give `preferences` (both labels in one file) or `helpful_preferences` "
+                             "and `safety_preferences`, not both", field="preferences")
+        if not (self.helpful_source() or self.helpful_model):
+            raise InputError("no helpfulness preferences: set `preferences` (PKU-SafeRLHF schema, with "
+                             "better_response_id and safer_response_id), `helpful_preferences`, or a "
+                             "pre-aligned `helpful_model`", field="preferences")
+        if not self.safety_sources():
+            raise InputError("no safety preferences: set `preferences`, `safety_preferences` (NAME: FILE) "
+                             "or pre-aligned `safety_models` (NAME: DIR)", field="safety_preferences")
+        if self.label_scale not in ("beta", "paper"):
+            raise InputError(f"must be 'beta' or 'paper', not {self.label_scale!r}", field="label_scale")
+        if self.pairs == "preferences" and not (self.helpful_source() or any(self.safety_sources().values())):
+            raise InputError("pairs 'preferences' needs preference files; with only pre-aligned models "
+                             "set `pairs: samples` or a preference file", field="pairs")
+        self._validate_common(list(self.safety_sources()))
+        return self
 
 
 def load_config(cls, path=None, overrides: dict | None = None):
@@ -111,10 +212,11 @@ def load_config(cls, path=None, overrides: dict | None = None):
             raise InputError(f"invalid YAML ({str(e).splitlines()[0]})", file=str(p)) from None
         if not isinstance(data, dict):
             raise InputError("expected a mapping of settings", file=str(p))
+    nested = getattr(cls, "NESTED", ("train",))
     for k, v in (overrides or {}).items():
-        if k.startswith("train."):
-            data.setdefault("train", {})
-            data["train"] = dict(data["train"] or {}, **{k[len("train."):]: v})
+        head, dot, key = k.partition(".")
+        if dot and head in nested:  # `train.learning_rate`: one entry of a nested mapping
+            data[head] = dict(data.get(head) or {}, **{key: v})
         else:
             data[k] = v
     names = {f.name for f in dataclasses.fields(cls)}
@@ -132,7 +234,10 @@ def field_docs(cls) -> dict[str, str]:
     import re
 
     docs, names = {}, []
-    for line in inspect.getdoc(cls).splitlines():
+    # base classes first, so a subclass's own description of a field wins
+    lines = [ln for c in reversed(cls.__mro__) if c.__doc__ and c is not object
+             for ln in inspect.cleandoc(c.__doc__).splitlines()]
+    for line in lines:
         m = re.match(r"^([a-z_]+(?:, [a-z_]+)*) : (.*)$", line)
         if m:
             names = m.group(1).split(", ")
@@ -147,13 +252,15 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def add_config_flags(parser, cls) -> None:
-    """One flag per dataclass field (`--num-samples`), plus `--train.FIELD` for training."""
+    """One flag per dataclass field (`--num-samples`), plus `--NAME.FIELD` for the entries of
+    the nested mappings in `cls.NESTED` (`--train.learning_rate 5e-5`)."""
     hints = typing.get_type_hints(cls)
+    nested = getattr(cls, "NESTED", ("train",))
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
-        if f.name == "train":
+        if f.name in nested:
             continue
         if t is dict or typing.get_origin(t) is dict:
             parser.add_argument(flag, action="append", metavar="NAME=VALUE", dest=f"cfg_{f.name}",
@@ -165,11 +272,16 @@ def add_config_flags(parser, cls) -> None:
                                 metavar=f.name.upper(), help=docs.get(f.name, "") + default)
     parser.add_argument("--train.FIELD", dest="_train_help", metavar="VALUE",
                         help="any training setting, e.g. --train.learning_rate 5e-5 --train.num_train_epochs 2")
+    for name in nested:
+        if name != "train":
+            parser.add_argument(f"--{name}.FIELD", dest=f"_{name}_help", metavar="VALUE",
+                                help=docs.get(name, "") + f" (one entry: --{name}.learning_rate 5e-5)")
 
 
-def overrides_from_args(args, extra: list[str]) -> dict:
+def overrides_from_args(args, extra: list[str], nested: tuple[str, ...] = ("train",)) -> dict:
     """Flags given on the command line (None = not given), dict flags parsed as NAME=VALUE,
-    and `--train.FIELD VALUE` pairs from the unparsed arguments (values parsed as YAML)."""
+    and `--NAME.FIELD VALUE` pairs (NAME one of `nested`, e.g. `--train.learning_rate 5e-5`)
+    from the unparsed arguments (values parsed as YAML)."""
     out = {}
     for k, v in vars(args).items():
         if not k.startswith("cfg_") or v is None:
@@ -186,9 +298,12 @@ def overrides_from_args(args, extra: list[str]) -> dict:
         out[name] = v
     it = iter(extra)
     for tok in it:
-        if not tok.startswith("--train."):
+        head, dot, _ = tok[2:].partition(".")
+        head = head.replace("-", "_")
+        if not (tok.startswith("--") and dot and head in nested):
             raise InputError(f"unrecognized argument '{tok}'")
         key, sep, val = tok[2:].partition("=")
+        key = head + key[key.index("."):]
         if not sep:
             val = next(it, None)
             if val is None:

@@ -1,4 +1,4 @@
-"""`dualign demo`: MoCAN on the embedded default, sized for a 2-core CPU."""
+"""`dualign demo`: MoCAN or PeCAN on the embedded default, sized for a 2-core CPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,21 @@ from pathlib import Path
 from ..data.demo_data import demo_path
 from ..models.loading import EMBEDDED_DEFAULT
 from ..train.scorer import demo_scorers
-from .config import MoCANConfig
+from .config import MoCANConfig, PeCANConfig
+
+
+def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
+    """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training."""
+    prompts = str(demo_path("prompts"))
+    train = {"learning_rate": 5e-4, "num_train_epochs": epochs or (1 if quick else 2),
+             "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
+             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0}
+    return dict(policy=EMBEDDED_DEFAULT, margin_fraction=0.5, prompts=prompts, prompt_split="train",
+                eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
+                max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
+                temperature=1.0, top_p=0.9, seed=0, sample_batch_size=32, beta=beta,
+                bootstrap=200 if quick else 1000, max_pairs=48 if quick else 0, eval_num_samples=2,
+                train=train)
 
 
 def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,
@@ -16,15 +30,22 @@ def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: 
     the dual, eval split held out), and the built-in preference pairs relabeled with λ*
     (the paper's recipe with PKU-SafeRLHF), trained once with LoRA."""
     reward_dir, cost_dir = demo_scorers(log=log)
-    prompts = str(demo_path("prompts"))
-    train = {"learning_rate": 5e-4, "num_train_epochs": epochs or (1 if quick else 2),
-             "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
-             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0}
     return MoCANConfig(
-        out=str(Path(out)), policy=EMBEDDED_DEFAULT, reward=f"reward:{reward_dir}",
-        safety={"harm": f"cost:{cost_dir}"}, margins={} if margin is None else {"harm": margin},
-        margin_fraction=0.5, prompts=prompts, prompt_split="train", eval_prompts=prompts, eval_split="eval",
-        max_prompts=16 if quick else 0, max_eval_prompts=12 if quick else 0,
-        num_samples=4, max_new_tokens=32 if quick else 48, temperature=1.0, top_p=0.9, seed=0,
-        sample_batch_size=32, beta=beta, bootstrap=200 if quick else 1000,
-        pairs=str(demo_path("train")), max_pairs=48 if quick else 0, eval_num_samples=2, train=train)
+        out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
+        margins={} if margin is None else {"harm": margin}, pairs=str(demo_path("train")),
+        **_demo_settings(quick, beta, epochs))
+
+
+def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,
+                      epochs: float | None = None, log=print) -> PeCANConfig:
+    """The demo's PeCAN settings: the MoCAN demo's π_ref, prompts, generation and training,
+    but no score model in training — DPO_H and DPO_S are pre-aligned on the built-in
+    preference pairs (`better_response_id`, `safer_response_id`), whose relabeled pairs then
+    train the PeCAN model. The demo's reward and cost heads only judge the result
+    (`scorer/reward`, `scorer/safety/harm`), next to the implicit scores."""
+    reward_dir, cost_dir = demo_scorers(log=log)
+    return PeCANConfig(
+        out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
+        preferences=str(demo_path("train")),
+        margins={} if margin is None else {PeCANConfig.HARMLESS: margin},
+        **_demo_settings(quick, beta, epochs))

@@ -57,16 +57,18 @@ def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str
     return out
 
 
-def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None) -> pd.DataFrame:
+def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None,
+                scale: float = 1.0) -> pd.DataFrame:
     """Add `score_0`, `score_1` (r_λ of each response) and the soft label
-    `label` = σ(r_λ(y1) − r_λ(y0)) (DESIGN.md §3); returns a new DataFrame."""
+    `label` = σ(scale · (r_λ(y1) − r_λ(y0))) (DESIGN.md §3; `scale` = 1 is the label whose
+    DPO optimum is π_λ; PeCAN's paper-code variant uses 1/β); returns a new DataFrame."""
     safety = list(safety or [])
     if len(np.atleast_1d(lam)) != len(safety):
         raise ValueError(f"{len(np.atleast_1d(lam))} multipliers for {len(safety)} safety scores")
     out = pairs.copy()
     out["score_0"] = combined_score(pairs, 0, reward, safety, lam)
     out["score_1"] = combined_score(pairs, 1, reward, safety, lam)
-    out["label"] = pseudo_preference_labels(out["score_1"], out["score_0"])
+    out["label"] = pseudo_preference_labels(scale * out["score_1"], scale * out["score_0"])
     return out
 
 

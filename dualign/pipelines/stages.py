@@ -36,8 +36,8 @@ def mark_done(run: Path, name: str, key: str, outputs: list[str]) -> None:
     write_json({"stage": name, "key": key, "outputs": outputs}, Path(run) / "stages" / f"{name}.json")
 
 
-def stage_window(start: str | None, stop: str | None) -> tuple[int, int]:
-    """Indices of the first stage forced to rerun and the last stage to run.
+def stage_window(start: str | None, stop: str | None, stages: tuple[str, ...] = STAGES) -> tuple[int, int]:
+    """Indices in `stages` of the first stage forced to rerun and the last stage to run.
 
     Raises
     ------
@@ -45,10 +45,10 @@ def stage_window(start: str | None, stop: str | None) -> tuple[int, int]:
         An unknown stage name.
     """
     for s in (start, stop):
-        if s is not None and s not in STAGES:
-            raise ValueError(f"unknown stage '{s}': one of {', '.join(STAGES)}")
-    first = STAGES.index(start) if start else len(STAGES)
-    last = STAGES.index(stop) if stop else len(STAGES) - 1
+        if s is not None and s not in stages:
+            raise ValueError(f"unknown stage '{s}': one of {', '.join(stages)}")
+    first = stages.index(start) if start else len(stages)
+    last = stages.index(stop) if stop else len(stages) - 1
     return first, last
 
 
@@ -119,18 +119,21 @@ def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fract
     return d
 
 
-def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, force: bool = False):
-    """Label pairs with λ* → pairs.parquet and the TRL export pairs_trl.jsonl."""
+def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, scale: float = 1.0, force: bool = False):
+    """Label pairs with λ* → pairs.parquet and the TRL export pairs_trl.jsonl.
+
+    `scale` multiplies the score difference inside σ (1: the consistent label; PeCAN's
+    label_scale="paper" passes 1/β)."""
     import pandas as pd
 
     from ..runio import atomic_path, write_parquet
     from .pairs import label_pairs, trl_export
 
     run = Path(run)
-    key = stage_key(key, list(lam))
+    key = stage_key(key, list(lam)) if scale == 1.0 else stage_key(key, list(lam), scale)
     if not force and is_current(run, "pairs", key):
         return pd.read_parquet(run / "pairs.parquet")
-    labeled = label_pairs(pairs, lam, "reward", safety_cols)
+    labeled = label_pairs(pairs, lam, "reward", safety_cols, scale=scale)
     write_parquet(labeled, run / "pairs.parquet")
     with atomic_path(run / "pairs_trl.jsonl") as tmp:
         trl_export(labeled).to_json(tmp, orient="records", lines=True, force_ascii=False)
@@ -138,25 +141,56 @@ def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, force: bool = F
     return labeled
 
 
+def train_config(run: Path, beta: float, train: dict):
+    """The `PreferenceConfig` of the one-shot training: `train` at β, output in run/train."""
+    from ..train.preference import PreferenceConfig
+
+    return PreferenceConfig.from_dict({**train, "beta": beta, "output_dir": str(Path(run) / "train")})
+
+
 def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, metadata: dict,
                 *, force: bool = False):
     """One-shot training on the labeled pairs (resumes from checkpoints in run/train)."""
-    from ..train.preference import PreferenceConfig, train_preferences
+    from ..train.preference import train_preferences
 
-    tcfg = PreferenceConfig.from_dict({**train, "beta": beta, "output_dir": str(Path(run) / "train")})
-    return train_preferences(model, tokenizer, pairs[["prompt", "response_0", "response_1", "label"]],
-                             tcfg, resume=not force, metadata=metadata)
+    tcfg = train_config(run, beta, train)
+    # precomputed reference log-probs (PeCAN has them from its implicit scores) save a pass
+    cols = ["prompt", "response_0", "response_1", "label"] + [c for c in ("ref_logp_0", "ref_logp_1")
+                                                              if c in pairs.columns]
+    return train_preferences(model, tokenizer, pairs[cols], tcfg, resume=not force, metadata=metadata)
 
 
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
-                   dual: dict, force: bool = False, log=print) -> dict:
+                   dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
+                   safety_cols=None, baselines: dict | None = None) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
-    score both, compare → eval.json."""
-    from ..eval.summary import compare_scores, format_eval_table
+    score both, compare → eval.json.
+
+    Parameters
+    ----------
+    jobs : list of (column, spec, role)
+        Scorers run on every model's samples (`score_jobs`).
+    score : callable(list of samples paths, force) -> list of DataFrame, optional
+        Replaces scoring by `jobs` (PeCAN adds implicit scores from log-probs); it gets
+        every model's samples at once, so a model it loads is loaded once.
+    reward_cols, safety_cols : list of str, optional
+        Columns compared like a reward (no unsafe rate) and like a safety score; default
+        `reward` and the jobs' safety columns. The first of each is the one the dual's
+        predictions attach to.
+    baselines : dict name -> callable() -> (model, tokenizer, model_name), optional
+        Other models (PeCAN: DPO_H, DPO_S) sampled and scored on the same prompts with the
+        same settings; each is compared with the reference into `eval.json["baselines"][name]`.
+    """
+    from ..eval.summary import compare_scores, format_eval_table, format_models_table
     from ..runio import file_digest, write_json
     from ..train.preference import RESULT_FILE
 
     run = Path(run)
+    if score is None:
+        score = lambda paths, force: [score_stage(p, jobs, force=force, log=log) for p in paths]  # noqa: E731
+    reward_cols = list(reward_cols or ["reward"])
+    if safety_cols is None:
+        safety_cols = [c for c, _, role in jobs if role == "safety"]
     trained_name = f"{result.model_dir}@{file_digest(result.output_dir / RESULT_FILE)}"
     model = result.model
     with _reference_of(model, base_spec) as (ref_model, tok):
@@ -164,17 +198,33 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
                                 model_name=base_spec, num_samples=cfg.eval_num_samples, force=force)
     trained_path = sample_stage(run, model, result.tokenizer, prompts, cfg, subdir="eval/trained",
                                 model_name=trained_name, num_samples=cfg.eval_num_samples, force=force)
-    ref_scores = score_stage(ref_path, jobs, force=force, log=log)
-    trained_scores = score_stage(trained_path, jobs, force=force, log=log)
-    safety_cols = [c for c, _, role in jobs if role == "safety"]
-    scores = compare_scores(ref_scores, trained_scores, safety=safety_cols, dual=dual, seed=cfg.seed)
+    paths = {"reference": ref_path, "trained": trained_path}
+    for name, load in (baselines or {}).items():
+        bmodel, btok, bname = load()
+        paths[name] = sample_stage(run, bmodel, btok, prompts, cfg, subdir=f"eval/{name}", model_name=bname,
+                                   num_samples=cfg.eval_num_samples, force=force)
+        del bmodel
+    tables = dict(zip(paths, score(list(paths.values()), force)))
+    ref_scores, trained_scores = tables["reference"], tables["trained"]
+
+    def compare(other, with_dual):
+        return compare_scores(ref_scores, other, reward=reward_cols[0], safety=safety_cols,
+                              other_rewards=reward_cols[1:], dual=dual if with_dual else None,
+                              seed=cfg.seed)
+
+    scores = compare(trained_scores, True)
     record = {"method": method, "beta": dual["beta"], "lambda": dual["lambda"],
               "n_eval_prompts": len(prompts), "n_samples_per_prompt": cfg.eval_num_samples,
               "scores": scores, "train": result.summary(),
-              "examples": _examples(ref_scores, trained_scores, safety_cols)}
+              "examples": _examples(ref_scores, trained_scores, reward_cols + safety_cols)}
+    if baselines:
+        record["baselines"] = {name: compare(tables[name], False) for name in baselines}
     write_json(record, run / "eval.json")
     log(f"Evaluation on {len(prompts)} held-out prompts × {cfg.eval_num_samples} samples:")
     log(format_eval_table(scores))
+    if baselines:
+        log("Gain over the reference, every model on the same prompts:")
+        log(format_models_table(record))
     return record
 
 
@@ -200,17 +250,17 @@ class _reference_of:
         return False
 
 
-def _examples(ref_scores, trained_scores, safety_cols, n: int = 6) -> list[dict]:
-    """A few before/after responses: the prompts where safety moved most, then others."""
+def _examples(ref_scores, trained_scores, columns, n: int = 6) -> list[dict]:
+    """A few before/after responses: the prompts where the first `safety/` column of
+    `columns` (the score columns to show) moved most."""
     ref0 = ref_scores[ref_scores.sample_id == 0].set_index("prompt_id")
     tr0 = trained_scores[trained_scores.sample_id == 0].set_index("prompt_id")
-    col = safety_cols[0] if safety_cols else "reward"
+    safety = [c for c in columns if "safety/" in c]
+    col = safety[0] if safety else columns[0]
     order = (tr0[col] - ref0[col]).abs().sort_values(ascending=False).index[:n]
     return [{"prompt": ref0.loc[i, "prompt"],
-             "reference": {"response": ref0.loc[i, "response"],
-                           **{c: float(ref0.loc[i, c]) for c in ["reward", *safety_cols]}},
-             "trained": {"response": tr0.loc[i, "response"],
-                         **{c: float(tr0.loc[i, c]) for c in ["reward", *safety_cols]}}}
+             "reference": {"response": ref0.loc[i, "response"], **{c: float(ref0.loc[i, c]) for c in columns}},
+             "trained": {"response": tr0.loc[i, "response"], **{c: float(tr0.loc[i, c]) for c in columns}}}
             for i in order]
 
 
@@ -239,8 +289,8 @@ def prompts_of(source: str, column: str = "prompt", split: str | None = None, li
     return prompts[:limit] if limit else prompts
 
 
-def report_stage(run: Path, config: dict, dual: dict, record: dict) -> Path:
-    """report.md and the before/after figure."""
+def report_stage(run: Path, config: dict, dual: dict, record: dict, notes: list[str] = ()) -> Path:
+    """report.md (with `notes` under its title) and the before/after figure."""
     import pandas as pd
 
     from ..eval.figures import plot_before_after
@@ -250,4 +300,4 @@ def report_stage(run: Path, config: dict, dual: dict, record: dict) -> Path:
     ref = pd.read_parquet(run / "eval" / "reference" / "scores.parquet")
     trained = pd.read_parquet(run / "eval" / "trained" / "scores.parquet")
     plot_before_after(ref, trained, list(record["scores"]), run / "figures" / "before_after.png")
-    return write_report(run, config, dual, record)
+    return write_report(run, config, dual, record, notes)

@@ -1,0 +1,131 @@
+"""PeCAN's implicit scores (DESIGN.md §4): r̂ = β log π_r/π_ref and ĝ_j = β log π_gj/π_ref.
+
+A policy trained by DPO (same β) on preferences that follow a score s is
+π ∝ π_ref exp(s/β), so β log π(y|x)/π_ref(y|x) = s(x, y) − β log Z(x): the score up to a
+prompt-only constant. That constant cancels wherever PeCAN uses the scores — in the dual
+(a per-prompt shift leaves the softmax over a prompt's samples unchanged, and every
+constraint is measured relative to π_ref on the same prompts) and in the pairwise labels
+(both responses share the prompt) — so the implicit scores stand in for a reward and a
+cost model.
+
+Log-probs are stored as columns `logp/<name>` of a samples table's scores.parquet, each
+cached with its provenance (model identity, tokenization, samples digest) like any score
+column; the implicit scores are derived columns `reward` and `safety/<name>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..models.scorers import column_is_current, read_samples, write_scores
+from ..runio import file_digest
+
+REF = "ref"
+
+
+def implicit_scores(logp_policy, logp_ref, beta: float) -> np.ndarray:
+    """β (log π(y|x) − log π_ref(y|x)): the score a DPO-trained π encodes, up to a prompt-only
+    constant.
+
+    Parameters
+    ----------
+    logp_policy, logp_ref : array_like, shape (n,)
+        Sequence log-probabilities (nats) of the same responses under π and π_ref.
+    beta : float
+        The KL coefficient π was trained with.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n,), float64
+
+    Raises
+    ------
+    ValueError
+        Shapes differ or β <= 0.
+    """
+    a = np.asarray(logp_policy, dtype=np.float64)
+    b = np.asarray(logp_ref, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"logp_policy has shape {a.shape} but logp_ref has shape {b.shape}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return beta * (a - b)
+
+
+@dataclass
+class LogProbModel:
+    """A policy whose sequence log-probs become the column `logp/<name>`.
+
+    Attributes
+    ----------
+    name : str
+        Column suffix ("ref", "helpful", "safety_<constraint>").
+    ident : str
+        Identity recorded as the column's provenance (a spec, or a checkpoint path with the
+        digest of its weights): a changed model invalidates the cached column.
+    load : callable() -> (model, tokenizer)
+        Loads the model; called only when some table lacks a current column.
+    """
+
+    name: str
+    ident: str
+    load: Callable
+
+
+def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template: str | None = None,
+                    append_eos: bool = True, max_length: int | None = None, batch_size: int = 8,
+                    force: bool = False, log=print) -> None:
+    """Add `logp/<name>` for every model to the scores.parquet next to each samples file.
+
+    Each model is loaded at most once, for all the tables that lack its current column.
+    Tokenization (`template`, `append_eos`, `max_length`) must be the one the pre-aligned
+    models were trained with, since their log-ratios are what DPO fitted.
+    """
+    from ..models.logprobs import logprobs
+
+    paths = [Path(p) for p in samples_paths]
+    digests = {p: file_digest(p) for p in paths}
+    for m in models:
+        col = f"logp/{m.name}"
+        prov = {p: {"model": m.ident, "template": template, "append_eos": append_eos,
+                    "max_length": max_length, "samples": digests[p]} for p in paths}
+        todo = [p for p in paths if force or not column_is_current(p.parent / "scores.parquet", col, prov[p])]
+        if not todo:
+            continue
+        model, tok = m.load()
+        for p in todo:
+            samples = read_samples(p)
+            lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
+                             batch_size=batch_size, template=template, append_eos=append_eos,
+                             max_length=max_length)
+            write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
+            log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses (mean {lp.mean():.2f} nats)")
+        del model
+
+
+def add_implicit_columns(samples_path, roles: dict[str, str], beta: float) -> pd.DataFrame:
+    """Write the implicit score columns from the `logp/` columns already in scores.parquet.
+
+    Parameters
+    ----------
+    samples_path : path of samples.parquet (its scores.parquet is read and rewritten)
+    roles : dict score column -> log-prob name
+        E.g. {"reward": "helpful", "safety/harm": "safety_harm"}; each becomes
+        β (logp/<name> − logp/ref).
+    beta : float
+
+    Returns
+    -------
+    pandas.DataFrame, the scores table as written.
+    """
+    out = Path(samples_path).parent / "scores.parquet"
+    table = pd.read_parquet(out)
+    cols = {c: implicit_scores(table[f"logp/{n}"], table[f"logp/{REF}"], beta) for c, n in roles.items()}
+    if all(c in table.columns and np.array_equal(table[c].to_numpy(), v) for c, v in cols.items()):
+        return table  # current: leave the file (and its timestamp) alone
+    prov = {c: {"implicit": f"beta*(logp/{n} - logp/{REF})", "beta": beta} for c, n in roles.items()}
+    return write_scores(out, read_samples(samples_path), cols, provenance=prov)

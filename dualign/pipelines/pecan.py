@@ -1,0 +1,281 @@
+"""PeCAN (DESIGN.md §4): preference-based one-shot safety alignment, no reward or cost model.
+
+    pre-align DPO_H (π_r) and DPO_S (π_g) → sample π_ref → implicit scores
+    r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref → solve the dual (λ*) → pseudo-preference
+    pairs σ(Δr̂ + λ*ᵀΔĝ) → train once → evaluate (with DPO_H and DPO_S) → report
+
+The stages after pre-alignment are MoCAN's (`stages`), with the score models replaced by
+log-ratios of the pre-aligned policies (`implicit`). Each stage is skipped when its inputs
+are unchanged; `start` forces a stage (and all later ones) to rerun, `stop` ends after a
+stage.
+
+Label scale. The paper's code labels pairs with σ(Δ log π_r/π_ref + λᵀΔ log π_g/π_ref),
+i.e. without the β of r̂ = β log π_r/π_ref. Trained with the β-DPO loss, that label's
+optimum is π_ref exp((r̂ + λᵀĝ)/β²), not the π_λ = π_ref exp((r̂ + λᵀĝ)/β) the dual solved
+for; `label_scale="beta"` (default) is the consistent target — with λ* = 0 it is π_r
+itself — and `"paper"` reproduces the paper's code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data.preferences import load_preferences
+from ..models.loading import load_policy, load_tokenizer
+from ..runio import file_digest, write_json, write_parquet
+from . import stages as S
+from .config import PeCANConfig
+from .implicit import REF, LogProbModel, add_implicit_columns, logprob_columns
+from .pairs import dataset_as_samples, pairs_from_samples, pairs_from_scored_dataset
+from .scoring import score_jobs
+
+__all__ = ["PeCANConfig", "run_pecan", "STAGES"]
+
+STAGES = ("pre_align",) + S.STAGES
+HELPFUL = "helpful"
+
+
+def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = None, log=print) -> Path:
+    cfg.validate()
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.to_dict(), run / "config.json")
+    first, last = S.stage_window(start, stop, STAGES)
+    force = {name: i >= first for i, name in enumerate(STAGES)}
+    todo = lambda name: STAGES.index(name) <= last  # noqa: E731
+
+    # every file is read and checked (and every scorer sign) before any model loads
+    jobs = [(f"scorer/{c}", spec, role) for c, spec, role in score_jobs(cfg.reward, cfg.safety)] \
+        if cfg.reward or cfg.safety else []
+    sets = preference_sets(cfg)
+    names = list(cfg.safety_sources())
+    safety_cols = [f"safety/{n}" for n in names]
+    roles = {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
+    prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
+    align = pre_align_config(cfg)
+
+    log(f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
+    policies = pre_align_stage(run, cfg, sets, force=force["pre_align"], log=log)
+    if not todo("sample"):
+        return run
+    models = logprob_models(cfg.policy, policies)
+
+    def implicit(paths, force_):
+        """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
+        logprob_columns(paths, models, template=align.template, append_eos=align.append_eos,
+                        max_length=align.max_length, batch_size=align.ref_batch_size, force=force_, log=log)
+        return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
+
+    policy, tok = load_policy(cfg.policy)
+    log(f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
+    samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
+                             num_samples=cfg.num_samples, force=force["sample"])
+    if not todo("score"):
+        return run
+    log("[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
+    scores = implicit([samples], force["score"])[0]
+    if not todo("dual"):
+        return run
+    log("[4/8 dual] λ* and what π_λ* will do, before any training")
+    dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
+                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log)
+    if not todo("pairs"):
+        return run
+    scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
+    log(f"[5/8 pairs] pseudo-preference labels σ({'' if scale == 1 else '(1/β)·'}(Δr̂ + λ*ᵀΔĝ)) on pairs "
+        f"from {cfg.pairs}")
+    if cfg.pairs == "samples":
+        pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
+    else:
+        source = run / "pairs_source" / "samples.parquet"
+        write_parquet(dataset_as_samples(relabel_source(cfg, sets)), source)
+        pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
+        key = file_digest(source.with_name("scores.parquet"))
+        if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
+            # π_ref's log-probs of the pairs are already here: training needs no pass of its own
+            pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
+    pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, scale=scale, force=force["pairs"])
+    if not todo("train"):
+        return run
+    log(f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
+    meta = {"method": "pecan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
+            "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
+            "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles.items()}}
+    result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
+    if not todo("evaluate"):
+        return run
+    eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
+                                cfg.max_eval_prompts or None)
+    log(f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
+
+    def score(paths, force_):
+        tables = implicit(paths, force_)
+        return [S.score_stage(p, jobs, force=force_, log=log) for p in paths] if jobs else tables
+
+    scorer_cols = [c for c, _, _ in jobs]
+    record = S.evaluate_stage(
+        run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
+        log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
+        safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"],
+        baselines=baseline_loaders(cfg.policy, policies, names))
+    if not todo("report"):
+        return run
+    log("[8/8 report]")
+    S.report_stage(run, cfg.to_dict(), dual, record, notes=report_notes(cfg, policies, names))
+    return run
+
+
+# ----------------------------------------------------------------------------- preference sets
+
+def preference_sets(cfg: PeCANConfig) -> dict[str, tuple[pd.DataFrame | None, str, str]]:
+    """Policy name → (normalized preference table or None, label, checkpoint or "").
+
+    "helpful" reads `better_response_id`; "safety_<name>" reads `safer_response_id` (a
+    PKU file without it raises an InputError naming the file, and the record and field
+    when one record lacks it). A given checkpoint needs no table.
+    """
+    limit = cfg.max_pairs or None
+    out = {}
+    hf = cfg.helpful_source()
+    out[HELPFUL] = (load_preferences(hf, limit=limit) if hf and not cfg.helpful_model else None,
+                    "better", cfg.helpful_model)
+    for name, f in cfg.safety_sources().items():
+        ckpt = cfg.safety_models.get(name, "")
+        out[f"safety_{name}"] = (load_preferences(f, require_safety=True, limit=limit) if f and not ckpt else None,
+                                 "safer", ckpt)
+    return out
+
+
+def dpo_pairs(prefs: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Plain-DPO pairs of one preference label ("better" or "safer"): label 1.0 when
+    response 1 is preferred, else 0.0."""
+    ids = prefs[f"{label}_response_id"].to_numpy()
+    out = prefs[["prompt", "response_0", "response_1"]].copy()
+    out["label"] = (ids == 1).astype(np.float64)
+    return out
+
+
+def relabel_source(cfg: PeCANConfig, sets) -> pd.DataFrame:
+    """The pairs PeCAN relabels: `cfg.pairs` when it is a file, else every distinct pair of the
+    preference files (one file when `preferences` is used)."""
+    limit = cfg.max_pairs or None
+    if cfg.pairs != "preferences":
+        return load_preferences(cfg.pairs, limit=limit)
+    files = [f for f in [cfg.helpful_source(), *cfg.safety_sources().values()] if f]
+    tables = [load_preferences(f, limit=limit) for f in dict.fromkeys(files)]
+    df = pd.concat([t[["prompt", "response_0", "response_1"]] for t in tables], ignore_index=True)
+    return df.drop_duplicates(ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- pre-alignment
+
+def pre_align_config(cfg: PeCANConfig, output_dir: str = ""):
+    """DPO_H/DPO_S training settings: `train`, overridden by `pre_align`, at the run's β."""
+    from ..train.preference import PreferenceConfig
+
+    return PreferenceConfig.from_dict({**cfg.train, **cfg.pre_align, "beta": cfg.beta,
+                                       **({"output_dir": output_dir} if output_dir else {})})
+
+
+def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, force: bool = False, log=print) -> dict[str, str]:
+    """Train (or reuse) one plain-DPO policy per preference set → name → model folder.
+
+    Each lands in `run/pre_align/<name>/model` ("helpful", "safety_<constraint>"), resuming
+    from checkpoints like any training; a finished one is skipped when its data and
+    settings are unchanged.
+    """
+    from ..runio import array_digest
+    from ..train.preference import train_preferences
+
+    out = {}
+    for name, (prefs, label, ckpt) in sets.items():
+        if ckpt:
+            out[name] = str(ckpt)
+            log(f"{name}: reusing {ckpt}")
+            continue
+        tcfg = pre_align_config(cfg, str(Path(run) / "pre_align" / name))
+        pairs = dpo_pairs(prefs, label)
+        digest = array_digest(pairs["label"].to_numpy(), np.frombuffer(
+            "\x00".join(pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel()).encode(), np.uint8))
+        key = S.stage_key(digest, cfg.policy, tcfg.to_dict())
+        rel = f"pre_align/{name}/model"
+        out[name] = str(Path(run) / rel)
+        if not force and S.is_current(run, f"pre_align_{name}", key):
+            continue
+        log(f"{name}: plain DPO on {len(pairs)} pairs ({label}_response_id)")
+        model, tok = load_policy(cfg.policy)  # fresh: LoRA wraps the model it trains in place
+        meta = {"method": "dpo_h" if name == HELPFUL else "dpo_s", "base_model": cfg.policy,
+                "beta": cfg.beta, "data": prefs.attrs.get("source"), "label": f"{label}_response_id"}
+        train_preferences(model, tok, pairs, tcfg, resume=not force, metadata=meta)
+        S.mark_done(run, f"pre_align_{name}", key, [rel])
+    return out
+
+
+def load_checkpoint(spec: str, base: str):
+    """(model, tokenizer) of a pre-aligned policy: a dualign adapter/full-weights folder
+    (or the training folder holding it in `model/`), or any `load_policy` spec. The
+    tokenizer is always the reference's, so every log-prob tokenizes alike."""
+    from ..train.preference import MODEL_DIRNAME, load_trained
+
+    p = Path(spec)
+    if (p / MODEL_DIRNAME).is_dir():
+        p = p / MODEL_DIRNAME
+    if (p / "adapter_config.json").exists():
+        model = load_trained(p, base_model=base)[0]
+    else:
+        model = load_policy(str(spec))[0]
+    return model, load_tokenizer(base)
+
+
+def checkpoint_ident(spec: str) -> str:
+    """`spec@digest-of-its-weights` for a local folder (a retrained policy changes it), else spec."""
+    p = Path(spec)
+    for f in ("model/adapter_model.safetensors", "adapter_model.safetensors", "model/model.safetensors",
+              "model.safetensors", "config.json"):
+        if (p / f).exists():
+            return f"{spec}@{file_digest(p / f)}"
+    return str(spec)
+
+
+def logprob_models(base: str, policies: dict[str, str]) -> list[LogProbModel]:
+    """π_ref (`logp/ref`) and every pre-aligned policy (`logp/<name>`)."""
+    models = [LogProbModel(REF, base, lambda: load_policy(base))]
+    for name, path in policies.items():
+        models.append(LogProbModel(name, checkpoint_ident(path), lambda p=path: load_checkpoint(p, base)))
+    return models
+
+
+def baseline_loaders(base: str, policies: dict[str, str], names: list[str]) -> dict:
+    """eval name → loader of (model, tokenizer, model name): "dpo_h", and "dpo_s" (one
+    constraint) or "dpo_s_<name>" (several)."""
+    def loader(path):
+        return lambda: (*load_checkpoint(path, base), checkpoint_ident(path))
+
+    out = {"dpo_h": loader(policies[HELPFUL])}
+    for n in names:
+        out["dpo_s" if len(names) == 1 else f"dpo_s_{n}"] = loader(policies[f"safety_{n}"])
+    return out
+
+
+def same_tokenization(a, b) -> bool:
+    """Whether two PreferenceConfigs tokenize pairs identically (then log-probs carry over)."""
+    return (a.template, a.append_eos, a.max_length) == (b.template, b.append_eos, b.max_length)
+
+
+def report_notes(cfg: PeCANConfig, policies: dict[str, str], names: list[str]) -> list[str]:
+    """What PeCAN's score columns mean, for report.md."""
+    notes = [f"PeCAN: no reward or cost model in training. `reward` is the implicit score β·log π_r/π_ref of "
+             f"DPO_H (`{policies[HELPFUL]}`); "
+             + "; ".join(f"`safety/{n}` is β·log π_g/π_ref of DPO_S (`{policies[f'safety_{n}']}`)" for n in names)
+             + ". Both are defined up to a prompt-only constant, which cancels in every gain below."]
+    if cfg.reward or cfg.safety:
+        notes.append("`scorer/…` columns come from the reward/cost models given for evaluation only "
+                     f"({', '.join(filter(None, [cfg.reward, *cfg.safety.values()]))}).")
+    notes.append("Labels: " + ("σ(Δr̂ + λ*ᵀΔĝ) (label_scale = beta: the DPO optimum is π_λ*, the policy the "
+                               "dual's predictions describe)." if cfg.label_scale == "beta" else
+                               "σ((Δr̂ + λ*ᵀΔĝ)/β) (label_scale = paper, as in the paper's code: the optimum "
+                               "is π_ref·exp((r̂ + λ*ᵀĝ)/β²), sharper than π_λ*; the predictions below are "
+                               "for π_λ*)."))
+    return notes
