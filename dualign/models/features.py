@@ -69,7 +69,7 @@ def load_backbone(spec: str, device: str | None = None):
     from .loading import load_policy, resolve_device
 
     if not is_encoder_spec(spec):
-        model, tok = load_policy(spec, device=device, dtype="fp32")
+        model, tok = load_policy(spec, device=device)  # fp32 on CPU, bf16 on GPU
     else:
         from transformers import AutoModel, AutoTokenizer
 
@@ -83,6 +83,23 @@ def load_backbone(spec: str, device: str | None = None):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+_SHARED: dict = {}
+
+
+def shared_backbone(spec: str, device: str | None = None):
+    """`load_backbone(spec, device)`, loaded once per process and shared (a reward and a cost
+    head on the same backbone need one copy in memory). `release_backbones()` frees them."""
+    key = (str(spec), device)
+    if key not in _SHARED:
+        _SHARED[key] = load_backbone(spec, device)
+    return _SHARED[key]
+
+
+def release_backbones() -> None:
+    """Drop the backbones held by `shared_backbone` (their memory is freed once unused)."""
+    _SHARED.clear()
 
 
 def _encoder_pairs(tokenizer, prompts, responses, max_length):

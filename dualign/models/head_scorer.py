@@ -87,10 +87,10 @@ class HeadScorer:
 
     def features(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
         """Backbone features of the pairs, shape (n, d), computed as at training time."""
-        from .features import is_encoder_spec, load_backbone, pooled_features
+        from .features import is_encoder_spec, pooled_features, shared_backbone
 
         if self._loaded is None:
-            self._loaded = load_backbone(self.backbone)
+            self._loaded = shared_backbone(self.backbone)
         model, tok = self._loaded
         x = pooled_features(model, tok, list(prompts), list(responses), pooling=self.pooling,
                             template=self.template, max_length=self.max_length,
