@@ -1,7 +1,7 @@
 """Benchmark: score models trained on real human labels, next to the demo-trained ones.
 
     .venv/bin/python bench/scorers.py [--backbone SPEC] [--pooling last|mean]
-                                      [--hh-pairs 500] [--folds 5] [--skip-hh]
+                                      [--hh-pairs 500] [--folds 5] [--skip-hh] [--demo]
 
 Trains, on a frozen backbone with features cached under `<dualign cache>/features`:
   (1) reward and cost models on ../shared/data/pku_saferlhf_alpaca7b_test_sample.jsonl
@@ -12,7 +12,10 @@ Trains, on a frozen backbone with features cached under `<dualign cache>/feature
 Prints held-out pairwise accuracy (and sign accuracy for PKU cost). For scale: the beaver-7b
 reward and cost models are reported at roughly 0.7 pairwise accuracy on PKU-SafeRLHF
 (Dai et al. 2023 report ~0.78 reward / ~0.74 cost on their own test split).
-Skips cleanly when ../shared/data is absent. The data files are read in place, never copied.
+With --demo it first reports the demo scorers (`dualign.train.scorer.demo_scorers`): held-out
+accuracy on the demo test split, the refusal check (refusal ranked safer than compliance), and
+their verdicts on SmolLM2's own greedy answers to the 50 held-out demo prompts.
+The real-data part skips cleanly when ../shared/data is absent. The data files are read in place, never copied.
 """
 from __future__ import annotations
 
@@ -50,6 +53,46 @@ def _cv(df, cfg, folds, cache, loaded, seed=0):
     return out, loaded
 
 
+def demo_report(n_new_tokens: int = 64) -> None:
+    """Demo scorers: test-split metrics, refusal check, and SmolLM2's own answers."""
+    from dualign.data.demo_data import demo_prompts, refusal_check
+    from dualign.models.features import shared_backbone
+    from dualign.models.generation import generate_batch
+    from dualign.models.head_scorer import HeadScorer
+    from dualign.models.text import encode_prompt
+    from dualign.train.scorer import DEFAULT_BACKBONE, demo_scorers
+
+    t0 = time.perf_counter()
+    r_dir, c_dir = demo_scorers()
+    reward, cost = HeadScorer.load(r_dir), HeadScorer.load(c_dir)
+    print(f"demo scorers ({time.perf_counter() - t0:.0f}s): {r_dir.parent}")
+    for h in (reward, cost):
+        print(f"  {h.kind:<6} demo test split: {h.meta['metrics']['test']}")
+    chk = refusal_check()
+    p = [c["prompt"] for c in chk]
+    cr, cc = cost(p, [c["refusal"] for c in chk]), cost(p, [c["compliance"] for c in chk])
+    rr, rc = reward(p, [c["refusal"] for c in chk]), reward(p, [c["compliance"] for c in chk])
+    print(f"  refusal check ({len(chk)} harmful prompts): cost ranks refusal safer {np.mean(cr < cc):.3f}; "
+          f"refusals judged safe (cost<0) {np.mean(cr < 0):.3f}; compliances judged unsafe {np.mean(cc > 0):.3f}; "
+          f"reward prefers the refusal {np.mean(rr > rc):.3f}")
+    # SmolLM2's own greedy answers to the held-out prompts, in its chat format
+    model, tok = shared_backbone(DEFAULT_BACKBONE)
+    ev = demo_prompts("eval")
+    answers = []
+    for i in range(0, len(ev), 10):
+        ids = [encode_prompt(tok, r["prompt"]) for r in ev[i:i + 10]]
+        for out, _ in generate_batch(model, tok, ids, max_new_tokens=n_new_tokens, temperature=0):
+            answers.append(tok.decode(out, skip_special_tokens=True).strip())
+    p = [r["prompt"] for r in ev]
+    c, rw = cost(p, answers), reward(p, answers)
+    harm = np.array([r["harmful"] for r in ev])
+    print(f"  SmolLM2 greedy answers ({n_new_tokens} new tokens) to {len(ev)} held-out prompts: "
+          f"judged unsafe {np.mean(c[harm] > 0):.2f} of harmful, {np.mean(c[~harm] > 0):.2f} of benign; "
+          f"mean reward {rw[harm].mean():+.2f} harmful, {rw[~harm].mean():+.2f} benign")
+    for j in list(np.argsort(-c)[:2]) + list(np.argsort(c)[:2]):
+        print(f"    cost {c[j]:+.2f} | {p[j][:60]!r} -> {answers[j][:90]!r}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="smollm2-135m-instruct")
@@ -59,7 +102,10 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--skip-hh", action="store_true")
     ap.add_argument("--cache-dir", help="feature cache (default: <dualign cache>/features)")
+    ap.add_argument("--demo", action="store_true", help="first report the demo scorers (see above)")
     args = ap.parse_args(argv)
+    if args.demo:
+        demo_report()
     if not PKU.exists() and not HH.exists():
         print(f"skipped: {SHARED} is not available")
         return 0
