@@ -3,12 +3,14 @@ computations, the pipeline end to end (artifacts, resume, DPO_H/DPO_S rows), err
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from bandit_helpers import one_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 from conftest import make_tiny_llama
 from dualign import InfeasibleMarginError, InputError
 from dualign.cli import main
@@ -77,14 +79,21 @@ def reused(tmp_path, model_dir, aligned_dirs, **kw):
                     safety_models={"harmless": str(aligned_dirs[1])}, **kw)
 
 
+@pytest.fixture(scope="module")
+def reused_run(tmp_path_factory, tiny_model_dir, aligned_dirs):
+    """(config, run dir) of one run up to the pairs, reusing the stand-in policies."""
+    tmp = tmp_path_factory.mktemp("reused")
+    cfg = reused(tmp, tiny_model_dir, aligned_dirs)
+    return cfg, run_pecan(cfg, stop="pairs", **QUIET)
+
+
 def hand_logps(spec, prompts, responses):
     model, tok = load_policy(str(spec))
     return logprobs(model, tok, list(prompts), list(responses))[0]
 
 
-def test_implicit_scores_are_beta_log_ratios_and_the_dual_matches_by_hand(tmp_path, tiny_model_dir, aligned_dirs):
-    cfg = reused(tmp_path, tiny_model_dir, aligned_dirs)
-    run = run_pecan(cfg, stop="dual", **QUIET)
+def test_implicit_scores_are_beta_log_ratios_and_the_dual_matches_by_hand(reused_run, tiny_model_dir, aligned_dirs):
+    cfg, run = reused_run
     scores = pd.read_parquet(run / "scores.parquet")
     p, r = scores["prompt"], scores["response"]
     ref = hand_logps(tiny_model_dir, p, r)
@@ -103,10 +112,10 @@ def test_implicit_scores_are_beta_log_ratios_and_the_dual_matches_by_hand(tmp_pa
     assert dual["predicted"]["reward_gain"] == pytest.approx(hand.predicted.reward_gain, abs=1e-9)
 
 
-def test_prompt_only_constants_change_nothing(tmp_path, tiny_model_dir, aligned_dirs):
+def test_prompt_only_constants_change_nothing(reused_run):
     """r̂ and ĝ are β·log-ratios only up to −β log Z(x); shifting them per prompt must leave
     λ*, every prediction and every label unchanged."""
-    run = run_pecan(reused(tmp_path, tiny_model_dir, aligned_dirs), stop="dual", **QUIET)
+    _, run = reused_run
     scores = pd.read_parquet(run / "scores.parquet")
     shift = np.random.default_rng(0).normal(0, 5, size=scores["prompt_id"].max() + 1)
     moved = scores.copy()
@@ -128,9 +137,12 @@ def test_prompt_only_constants_change_nothing(tmp_path, tiny_model_dir, aligned_
 
 
 @pytest.mark.parametrize("scale", ["beta", "paper"])
-def test_pseudo_labels_match_a_hand_computation(tmp_path, tiny_model_dir, aligned_dirs, scale):
-    cfg = reused(tmp_path, tiny_model_dir, aligned_dirs, label_scale=scale)
-    run = run_pecan(cfg, stop="pairs", **QUIET)
+def test_pseudo_labels_match_a_hand_computation(reused_run, tmp_path, tiny_model_dir, aligned_dirs, scale):
+    cfg, run = reused_run
+    if scale == "paper":  # a copy of the run, relabeled: samples, scores and the dual are reused
+        shutil.copytree(run, tmp_path / "run")
+        cfg = load_config(PeCANConfig, None, {**cfg.to_dict(), "out": str(tmp_path / "run"), "label_scale": scale})
+        run = run_pecan(cfg, stop="pairs", **QUIET)
     lam = json.loads((run / "dual.json").read_text())["lambda"][0]
     pairs = pd.read_parquet(run / "pairs.parquet")
     assert len(pairs) == len(PAIRS)
