@@ -55,34 +55,49 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_policy_logps_equal_one_by_one_response_logps(tiny_tokenizer, tmp_path):
-    """Padding and prompt masking: log-probs from the padded, concatenated y1/y0 batch (with
-    logits kept only from the first response position) equal each pair run alone."""
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["concatenated", "shared-prompt"])
+def test_policy_logps_equal_one_by_one_response_logps(tiny_tokenizer, tmp_path, share_prompt):
+    """Padding and prompt masking: log-probs from a padded batch (concatenated y1/y0 rows with
+    logits kept from the first response position; or prompts once, left-padded, with their
+    cache reused by both responses) equal each pair run alone, and so do the gradients."""
     tok = tiny_tokenizer
     model = make_tiny_llama(len(tok), seed=0)
     pairs = _pairs(5)
-    cfg = PreferenceConfig(output_dir=str(tmp_path), use_lora=False, max_length=40,
+    # max_length 40 truncates some pairs (prompts then differ between y0 and y1, which the
+    # shared layout cannot take); 512 truncates nothing
+    max_length = 512 if share_prompt else 40
+    cfg = PreferenceConfig(output_dir=str(tmp_path), use_lora=False, max_length=max_length,
                            template="Q: {prompt}\nA:")
     feats = tokenize_pairs(tok, pairs, cfg)
     lengths = [len(f["prompt_ids_0"]) + len(f["response_ids_0"]) for f in feats]
     assert len(set(lengths)) > 2  # really different lengths: padding is exercised
+    assert len({len(f["prompt_ids_1"]) for f in feats}) > 2  # prompts of different lengths too
     items = [{**f, "label": 0.5, "ref_logp_0": 0.0, "ref_logp_1": 0.0} for f in feats]
-    batch = PreferenceCollator(tok.pad_token_id)(items)
+    batch = PreferenceCollator(tok.pad_token_id, share_prompt=share_prompt)(items)
+    assert ("prompt_input_ids" in batch) == share_prompt
     trainer = preference_trainer_class()(model=model, args=cfg.training_arguments(), beta=0.1)
-    with torch.no_grad():
-        lp1, lp0 = trainer.policy_logps(model, batch)
-        for side, got in (("0", lp0), ("1", lp1)):
-            for i, f in enumerate(feats):
-                p, r = f[f"prompt_ids_{side}"], f[f"response_ids_{side}"]
-                ids = torch.tensor([p + r])
-                mask = torch.tensor([[0] * len(p) + [1] * len(r)])
-                alone = response_logps(model(input_ids=ids).logits, ids, mask)
-                assert float(got[i]) == pytest.approx(float(alone[0]), abs=1e-4)
+    lp1, lp0 = trainer.policy_logps(model, batch)
+    (lp1.sum() - 2 * lp0.sum()).backward()
+    batched_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    for side, got, w in (("0", lp0, -2.0), ("1", lp1, 1.0)):
+        for i, f in enumerate(feats):
+            p, r = f[f"prompt_ids_{side}"], f[f"response_ids_{side}"]
+            ids = torch.tensor([p + r])
+            mask = torch.tensor([[0] * len(p) + [1] * len(r)])
+            alone = response_logps(model(input_ids=ids).logits, ids, mask)
+            assert got[i].item() == pytest.approx(alone[0].item(), abs=1e-4)
+            total = total + w * alone[0]
+    total.backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(batched_grads[k], p.grad, rtol=1e-4, atol=1e-5)
     # the same tokens as encode_pairs (the tokenization every stage shares), truncated alike
-    enc = encode_pairs(tok, pairs["prompt"].tolist(), pairs["response_1"].tolist(), max_length=40,
-                       template="Q: {prompt}\nA:")
+    enc = encode_pairs(tok, pairs["prompt"].tolist(), pairs["response_1"].tolist(),
+                       max_length=max_length, template="Q: {prompt}\nA:")
     assert [(f["prompt_ids_1"], f["response_ids_1"]) for f in feats] == enc
-    assert max(len(p) + len(r) for p, r in enc) == 40  # one pair was truncated
+    if not share_prompt:
+        assert max(len(p) + len(r) for p, r in enc) == 40  # one pair was truncated
 
 
 def test_reference_logps_computed_once_and_only_policy_runs(tiny_tokenizer, tmp_path, monkeypatch):
@@ -98,10 +113,11 @@ def test_reference_logps_computed_once_and_only_policy_runs(tiny_tokenizer, tmp_
     res = train_preferences(model, tok, pairs, cfg, resume=False)
     assert len(calls) == 1 and calls[0] == 2 * len(pairs)  # y0 and y1 of every pair, one call
     n_ref = forwards.index(True)
-    # reference passes (no grad) all come first; then exactly one policy pass (y1 and y0
-    # together) per optimizer step, and no reference pass during training
+    # reference passes (no grad) all come first; then per optimizer step the policy only:
+    # one pass over y1 and y0 together, or with the shared-prompt layout (the default) one
+    # over the prompts and one over both responses; no reference pass during training
     assert n_ref >= 1 and not any(forwards[:n_ref]) and all(forwards[n_ref:])
-    assert len(forwards) - n_ref == 4
+    assert len(forwards) - n_ref == 4 * (2 if cfg.share_prompt else 1)
     # the reference log-probs are in input order and equal a direct computation
     with res.model.disable_adapter():
         direct0, _ = logprobs_module.logprobs(res.model, tok, pairs["prompt"].tolist(),

@@ -79,6 +79,10 @@ class PreferenceConfig:
     gradient_accumulation_steps : int
     group_by_length : bool
         Batch pairs of similar length together (less padding, faster).
+    share_prompt : bool
+        Run each pair's prompt through the model once and reuse its key/value cache for y0
+        and y1 (same result, fewer tokens). Off automatically with gradient checkpointing
+        (no cache then) and for batches whose y0/y1 prompts were truncated differently.
     seed : int
         Seeds LoRA init, batch order, dropout and hard labels.
     output_dir : str
@@ -98,6 +102,9 @@ class PreferenceConfig:
         base and save full safetensors weights. Without LoRA full weights are always saved.
     ref_batch_size : int
         Pairs per forward pass when computing reference log-probs.
+    training_args : dict
+        Any other `transformers.TrainingArguments` field, passed through (e.g. `deepspeed`,
+        `fsdp`, `fsdp_config`, `torch_compile`, `optim_args`); these win over the above.
     """
 
     beta: float = 0.1
@@ -121,6 +128,7 @@ class PreferenceConfig:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     group_by_length: bool = True
+    share_prompt: bool = True
     seed: int = 0
     output_dir: str = "runs/preference"
     save_steps: int = 50
@@ -132,6 +140,7 @@ class PreferenceConfig:
     gradient_checkpointing: bool = False
     save_format: str = "adapter"
     ref_batch_size: int = 8
+    training_args: dict = field(default_factory=dict)
 
     # Fields that do not change the trained weights: a resumed run may change them.
     _NON_TRAINING = ("output_dir", "save_steps", "save_total_limit", "logging_steps",
@@ -194,6 +203,7 @@ class PreferenceConfig:
             dataloader_num_workers=0, disable_tqdm=True,
             dataloader_pin_memory=_cuda_available(),
         )
+        kw.update(self.training_args)
         kw.update(overrides)
         return TrainingArguments(**kw)
 
@@ -356,26 +366,59 @@ class PreferenceDataset:
 
 
 class PreferenceCollator:
-    """Pad a list of pairs into one batch: the B y1-sequences first, then the B y0-sequences.
+    """Pad a list of pairs into one batch.
+
+    Two layouts. Concatenated (default, always valid): the B y1-sequences, then the B
+    y0-sequences, each prompt + response, right-padded. Shared prompt (`share_prompt=True`
+    and every pair's y0 and y1 carry the same prompt ids): each prompt once, left-padded,
+    and the 2B responses separately, so the prompt runs through the model once per pair
+    instead of twice (the trainer reuses its key/value cache for both responses).
 
     Returns (as a dict of tensors)
     ------------------------------
-    input_ids, attention_mask, response_mask : torch.LongTensor, shape (2B, T)
-        Right-padded; `response_mask` is 1 on response tokens only (prompt and padding
-        masked out of the log-probs).
-    pref_label : torch.FloatTensor, shape (B,)
-        p = P(y1 preferred). (Not called `labels`: `Trainer` would treat it as token labels.)
-    ref_logp_1, ref_logp_0 : torch.FloatTensor, shape (B,)
+    Concatenated layout:
+        input_ids, attention_mask, response_mask : torch.LongTensor, shape (2B, T)
+            `response_mask` is 1 on response tokens only (prompt and padding masked out of
+            the log-probs).
+    Shared-prompt layout:
+        prompt_input_ids, prompt_attention_mask : torch.LongTensor, shape (B, P), left-padded
+        input_ids, attention_mask, response_mask : torch.LongTensor, shape (2B, R)
+            Responses only, right-padded, interleaved: row 2i is y1 of pair i, row 2i+1 its y0.
+    Both:
+        pref_label : torch.FloatTensor, shape (B,)
+            p = P(y1 preferred). (Not called `labels`: `Trainer` would treat it as token labels.)
+        ref_logp_1, ref_logp_0 : torch.FloatTensor, shape (B,)
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, share_prompt: bool = False):
         self.pad_token_id = int(pad_token_id)
+        self.share_prompt = share_prompt
 
     def __call__(self, items: list[dict]) -> dict:
         import torch
 
-        seqs = ([(it["prompt_ids_1"], it["response_ids_1"]) for it in items]
-                + [(it["prompt_ids_0"], it["response_ids_0"]) for it in items])
+        f32 = lambda k: torch.tensor([float(it[k]) for it in items], dtype=torch.float32)  # noqa: E731
+        out = {"pref_label": f32("label"), "ref_logp_1": f32("ref_logp_1"),
+               "ref_logp_0": f32("ref_logp_0")}
+        if self.share_prompt and all(it["prompt_ids_0"] == it["prompt_ids_1"] for it in items):
+            prompts = [it["prompt_ids_1"] for it in items]
+            P = max(len(p) for p in prompts)
+            pid = torch.full((len(items), P), self.pad_token_id, dtype=torch.long)
+            pm = torch.zeros((len(items), P), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                pid[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+                pm[i, P - len(p):] = 1
+            ids, att, _ = self._pad([([], r) for it in items
+                                     for r in (it["response_ids_1"], it["response_ids_0"])])
+            return {**out, "prompt_input_ids": pid, "prompt_attention_mask": pm,
+                    "input_ids": ids, "attention_mask": att, "response_mask": att.clone()}
+        ids, att, resp = self._pad([(it["prompt_ids_1"], it["response_ids_1"]) for it in items]
+                                   + [(it["prompt_ids_0"], it["response_ids_0"]) for it in items])
+        return {**out, "input_ids": ids, "attention_mask": att, "response_mask": resp}
+
+    def _pad(self, seqs):
+        import torch
+
         T = max(len(p) + len(r) for p, r in seqs)
         ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
         att = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -385,10 +428,7 @@ class PreferenceCollator:
             ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
             att[i, :n] = 1
             resp[i, len(p):n] = 1
-        f32 = lambda k: torch.tensor([float(it[k]) for it in items], dtype=torch.float32)  # noqa: E731
-        return {"input_ids": ids, "attention_mask": att, "response_mask": resp,
-                "pref_label": f32("label"), "ref_logp_1": f32("ref_logp_1"),
-                "ref_logp_0": f32("ref_logp_0")}
+        return ids, att, resp
 
 
 class EpochSeededLengthSampler:
@@ -457,11 +497,17 @@ def _make_trainer_class():
                 seed=self.args.seed, group_by_length=getattr(self, "group_by_length", True))
 
         def policy_logps(self, model, inputs):
-            """log π_θ(y1|x), log π_θ(y0|x), each shape (B,), from one forward pass.
+            """log π_θ(y1|x), log π_θ(y0|x), each shape (B,), for either collator layout.
 
-            Only the logits from the first response position on are built
-            (`logits_to_keep`): the prompt's logits are never needed.
+            Concatenated layout: one forward pass over the 2B sequences, building logits
+            only from the first response position on (`logits_to_keep`). Shared-prompt
+            layout: the B prompts once (keeping their key/value cache and last logits), then
+            the 2B responses on top of the cache repeated per pair; gradients flow through
+            the cache into the prompt's activations, so the result and its gradient equal
+            the concatenated computation.
             """
+            if "prompt_input_ids" in inputs:
+                return self._shared_prompt_logps(model, inputs)
             ids, att, resp = inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
             first = int(resp.argmax(-1).min())
             keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
@@ -472,6 +518,27 @@ def _make_trainer_class():
             T = logits.shape[1]
             logp = response_logps(logits, ids[:, -T:], resp[:, -T:])
             return logp.chunk(2, dim=0)
+
+        def _shared_prompt_logps(self, model, inputs):
+            pid, pm = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
+            rid, rm = inputs["input_ids"], inputs["attention_mask"]
+            ppos = (pm.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=pid, attention_mask=pm, position_ids=ppos, use_cache=True,
+                        logits_to_keep=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            cache.batch_repeat_interleave(2)  # row 2i and 2i+1: pair i's y1 and y0
+            rpos = pm.sum(-1).repeat_interleave(2)[:, None] + torch.arange(
+                rid.shape[1], device=rid.device)[None]
+            att = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)
+            # transformers 5 renamed `past_key_values` to `cache` (the old name warns)
+            key = "cache" if "cache" in _forward_params(model) else "past_key_values"
+            logits = model(input_ids=rid, attention_mask=att, position_ids=rpos,
+                           use_cache=True, **{key: cache}).logits
+            # the first response token is predicted by the prompt's last position
+            first = out.logits[:, -1].float().repeat_interleave(2, dim=0)
+            lp_first = first.gather(1, rid[:, :1]).squeeze(1) - torch.logsumexp(first, dim=-1)
+            logp = lp_first * rm[:, 0].to(first.dtype) + response_logps(logits, rid, rm)
+            return logp[0::2], logp[1::2]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp_1, logp_0 = self.policy_logps(model, inputs)
@@ -504,6 +571,24 @@ def _make_trainer_class():
 _TRAINER_CLASS = None
 
 
+def _forward_params(model) -> set:
+    """Parameter names of the forward of `model`, or of the model a wrapper (PEFT, DDP) holds."""
+    import inspect
+
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        try:
+            params = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            params = set()
+        if params - {"args", "kwargs", "self"} and "input_ids" in params:
+            return params
+        model = (model.get_base_model() if hasattr(model, "get_base_model")
+                 else getattr(model, "module", None))
+    return set()
+
+
 def preference_trainer_class():
     """The `PreferenceTrainer` class (a `transformers.Trainer` subclass)."""
     global _TRAINER_CLASS
@@ -525,10 +610,13 @@ def _model_fingerprint(model) -> str:
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = False, disable_adapter: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """log π_ref(y0|x) and log π_ref(y1|x) of every pair, with `model` as the reference.
 
-    A PEFT model is scored with its adapters disabled (its base is the reference).
+    Tokenized exactly as training tokenizes (`config.template`, `max_length`, `append_eos`).
+    With `disable_adapter=True` a PEFT model is scored with its adapters off (its base is
+    the reference).
 
     Returns
     -------
@@ -538,7 +626,8 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
 
     from ..models.logprobs import logprobs
 
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    ctx = (model.disable_adapter() if disable_adapter and hasattr(model, "disable_adapter")
+           else contextlib.nullcontext())
     prompts = pairs["prompt"].tolist()
     kw = dict(batch_size=config.ref_batch_size, template=config.template,
               append_eos=config.append_eos, max_length=config.max_length, progress=progress)
@@ -590,9 +679,9 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     Parameters
     ----------
     model : transformers causal LM
-        The reference policy π_ref; it is also the starting point of training. With LoRA it
-        is wrapped in place (`peft.get_peft_model`): keep no separate handle to it as "the
-        reference" — use `result.model.disable_adapter()` instead.
+        The reference policy π_ref, as given; it is also the starting point of training.
+        With LoRA it is wrapped in place (`peft.get_peft_model`), so afterwards it is no
+        longer the reference: use `with result.model.disable_adapter():` for π_ref.
     tokenizer : transformers tokenizer
     pairs : pandas.DataFrame, n rows
         Columns `prompt`, `response_0`, `response_1`, `label` (p = P(y1 preferred), in
@@ -617,11 +706,17 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         Bad pairs table or settings, or `output_dir` holds checkpoints of a different run
         while `resume=True`.
     """
-    import torch
     from transformers import set_seed
 
     config = config or PreferenceConfig()
+    if config.use_lora and hasattr(model, "peft_config"):
+        raise InputError("the model already carries a PEFT adapter: merge it first "
+                         "(model.merge_and_unload()) or set use_lora=False to train that adapter")
     metadata = dict(metadata or {})
+    if not metadata.get("base_model"):
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if name:
+            metadata["base_model"] = str(name)
     pairs = validate_pairs(pairs)
     out = Path(config.output_dir)
     if not resume and out.exists():
@@ -640,7 +735,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         f"{tdig}:{array_digest(labels)}:{config.training_digest()}".encode(), dtype=np.uint8))
 
     prev = _read_json(out / RUN_FILE)
-    if resume and prev is not None and prev.get("run_digest") != run_digest:
+    has_state = bool(_checkpoints(out)) or (out / MODEL_DIRNAME).exists()
+    if resume and has_state and prev is not None and prev.get("run_digest") != run_digest:
         raise InputError("holds a run with other data or settings; choose another output_dir "
                          "or pass resume=False to start over", file=str(out))
     done = _read_json(out / RESULT_FILE)
@@ -666,7 +762,9 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     args = config.training_arguments()
     trainer = Trainer(model=model, args=args,
                       train_dataset=PreferenceDataset(feats, labels, ref0, ref1),
-                      data_collator=PreferenceCollator(pad_id), processing_class=tokenizer,
+                      data_collator=PreferenceCollator(
+                          pad_id, share_prompt=config.share_prompt and not config.gradient_checkpointing),
+                      processing_class=tokenizer,
                       callbacks=callbacks, beta=config.beta)
     trainer.group_by_length = config.group_by_length
     if config.use_lora and config.gradient_checkpointing:
