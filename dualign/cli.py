@@ -116,7 +116,9 @@ def cmd_pecan(args) -> int:
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the main job on the embedded default (the README's first command)",
                        description="MoCAN on the embedded SmolLM2-135M-Instruct with reward and cost models "
-                                   "trained on the built-in demo data (cached after the first run).")
+                                   "trained on the built-in demo data (cached after the first run); with "
+                                   "--method pecan, PeCAN from the demo preferences alone (the demo models "
+                                   "only judge the result).")
     p.add_argument("--method", choices=("mocan", "pecan"), default="mocan",
                    help="mocan (default): with the demo reward and cost models; pecan: from the demo "
                         "preferences alone, with DPO_H and DPO_S as baselines")
