@@ -264,8 +264,11 @@ def cmd_logprobs(args) -> int:
     from .models.logprobs import logprobs
 
     model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+    # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
+    eos = ~samples["truncated"].to_numpy(bool) if "truncated" in samples.columns else True
     lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                     batch_size=args.batch_size, template=template, progress=not args.no_progress)
+                     batch_size=args.batch_size, template=template, append_eos=eos,
+                     progress=not args.no_progress)
     write_scores(out, samples, {col: lp}, provenance={col: prov})
     print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
     return 0

@@ -14,6 +14,7 @@ from dualign.errors import InputError
 from dualign.models import generation
 from dualign.models.generation import (PARTIAL_DIR, SAMPLES_FILE, generate_batch, plan_batches,
                                        read_prompts, sample)
+from dualign.models.loading import load_policy
 from dualign.models.text import encode_prompt
 
 PROMPTS = ["hi", "hello there", "a longer prompt here, much longer", "x", "what now?"]
@@ -138,6 +139,15 @@ def test_cli_sample(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0
     df = pd.read_parquet(tmp_path / "run" / SAMPLES_FILE)
     assert len(df) == 4 and (df["model"] == str(tiny_model_dir)).all() and (df["seed"] == 4).all()
+    # log-probs of the samples: EOS counted only where the sample emitted it
+    assert main(["logprobs", "--model", str(tiny_model_dir), "--samples", str(tmp_path / "run" / SAMPLES_FILE),
+                 "--name", "ref", "--no-progress"]) == 0
+    from dualign.models.logprobs import logprobs
+    model, tok = load_policy(str(tiny_model_dir))
+    want, _ = logprobs(model, tok, df["prompt"].tolist(), df["response"].tolist(),
+                       append_eos=~df["truncated"].to_numpy())
+    got = pd.read_parquet(tmp_path / "run" / "scores.parquet")["logp/ref"].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
     capsys.readouterr()
     (tmp_path / "empty.txt").write_text("")
     argv[4] = str(tmp_path / "empty.txt")

@@ -69,3 +69,14 @@ def test_length_batches_cover_each_index_once():
 def test_mismatched_lengths_raise(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError):
         logprobs(tiny_model, tiny_tokenizer, ["a", "b"], ["c"])
+
+
+def test_append_eos_per_row(tiny_model, tiny_tokenizer):
+    """Truncated samples (no EOS emitted) are scored without EOS, the others with it."""
+    flags = [True, False, True, False, True, True, False]
+    with_eos, n_with = logprobs(tiny_model, tiny_tokenizer, PROMPTS, RESPONSES, batch_size=3)
+    without, n_without = logprobs(tiny_model, tiny_tokenizer, PROMPTS, RESPONSES, batch_size=3, append_eos=False)
+    mixed, n_mixed = logprobs(tiny_model, tiny_tokenizer, PROMPTS, RESPONSES, batch_size=3, append_eos=flags)
+    f = np.array(flags)
+    np.testing.assert_allclose(mixed, np.where(f, with_eos, without), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(n_mixed, np.where(f, n_with, n_without))

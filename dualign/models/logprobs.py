@@ -94,7 +94,7 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
 
 def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
              batch_size: int = 8, max_batch_tokens: int | None = 8192,
-             template: str | None = None, append_eos: bool = True,
+             template: str | None = None, append_eos: bool | Sequence[bool] = True,
              max_length: int | None = None, padding_side: str = "right",
              progress: bool = False):
     """log π(y|x) summed over response tokens, for every (prompt, response) pair.
@@ -116,8 +116,10 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
         Most padded tokens per forward pass (bounds the (B, T, V) logits memory).
     template : str, optional
         Prompt template with a `{prompt}` slot, overriding the chat template.
-    append_eos : bool
+    append_eos : bool or sequence of bool, shape (n,)
         Count the EOS that ends the response (True: the probability of stopping there).
+        Per row for sampled responses: False where the sample was truncated (it never
+        emitted EOS), i.e. `~samples["truncated"]`.
     max_length : int, optional
         Truncate pairs longer than this (response first kept; see `encode_pairs`).
     padding_side : {"right", "left"}
@@ -139,8 +141,16 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     """
     import torch
 
-    pairs = encode_pairs(tokenizer, prompts, responses, template=template,
-                         append_eos=append_eos, max_length=max_length)
+    if isinstance(append_eos, (bool, np.bool_)):
+        pairs = encode_pairs(tokenizer, prompts, responses, template=template,
+                             append_eos=bool(append_eos), max_length=max_length)
+    else:  # per row: a response cut at max_new_tokens never emitted its EOS
+        flags = [bool(f) for f in append_eos]
+        if len(flags) != len(prompts):
+            raise ValueError(f"{len(flags)} append_eos flags for {len(prompts)} pairs")
+        pairs = [encode_pairs(tokenizer, [p], [r], template=template, append_eos=f,
+                              max_length=max_length)[0]
+                 for p, r, f in zip(prompts, responses, flags)]
     n = len(pairs)
     logp = np.zeros(n, dtype=np.float64)
     n_tok = np.array([len(r) for _, r in pairs], dtype=np.int64)
