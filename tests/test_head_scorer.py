@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import dualign.models.head_scorer as hs
 from dualign.errors import InputError
 from dualign.models.features import pooled_features
 from dualign.models.head_scorer import CONFIG_FILE, WEIGHTS_FILE, HeadScorer
@@ -40,6 +41,7 @@ def test_save_load_scores_identically(tmp_path, tiny_model_dir):
     assert not [p for p in (tmp_path / "s").iterdir() if p.suffix == ".tmp"]
     g = HeadScorer.load(tmp_path / "s")
     assert g.kind == "cost" and g.meta["metrics"] == {"test": {"x": 1}}
+    hs._RECENT.clear()  # recompute the features: the reloaded head must run the backbone itself
     np.testing.assert_array_equal(g(PROMPTS, RESPONSES), before)
 
 
@@ -51,6 +53,7 @@ def test_generic_loader_reads_it_and_negates_cost(tmp_path, tiny_model_dir):
     h.save(tmp_path / "cost")
     s = load_scorer(str(tmp_path / "cost"))
     assert s.kind == "cost"
+    hs._RECENT.clear()
     np.testing.assert_allclose(s(PROMPTS, RESPONSES), raw, rtol=1e-6)
     np.testing.assert_allclose(s.safety(PROMPTS, RESPONSES), -raw, rtol=1e-6)
     _head(tiny_model_dir, kind="reward").save(tmp_path / "reward")
@@ -75,3 +78,17 @@ def test_load_errors(tmp_path, tiny_model_dir):
         HeadScorer.load(tmp_path / "s")
     with pytest.raises(ValueError):
         HeadScorer("utility", "x", np.ones(3), 0.0, np.zeros(3), np.ones(3))
+
+
+def test_second_head_reuses_features_of_the_same_pairs(tiny_model_dir):
+    a = _head(tiny_model_dir, kind="reward", seed=1)
+    want = a(PROMPTS, RESPONSES)
+    # same backbone spec and settings: the cost head must not run (or even load) a backbone
+    b = _head(tiny_model_dir, kind="cost", seed=2)
+    b.use_backbone(None, None)  # would fail if the backbone were run
+    x = a.features(PROMPTS, RESPONSES)
+    np.testing.assert_array_equal(b.features(PROMPTS, RESPONSES), x)
+    np.testing.assert_allclose(a.score_features(x), want)
+    # different pairs: computed afresh
+    with pytest.raises(Exception):
+        b(PROMPTS[:2], RESPONSES[:2])

@@ -27,6 +27,7 @@ VERSION = 1
 CONFIG_FILE = "dualign_scorer.json"
 WEIGHTS_FILE = "head.safetensors"
 HEAD_KINDS = ("reward", "cost")
+_RECENT: dict = {}  # features key -> features of the latest HeadScorer.features call
 
 
 class HeadScorer:
@@ -86,9 +87,16 @@ class HeadScorer:
         return x @ self.weight.astype(np.float64) + self.bias
 
     def features(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Backbone features of the pairs, shape (n, d), computed as at training time."""
-        from .features import is_encoder_spec, pooled_features, shared_backbone
+        """Backbone features of the pairs, shape (n, d), computed as at training time.
 
+        The features of the latest call are kept in memory, so a reward and a cost head on
+        the same backbone and settings scoring the same pairs one after the other (as the
+        pipeline does) run the backbone once."""
+        from .features import features_key, is_encoder_spec, pooled_features, shared_backbone
+
+        key = features_key(self.backbone, self.pooling, self.template, self.max_length, prompts, responses)
+        if key in _RECENT:
+            return _RECENT[key]
         if self._loaded is None:
             self._loaded = shared_backbone(self.backbone)
         model, tok = self._loaded
@@ -99,6 +107,9 @@ class HeadScorer:
         if x.shape[1] != self.weight.shape[0]:
             raise InputError(f"backbone '{self.backbone}' gives {x.shape[1]} features but the head "
                              f"expects {self.weight.shape[0]}")
+        x.setflags(write=False)  # shared with the next head: nobody may change it in place
+        _RECENT.clear()  # one entry: enough for back-to-back heads, and bounded memory
+        _RECENT[key] = x
         return x
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
