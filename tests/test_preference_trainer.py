@@ -13,6 +13,7 @@ from conftest import make_tiny_llama
 from dualign.errors import InputError
 from dualign.models.text import encode_pairs, response_logps
 from dualign.train import PreferenceConfig, hard_labels, load_trained, train_preferences
+from dualign.train import preference
 from dualign.train.preference import (PreferenceCollator, preference_trainer_class,
                                       tokenize_pairs)
 
@@ -38,16 +39,17 @@ def _pairs(n=10, seed=0):
         "label": rng.uniform(0, 1, n)})
 
 
-def _spy_logprobs(monkeypatch):
-    """Count calls of the real `logprobs` (the call goes through unchanged)."""
+def _spy_reference(monkeypatch):
+    """Count calls of the real `reference_logps` (each goes through unchanged); records the
+    number of pairs scored per call."""
     calls = []
-    real = logprobs_module.logprobs
+    real = preference.reference_logps
 
-    def counting(*a, **k):
-        calls.append(len(a[2]))
-        return real(*a, **k)
+    def counting(model, tokenizer, pairs, *a, **k):
+        calls.append(len(pairs))
+        return real(model, tokenizer, pairs, *a, **k)
 
-    monkeypatch.setattr(logprobs_module, "logprobs", counting)
+    monkeypatch.setattr(preference, "reference_logps", counting)
     return calls
 
 
@@ -104,25 +106,27 @@ def test_reference_logps_computed_once_and_only_policy_runs(tiny_tokenizer, tmp_
     tok = tiny_tokenizer
     model = make_tiny_llama(len(tok), seed=0)
     pairs = _pairs(8)
-    calls = _spy_logprobs(monkeypatch)
+    calls = _spy_reference(monkeypatch)
     forwards = []  # grad enabled? per forward pass of the underlying model
     model.register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
     cfg = PreferenceConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
                            per_device_train_batch_size=4, gradient_accumulation_steps=1,
                            learning_rate=1e-3)
     res = train_preferences(model, tok, pairs, cfg, resume=False)
-    assert len(calls) == 1 and calls[0] == 2 * len(pairs)  # y0 and y1 of every pair, one call
+    assert calls == [len(pairs)]  # one pass over all pairs (y0 and y1), before training
     n_ref = forwards.index(True)
     # reference passes (no grad) all come first; then per optimizer step the policy only:
     # one pass over y1 and y0 together, or with the shared-prompt layout (the default) one
     # over the prompts and one over both responses; no reference pass during training
     assert n_ref >= 1 and not any(forwards[:n_ref]) and all(forwards[n_ref:])
     assert len(forwards) - n_ref == 4 * (2 if cfg.share_prompt else 1)
-    # the reference log-probs are in input order and equal a direct computation
+    # the reference log-probs are in input order and equal the shared `logprobs` function's
+    # (a different code path: plain padded batches, no prompt sharing)
     with res.model.disable_adapter():
-        direct0, _ = logprobs_module.logprobs(res.model, tok, pairs["prompt"].tolist(),
-                                              pairs["response_0"].tolist())
-    np.testing.assert_allclose(res.ref_logp_0, direct0, atol=1e-4)
+        for side in ("0", "1"):
+            direct, _ = logprobs_module.logprobs(res.model, tok, pairs["prompt"].tolist(),
+                                                 pairs[f"response_{side}"].tolist())
+            np.testing.assert_allclose(getattr(res, f"ref_logp_{side}"), direct, atol=1e-4)
 
     # Running again in the same directory: the run is finished, nothing is recomputed.
     calls.clear()
@@ -164,7 +168,7 @@ def test_resume_after_kill_gives_identical_weights(tiny_tokenizer, tmp_path, mon
                           callbacks=[_KillAt(5)])
     assert (tmp_path / "b" / "checkpoint-4").is_dir() and not (tmp_path / "b" / "model").exists()
 
-    calls = _spy_logprobs(monkeypatch)
+    calls = _spy_reference(monkeypatch)
     resumed = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg_b, resume=True)
     assert resumed.resumed_from.endswith("checkpoint-4")
     assert calls == []  # reference log-probs came from the run directory's cache

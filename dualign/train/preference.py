@@ -4,10 +4,11 @@ The pieces, in the order `train_preferences` uses them:
 
 1. `tokenize_pairs`: (prompt, y0, y1) → token ids through `dualign.models.text.encode_pairs`,
    the tokenization every other stage uses.
-2. Reference log-probs log π_ref(y|x), computed ONCE, before training, by
-   `dualign.models.logprobs.logprobs` on the untouched model (the reference), cached in the
-   output directory (or taken from the pairs' `ref_logp_0`/`ref_logp_1` columns). A
-   training step then runs the policy only.
+2. Reference log-probs log π_ref(y|x), computed ONCE, before training, on the untouched
+   model (the reference) by the training forward itself under no_grad (`reference_logps`;
+   equal to `dualign.models.logprobs.logprobs` within 1e-4), cached in the output
+   directory (or taken from the pairs' `ref_logp_0`/`ref_logp_1` columns). A training
+   step then runs the policy only.
 3. `PreferenceTrainer`, a `transformers.Trainer` whose `compute_loss` runs y1 and y0 of a
    batch in one forward pass and applies `pseudo_preference_loss`; batches are grouped by
    length (seeded per epoch, so a resumed run sees the same batches). Accelerate,
@@ -81,8 +82,10 @@ class PreferenceConfig:
         Batch pairs of similar length together (less padding, faster).
     share_prompt : bool
         Run each pair's prompt through the model once and reuse its key/value cache for y0
-        and y1 (same result, fewer tokens). Off automatically with gradient checkpointing
-        (no cache then) and for batches whose y0/y1 prompts were truncated differently.
+        and y1 (same result and gradient, fewer tokens). Off automatically with gradient
+        checkpointing (no cache then), under DDP/DeepSpeed/FSDP (two forward passes per
+        step, not verified there), and for batches whose y0/y1 prompts were truncated
+        differently.
     seed : int
         Seeds LoRA init, batch order, dropout and hard labels.
     output_dir : str
@@ -465,6 +468,62 @@ class EpochSeededLengthSampler:
 # ---------------------------------------------------------------------------------------
 # trainer
 
+def pair_logps(model, batch):
+    """log π(y1|x) and log π(y0|x) of a collated batch, each shape (B,), for either layout.
+
+    Concatenated layout: one forward pass over the 2B sequences, building logits only from
+    the first response position on (`logits_to_keep`). Shared-prompt layout: the B prompts
+    once (keeping their key/value cache and last logits), then the 2B responses on top of
+    the cache repeated per pair; gradients flow through the cache into the prompt's
+    activations, so value and gradient equal the concatenated computation.
+
+    Parameters
+    ----------
+    model : causal LM (or a PEFT/DDP wrapper of one)
+    batch : dict of torch.Tensor
+        From `PreferenceCollator`, on the model's device.
+
+    Returns
+    -------
+    logp_1, logp_0 : torch.Tensor, shape (B,), float32
+    """
+    if "prompt_input_ids" in batch:
+        return _shared_prompt_logps(model, batch)
+    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    first = int(resp.argmax(-1).min())
+    keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
+    kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
+    if keep < ids.shape[1]:
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits
+    T = logits.shape[1]
+    logp = response_logps(logits, ids[:, -T:], resp[:, -T:])
+    return logp.chunk(2, dim=0)
+
+
+def _shared_prompt_logps(model, batch):
+    import torch
+
+    pid, pm = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    rid, rm = batch["input_ids"], batch["attention_mask"]
+    ppos = (pm.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=pid, attention_mask=pm, position_ids=ppos, use_cache=True,
+                logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(2)  # rows 2i and 2i+1: pair i's y1 and y0
+    rpos = pm.sum(-1).repeat_interleave(2)[:, None] + torch.arange(rid.shape[1], device=rid.device)[None]
+    att = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)
+    # transformers 5 renamed `past_key_values` to `cache` (the old name warns)
+    key = "cache" if "cache" in _forward_params(model) else "past_key_values"
+    logits = model(input_ids=rid, attention_mask=att, position_ids=rpos, use_cache=True,
+                   **{key: cache}).logits
+    # the first response token is predicted by the prompt's last position
+    first = out.logits[:, -1].float().repeat_interleave(2, dim=0)
+    lp_first = first.gather(1, rid[:, :1]).squeeze(1) - torch.logsumexp(first, dim=-1)
+    logp = lp_first * rm[:, 0].to(first.dtype) + response_logps(logits, rid, rm)
+    return logp[0::2], logp[1::2]
+
+
 def _make_trainer_class():
     # transformers is imported lazily (the dual math installs without it), so the subclass
     # is built on first use.
@@ -497,48 +556,8 @@ def _make_trainer_class():
                 seed=self.args.seed, group_by_length=getattr(self, "group_by_length", True))
 
         def policy_logps(self, model, inputs):
-            """log π_θ(y1|x), log π_θ(y0|x), each shape (B,), for either collator layout.
-
-            Concatenated layout: one forward pass over the 2B sequences, building logits
-            only from the first response position on (`logits_to_keep`). Shared-prompt
-            layout: the B prompts once (keeping their key/value cache and last logits), then
-            the 2B responses on top of the cache repeated per pair; gradients flow through
-            the cache into the prompt's activations, so the result and its gradient equal
-            the concatenated computation.
-            """
-            if "prompt_input_ids" in inputs:
-                return self._shared_prompt_logps(model, inputs)
-            ids, att, resp = inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
-            first = int(resp.argmax(-1).min())
-            keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
-            kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
-            if keep < ids.shape[1]:
-                kwargs["logits_to_keep"] = keep
-            logits = model(**kwargs).logits
-            T = logits.shape[1]
-            logp = response_logps(logits, ids[:, -T:], resp[:, -T:])
-            return logp.chunk(2, dim=0)
-
-        def _shared_prompt_logps(self, model, inputs):
-            pid, pm = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
-            rid, rm = inputs["input_ids"], inputs["attention_mask"]
-            ppos = (pm.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=pid, attention_mask=pm, position_ids=ppos, use_cache=True,
-                        logits_to_keep=1)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            cache.batch_repeat_interleave(2)  # row 2i and 2i+1: pair i's y1 and y0
-            rpos = pm.sum(-1).repeat_interleave(2)[:, None] + torch.arange(
-                rid.shape[1], device=rid.device)[None]
-            att = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)
-            # transformers 5 renamed `past_key_values` to `cache` (the old name warns)
-            key = "cache" if "cache" in _forward_params(model) else "past_key_values"
-            logits = model(input_ids=rid, attention_mask=att, position_ids=rpos,
-                           use_cache=True, **{key: cache}).logits
-            # the first response token is predicted by the prompt's last position
-            first = out.logits[:, -1].float().repeat_interleave(2, dim=0)
-            lp_first = first.gather(1, rid[:, :1]).squeeze(1) - torch.logsumexp(first, dim=-1)
-            logp = lp_first * rm[:, 0].to(first.dtype) + response_logps(logits, rid, rm)
-            return logp[0::2], logp[1::2]
+            """log π_θ(y1|x), log π_θ(y0|x), each shape (B,) (see `pair_logps`)."""
+            return pair_logps(model, inputs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp_1, logp_0 = self.policy_logps(model, inputs)
@@ -572,21 +591,20 @@ _TRAINER_CLASS = None
 
 
 def _forward_params(model) -> set:
-    """Parameter names of the forward of `model`, or of the model a wrapper (PEFT, DDP) holds."""
+    """Parameter names of the forward of the model inside any wrappers (DDP, PEFT): wrappers
+    pass keyword arguments through, so the innermost signature is what counts."""
     import inspect
 
-    seen = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        try:
-            params = set(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            params = set()
-        if params - {"args", "kwargs", "self"} and "input_ids" in params:
-            return params
-        model = (model.get_base_model() if hasattr(model, "get_base_model")
+    for _ in range(4):
+        inner = (model.get_base_model() if hasattr(model, "get_base_model")
                  else getattr(model, "module", None))
-    return set()
+        if inner is None or inner is model:
+            break
+        model = inner
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def preference_trainer_class():
@@ -610,36 +628,68 @@ def _model_fingerprint(model) -> str:
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
-                    progress: bool = False, disable_adapter: bool = False
+                    features: list[dict] | None = None, disable_adapter: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
     """log π_ref(y0|x) and log π_ref(y1|x) of every pair, with `model` as the reference.
 
-    Tokenized exactly as training tokenizes (`config.template`, `max_length`, `append_eos`).
-    With `disable_adapter=True` a PEFT model is scored with its adapters off (its base is
-    the reference).
+    Computed by the very code that computes the policy's log-probs in training (same
+    tokens, same collator layout, `pair_logps`), under `torch.no_grad` in eval mode, in
+    length-sorted batches of `config.ref_batch_size` pairs; so before the first update Δ is
+    0 up to float rounding, and the values equal `dualign.models.logprobs.logprobs` (within
+    1e-4). The shared-prompt layout runs each prompt once.
+
+    Parameters
+    ----------
+    model, tokenizer : the reference policy and its tokenizer
+    pairs : pandas.DataFrame with `prompt`, `response_0`, `response_1`
+    config : PreferenceConfig
+        Tokenization (`template`, `max_length`, `append_eos`), `ref_batch_size`, `share_prompt`.
+    features : list of dict, optional
+        `tokenize_pairs(tokenizer, pairs, config)`, when already computed.
+    disable_adapter : bool
+        Score a PEFT model with its adapters off (its base is the reference).
 
     Returns
     -------
-    ref_logp_0, ref_logp_1 : numpy.ndarray, shape (n,), float64
+    ref_logp_0, ref_logp_1 : numpy.ndarray, shape (n,), float64, in input order
     """
     import contextlib
 
-    from ..models.logprobs import logprobs
+    import torch
 
+    from ..models.logprobs import length_batches
+
+    feats = features if features is not None else tokenize_pairs(tokenizer, pairs, config)
+    collate = PreferenceCollator(_pad_id(tokenizer), share_prompt=config.share_prompt)
+    lengths = [max(len(f["prompt_ids_0"]) + len(f["response_ids_0"]),
+                   len(f["prompt_ids_1"]) + len(f["response_ids_1"])) for f in feats]
+    device = next(model.parameters()).device
+    r0 = np.zeros(len(feats))
+    r1 = np.zeros(len(feats))
     ctx = (model.disable_adapter() if disable_adapter and hasattr(model, "disable_adapter")
            else contextlib.nullcontext())
-    prompts = pairs["prompt"].tolist()
-    kw = dict(batch_size=config.ref_batch_size, template=config.template,
-              append_eos=config.append_eos, max_length=config.max_length, progress=progress)
-    with ctx:
-        # one call for y0 and y1 together: length-sorted batches mix both
-        lp, _ = logprobs(model, tokenizer, prompts + prompts,
-                         pairs["response_0"].tolist() + pairs["response_1"].tolist(), **kw)
-    n = len(prompts)
-    return lp[:n], lp[n:]
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx, torch.no_grad():
+            for idx in length_batches(lengths, config.ref_batch_size):
+                items = [{**feats[i], "label": 0.0, "ref_logp_0": 0.0, "ref_logp_1": 0.0}
+                         for i in idx]
+                batch = {k: v.to(device) for k, v in collate(items).items()}
+                lp1, lp0 = pair_logps(model, batch)
+                r1[idx], r0[idx] = lp1.double().cpu().numpy(), lp0.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return r0, r1
 
 
-def _cached_reference_logps(model, tokenizer, pairs, config, tokens_digest, out: Path):
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_digest, out: Path):
     """Reference log-probs from the pairs' columns, the output dir's cache, or computed (and
     cached). Returns (ref_logp_0, ref_logp_1, seconds spent computing)."""
     if "ref_logp_0" in pairs.columns and "ref_logp_1" in pairs.columns:
@@ -654,7 +704,7 @@ def _cached_reference_logps(model, tokenizer, pairs, config, tokens_digest, out:
             if str(z["key"]) == key:
                 return z["ref_logp_0"], z["ref_logp_1"], 0.0
     t0 = time.perf_counter()
-    r0, r1 = reference_logps(model, tokenizer, pairs, config)
+    r0, r1 = reference_logps(model, tokenizer, pairs, config, features=features)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
@@ -748,22 +798,19 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     write_json({"run_digest": run_digest, "config": config.to_dict()}, out / RUN_FILE)
 
     # Reference log-probs before any adapter exists: the model as given *is* π_ref.
-    ref0, ref1, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, tdig, out)
+    ref0, ref1, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, feats,
+                                                      tdig, out)
 
     set_seed(config.seed)  # LoRA init draws from the global RNG
     if config.use_lora:
         model = _add_lora(model, config)
-    if tokenizer.pad_token_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    else:
-        pad_id = tokenizer.pad_token_id
+    pad_id = _pad_id(tokenizer)
 
     Trainer = preference_trainer_class()
     args = config.training_arguments()
     trainer = Trainer(model=model, args=args,
                       train_dataset=PreferenceDataset(feats, labels, ref0, ref1),
-                      data_collator=PreferenceCollator(
-                          pad_id, share_prompt=config.share_prompt and not config.gradient_checkpointing),
+                      data_collator=PreferenceCollator(pad_id, share_prompt=_can_share_prompt(config, args)),
                       processing_class=tokenizer,
                       callbacks=callbacks, beta=config.beta)
     trainer.group_by_length = config.group_by_length
@@ -788,6 +835,14 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     result.model = save_trained(model, tokenizer, model_dir, config, metadata, result, pairs)
     write_json({"run_digest": run_digest, **result.summary()}, out / RESULT_FILE)
     return result
+
+
+def _can_share_prompt(config: PreferenceConfig, args) -> bool:
+    """The shared-prompt layout needs a key/value cache (none under gradient checkpointing)
+    and runs two forward passes per step, which is verified single-process only; DDP,
+    DeepSpeed and FSDP get the one-pass concatenated layout."""
+    distributed = args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
+    return config.share_prompt and not config.gradient_checkpointing and not distributed
 
 
 def _read_json(path: Path):
