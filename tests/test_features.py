@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from dualign.models.features import cached_features, features_key, pooled_features
+from dualign.models.features import (cached_features, lookup_features, pooled_features, row_keys,
+                                     settings_key, store_features)
 from dualign.models.text import encode_pairs
 
 PROMPTS = ["Hi there", "How do I boil an egg for exactly the right time?", "x", "Why is the sky blue?"]
@@ -40,12 +41,27 @@ def test_pooling_differs_and_bad_input(tiny_model, tiny_tokenizer):
     assert pooled_features(tiny_model, tiny_tokenizer, [], []).shape == (0, tiny_model.config.hidden_size)
 
 
-def test_cache_roundtrip(tmp_path, tiny_model, tiny_tokenizer):
+def test_cache_roundtrip_and_incremental(tmp_path, tiny_model, tiny_tokenizer):
     loaded = (tiny_model, tiny_tokenizer)
-    x, l1 = cached_features("tiny", PROMPTS, RESPONSES, cache_dir=tmp_path, loaded=loaded, progress=False)
-    files = list(tmp_path.glob("*.npy"))
-    assert len(files) == 1 and files[0].stem == features_key("tiny", "last", None, 512, PROMPTS, RESPONSES)
-    # a cache hit must not need the backbone at all
-    y, l2 = cached_features("tiny", PROMPTS, RESPONSES, cache_dir=tmp_path, loaded=None, progress=False)
-    assert l2 is None and np.array_equal(x, y)
-    assert features_key("tiny", "mean", None, 512, PROMPTS, RESPONSES) != files[0].stem
+    full = pooled_features(tiny_model, tiny_tokenizer, PROMPTS, RESPONSES)
+    x, _ = cached_features("tiny", PROMPTS[:2], RESPONSES[:2], cache_dir=tmp_path, loaded=loaded, progress=False)
+    np.testing.assert_allclose(x, full[:2], atol=2e-5)
+    # a superset computes only the two new pairs: one more chunk, holding two rows
+    y, _ = cached_features("tiny", PROMPTS, RESPONSES, cache_dir=tmp_path, loaded=loaded, progress=False)
+    np.testing.assert_allclose(y, full, atol=2e-5)
+    chunks = sorted((tmp_path / settings_key("tiny", "last", None, 512)).glob("*.safetensors"))
+    assert len(chunks) == 2
+    from safetensors import safe_open
+    sizes = []
+    for c in chunks:
+        with safe_open(str(c), framework="np") as fh:
+            sizes.append(fh.get_tensor("features").shape[0])
+    assert sizes == [2, 2]
+    assert len(lookup_features(chunks[0].parent, row_keys(PROMPTS, RESPONSES))) == 4
+    # a full hit needs no backbone at all, and returns the cached rows exactly, in order
+    z, l2 = cached_features("tiny", PROMPTS[::-1], RESPONSES[::-1], cache_dir=tmp_path, loaded=None, progress=False)
+    assert l2 is None and np.array_equal(z, y[::-1])
+    # other settings are another cache
+    assert settings_key("tiny", "mean", None, 512) != settings_key("tiny", "last", None, 512)
+    with pytest.raises(ValueError):
+        store_features("tiny", PROMPTS, RESPONSES, full[:2], cache_dir=tmp_path)

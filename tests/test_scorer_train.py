@@ -103,20 +103,15 @@ def feature_cache(tmp_path):
     """Synthetic features written into the real on-disk feature cache under the keys
     `train_scorer` will look up, for a backbone name that names no model: training must then
     run entirely from the cache (a miss would fail loading the backbone)."""
-    from dualign.models.features import features_key
+    from dualign.models.features import store_features
 
     w_true, xa, xb = _synthetic(n=300, d=8, seed=4)
     df = _frame(xa, xb, w_true)
-    train, test = split_by_prompt(df, 0.2, seed=0)
     cache = tmp_path / "features"
-    cache.mkdir()
-    for part in (train, test):
-        idx = [int(p[1:]) for p in part["prompt"]]
-        x = np.concatenate([xa[idx], xb[idx]]).astype(np.float32)
-        p = part["prompt"].tolist()
-        key = features_key("no-such-backbone", "last", None, 512, p + p,
-                           part["response_0"].tolist() + part["response_1"].tolist())
-        np.save(cache / f"{key}.npy", x)
+    n = len(df)
+    p = df["prompt"].tolist()
+    store_features("no-such-backbone", p + p, df["response_0"].tolist() + df["response_1"].tolist(),
+                   np.concatenate([xa, xb]), cache_dir=cache)
     return df, w_true, cache
 
 

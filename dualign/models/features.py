@@ -218,19 +218,92 @@ def features_key(backbone: str, pooling: str, template: str | None, max_length: 
     return h.hexdigest()[:24]
 
 
+def settings_key(backbone: str, pooling: str, template: str | None, max_length: int | None) -> str:
+    """A digest naming the feature settings (one cache sub-directory per settings)."""
+    return hashlib.sha256(json.dumps([str(backbone), pooling, template, max_length, 1]).encode()).hexdigest()[:16]
+
+
+def row_keys(prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+    """A digest per (prompt, response) pair: the cache's row names."""
+    return [hashlib.sha256(p.encode("utf-8") + b"\x00" + r.encode("utf-8")).hexdigest()[:24]
+            for p, r in zip(prompts, responses)]
+
+
+def _cache_root(cache_dir) -> Path:
+    from .loading import cache_dir as default_cache
+
+    return Path(cache_dir) if cache_dir is not None else default_cache() / "features"
+
+
+def lookup_features(directory, keys: Sequence[str]) -> dict:
+    """Rows of the cache chunks in `directory` whose row key is in `keys`.
+
+    Returns
+    -------
+    dict mapping row key -> numpy.ndarray of shape (d,), float32
+    """
+    from safetensors import safe_open
+
+    wanted, found = set(keys), {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="np") as fh:
+                rows = json.loads((fh.metadata() or {}).get("rows", "[]"))
+                need = [(i, k) for i, k in enumerate(rows) if k in wanted and k not in found]
+                if need:
+                    x = fh.get_tensor("features")
+                    found.update((k, x[i]) for i, k in need)
+        except (OSError, ValueError, json.JSONDecodeError):
+            continue  # a damaged chunk is only a cache miss
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def store_features(backbone: str, prompts: Sequence[str], responses: Sequence[str], features, *,
+                   pooling: str = "last", template: str | None = None, max_length: int | None = 512,
+                   cache_dir=None) -> Path:
+    """Add features of these pairs to the cache, as one chunk file written atomically.
+
+    Parameters
+    ----------
+    features : numpy.ndarray, shape (n, d)
+
+    Returns
+    -------
+    pathlib.Path : the chunk file (`<cache>/<settings key>/<rows digest>.safetensors`).
+    """
+    from safetensors.numpy import save_file
+
+    from ..runio import atomic_path
+
+    keys = row_keys(prompts, responses)
+    x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+    if x.shape[0] != len(keys):
+        raise ValueError(f"{x.shape[0]} feature rows for {len(keys)} pairs")
+    d = _cache_root(cache_dir) / settings_key(backbone, pooling, template, max_length)
+    f = d / f"{hashlib.sha256(''.join(keys).encode()).hexdigest()[:24]}.safetensors"
+    with atomic_path(f) as tmp:
+        save_file({"features": x}, str(tmp), metadata={"rows": json.dumps(keys), "backbone": str(backbone)})
+    return f
+
+
 def cached_features(backbone: str, prompts: Sequence[str], responses: Sequence[str], *,
                     pooling: str = "last", template: str | None = None,
                     max_length: int | None = 512, cache_dir=None, loaded=None,
                     batch_size: int = 16, progress: bool = True, desc: str = "features"):
-    """`pooled_features` through an on-disk cache keyed by backbone, settings and the texts.
+    """`pooled_features` through an on-disk cache of rows keyed by settings and texts.
+
+    Only the pairs not cached yet are computed (then stored as a new chunk), so editing a
+    few records of a dataset, or taking other splits of it, costs only the new pairs.
 
     Parameters
     ----------
     backbone : str
         Backbone spec (see `load_backbone`); part of the cache key.
     cache_dir : path, optional
-        Default: `<dualign cache>/features`. Files are `<key>.npy` (no pickle), written
-        atomically.
+        Default: `<dualign cache>/features`. Chunks are safetensors files (no pickle) under
+        one sub-directory per settings, written atomically.
     loaded : (model, tokenizer), optional
         An already loaded backbone; loaded on a cache miss otherwise.
 
@@ -240,23 +313,25 @@ def cached_features(backbone: str, prompts: Sequence[str], responses: Sequence[s
         `loaded` is the backbone if it was needed (to reuse for the next call), else the
         `loaded` passed in.
     """
-    from ..runio import atomic_path
-    from .loading import cache_dir as default_cache
-
-    d = Path(cache_dir) if cache_dir is not None else default_cache() / "features"
-    key = features_key(backbone, pooling, template, max_length, prompts, responses)
-    f = d / f"{key}.npy"
-    if f.exists():
-        x = np.load(f, allow_pickle=False)
-        if x.shape[0] == len(prompts):
-            return x, loaded
-    if loaded is None:
-        loaded = load_backbone(backbone)
-    model, tok = loaded
-    x = pooled_features(model, tok, prompts, responses, pooling=pooling, template=template,
-                        max_length=max_length, batch_size=batch_size,
-                        encoder=is_encoder_spec(backbone), progress=progress, desc=desc)
-    with atomic_path(f) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, x, allow_pickle=False)
-    return x, loaded
+    keys = row_keys(prompts, responses)
+    d = _cache_root(cache_dir) / settings_key(backbone, pooling, template, max_length)
+    found = lookup_features(d, keys) if d.exists() else {}
+    missing, seen = [], set()
+    for i, k in enumerate(keys):
+        if k not in found and k not in seen:
+            missing.append(i)
+            seen.add(k)
+    if missing:
+        if loaded is None:
+            loaded = load_backbone(backbone)
+        model, tok = loaded
+        mp, mr = [prompts[i] for i in missing], [responses[i] for i in missing]
+        x = pooled_features(model, tok, mp, mr, pooling=pooling, template=template,
+                            max_length=max_length, batch_size=batch_size,
+                            encoder=is_encoder_spec(backbone), progress=progress, desc=desc)
+        store_features(backbone, mp, mr, x, pooling=pooling, template=template,
+                       max_length=max_length, cache_dir=cache_dir)
+        found.update((keys[i], x[j]) for j, i in enumerate(missing))
+    if not keys:
+        return np.zeros((0, 0), dtype=np.float32), loaded
+    return np.stack([found[k] for k in keys]).astype(np.float32, copy=False), loaded
