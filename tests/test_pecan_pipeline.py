@@ -167,6 +167,8 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
                  "train/model/README.md", "eval.json", "report.md", "figures/before_after.png",
                  "eval/dpo_h/samples.parquet", "eval/dpo_s/scores.parquet"):
         assert (run / name).exists(), name
+    # π_ref's log-probs of the preference pairs were computed once, for all three trainings
+    assert not any((run / d / "ref_logps.npz").exists() for d in ("pre_align/helpful", "pre_align/safety_harmless", "train"))
     card = json.loads((run / "pre_align/safety_harmless/model/dualign_train.json").read_text())
     assert card["metadata"]["label"] == "safer_response_id" and card["result"]["global_step"] == 2
     ev = json.loads((run / "eval.json").read_text())

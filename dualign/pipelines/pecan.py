@@ -56,16 +56,26 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
     align = pre_align_config(cfg)
 
+    tokenization = dict(template=align.template, append_eos=align.append_eos, max_length=align.max_length,
+                        batch_size=align.ref_batch_size, log=log)
+
+    # π_ref's log-probs of the preference pairs, computed once: the reference log-probs of
+    # DPO_H, of every DPO_S and (with pairs "preferences") of the one-shot training
+    source = run / ("pairs_source" if cfg.pairs == "preferences" else "pre_align/pairs") / "samples.parquet"
+    union = distinct_pairs(sets)
+    if len(union):
+        _write_if_changed(dataset_as_samples(union), source)
+        logprob_columns([source], logprob_models(cfg.policy, {}), force=force["pre_align"], **tokenization)
     log(f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
-    policies = pre_align_stage(run, cfg, sets, force=force["pre_align"], log=log)
+    policies = pre_align_stage(run, cfg, sets, ref_logps=source if len(union) else None,
+                               force=force["pre_align"], log=log)
     if not todo("sample"):
         return run
     models = logprob_models(cfg.policy, policies)
 
     def implicit(paths, force_):
         """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
-        logprob_columns(paths, models, template=align.template, append_eos=align.append_eos,
-                        max_length=align.max_length, batch_size=align.ref_batch_size, force=force_, log=log)
+        logprob_columns(paths, models, force=force_, **tokenization)
         return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
 
     policy, tok = load_policy(cfg.policy)
@@ -89,8 +99,9 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     if cfg.pairs == "samples":
         pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
     else:
-        source = run / "pairs_source" / "samples.parquet"
-        write_parquet(dataset_as_samples(relabel_source(cfg, sets)), source)
+        if cfg.pairs != "preferences":  # another file to relabel
+            source = run / "pairs_source" / "samples.parquet"
+            _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
         pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
         key = file_digest(source.with_name("scores.parquet"))
         if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
@@ -134,17 +145,16 @@ def preference_sets(cfg: PeCANConfig) -> dict[str, tuple[pd.DataFrame | None, st
 
     "helpful" reads `better_response_id`; "safety_<name>" reads `safer_response_id` (a
     PKU file without it raises an InputError naming the file, and the record and field
-    when one record lacks it). A given checkpoint needs no table.
+    when one record lacks it). The table is None where only a checkpoint is given; with a
+    checkpoint and a file, the file's pairs are still relabeled.
     """
     limit = cfg.max_pairs or None
     out = {}
     hf = cfg.helpful_source()
-    out[HELPFUL] = (load_preferences(hf, limit=limit) if hf and not cfg.helpful_model else None,
-                    "better", cfg.helpful_model)
+    out[HELPFUL] = (load_preferences(hf, limit=limit) if hf else None, "better", cfg.helpful_model)
     for name, f in cfg.safety_sources().items():
-        ckpt = cfg.safety_models.get(name, "")
-        out[f"safety_{name}"] = (load_preferences(f, require_safety=True, limit=limit) if f and not ckpt else None,
-                                 "safer", ckpt)
+        out[f"safety_{name}"] = (load_preferences(f, require_safety=not cfg.safety_models.get(name), limit=limit)
+                                 if f else None, "safer", cfg.safety_models.get(name, ""))
     return out
 
 
@@ -157,16 +167,23 @@ def dpo_pairs(prefs: pd.DataFrame, label: str) -> pd.DataFrame:
     return out
 
 
-def relabel_source(cfg: PeCANConfig, sets) -> pd.DataFrame:
-    """The pairs PeCAN relabels: `cfg.pairs` when it is a file, else every distinct pair of the
-    preference files (one file when `preferences` is used)."""
-    limit = cfg.max_pairs or None
-    if cfg.pairs != "preferences":
-        return load_preferences(cfg.pairs, limit=limit)
-    files = [f for f in [cfg.helpful_source(), *cfg.safety_sources().values()] if f]
-    tables = [load_preferences(f, limit=limit) for f in dict.fromkeys(files)]
-    df = pd.concat([t[["prompt", "response_0", "response_1"]] for t in tables], ignore_index=True)
-    return df.drop_duplicates(ignore_index=True)
+def distinct_pairs(sets) -> pd.DataFrame:
+    """Every distinct (prompt, response_0, response_1) of the preference tables in `sets`:
+    the pairs PeCAN relabels with `pairs: preferences` (as in the paper, which relabels
+    PKU-SafeRLHF)."""
+    tables = [t[["prompt", "response_0", "response_1"]] for t, _, _ in sets.values() if t is not None]
+    if not tables:
+        return pd.DataFrame(columns=["prompt", "response_0", "response_1"])
+    return pd.concat(tables, ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def _write_if_changed(df: pd.DataFrame, path: Path) -> None:
+    """Write a samples table unless the file already holds it (its digest keys cached log-probs)."""
+    if path.exists():
+        old = pd.read_parquet(path)
+        if old.shape == df.shape and old.reset_index(drop=True).equals(df.reset_index(drop=True)):
+            return
+    write_parquet(df, path)
 
 
 # ----------------------------------------------------------------------------- pre-alignment
@@ -179,12 +196,14 @@ def pre_align_config(cfg: PeCANConfig, output_dir: str = ""):
                                        **({"output_dir": output_dir} if output_dir else {})})
 
 
-def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, force: bool = False, log=print) -> dict[str, str]:
+def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, ref_logps=None, force: bool = False,
+                    log=print) -> dict[str, str]:
     """Train (or reuse) one plain-DPO policy per preference set → name → model folder.
 
     Each lands in `run/pre_align/<name>/model` ("helpful", "safety_<constraint>"), resuming
     from checkpoints like any training; a finished one is skipped when its data and
-    settings are unchanged.
+    settings are unchanged. `ref_logps`: a samples file of the pairs (`dataset_as_samples`)
+    whose scores.parquet holds `logp/ref`, used as the trainings' reference log-probs.
     """
     from ..runio import array_digest
     from ..train.preference import train_preferences
@@ -197,6 +216,8 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, force: bool = False, l
             continue
         tcfg = pre_align_config(cfg, str(Path(run) / "pre_align" / name))
         pairs = dpo_pairs(prefs, label)
+        if ref_logps is not None:
+            pairs = _with_ref_logps(pairs, Path(ref_logps))
         digest = array_digest(pairs["label"].to_numpy(), np.frombuffer(
             "\x00".join(pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel()).encode(), np.uint8))
         key = S.stage_key(digest, cfg.policy, tcfg.to_dict())
@@ -211,6 +232,15 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, force: bool = False, l
         train_preferences(model, tok, pairs, tcfg, resume=not force, metadata=meta)
         S.mark_done(run, f"pre_align_{name}", key, [rel])
     return out
+
+
+def _with_ref_logps(pairs: pd.DataFrame, samples_path: Path) -> pd.DataFrame:
+    """`pairs` plus ref_logp_0/ref_logp_1, looked up in the scored `dataset_as_samples` table."""
+    scored = pairs_from_scored_dataset(pd.read_parquet(samples_path.with_name("scores.parquet")))
+    keys = ["prompt", "response_0", "response_1"]
+    lp = scored[keys + [f"logp/{REF}_0", f"logp/{REF}_1"]].drop_duplicates(keys)
+    out = pairs.merge(lp, on=keys, how="left", validate="many_to_one")
+    return out.rename(columns={f"logp/{REF}_0": "ref_logp_0", f"logp/{REF}_1": "ref_logp_1"})
 
 
 def load_checkpoint(spec: str, base: str):
