@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[models,trl,dev]'
@@ -27,6 +26,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# Side-by-side benchmarks (ours vs the baseline in one process; they print ratios).
+bench: $(STAMP)
+	$(BIN)/python bench/dual_solver.py
+	$(BIN)/python bench/logprobs.py
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/scorers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
