@@ -128,6 +128,9 @@ def main(argv=None) -> int:
             m = res.metrics["test"]
             rows.append((f"PKU-SafeRLHF {kind}", len(tr), len(te), m["pairwise_accuracy"],
                          m.get("sign_accuracy"), cv))
+            if "pairwise_accuracy_mixed" in m:
+                rows.append((" ..one safe, one unsafe", "", m["n_pairs_mixed"], m["pairwise_accuracy_mixed"],
+                             None, "-"))
     else:
         print(f"(no {PKU.name}: PKU rows skipped)")
     if HH.exists() and not args.skip_hh:
