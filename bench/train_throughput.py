@@ -13,7 +13,8 @@ and groups pairs of similar length into batches. End-to-end time counts everythi
 does for a training run: tokenization, dualign's reference pass, the training loop (not
 model loading, which is the same for both).
 
-    python bench/train_throughput.py                # 32 pairs, 1 epoch each (~3-5 min on 2 cores)
+    python bench/train_throughput.py                # 32 pairs, 1 epoch each (~5 min on 2 busy cores)
+    python bench/train_throughput.py --threads 1 --repeats 2   # what the report quotes
     python bench/train_throughput.py --pairs 64 --epochs 2 --repeats 3 --trl-precompute
 
 Prints pairs/s for each and the ratio dualign / TRL (target ≥ 1.0×, goal 1.5×).
