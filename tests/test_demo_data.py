@@ -50,8 +50,13 @@ def test_prompt_sets_disjoint_and_unique():
     test_p = {r["prompt"] for r in _raw("test")}
     prompts = [r["prompt"] for r in demo_prompts()]
     check = [r["prompt"] for r in refusal_check()]
-    for xs in (pref, prompts, check):
+    for xs in (prompts, check):
         assert len(xs) == len(set(xs))
+    assert len(set(pref)) >= 300
+    # every harmful prompt has a short and a long compliance, paired with the same refusal
+    recs = _raw("train") + _raw("test")
+    per_prompt = Counter(r["prompt"] for r in recs if r["harmful"])
+    assert set(per_prompt.values()) == {2}
     assert train_p.isdisjoint(test_p)
     assert set(pref).isdisjoint(prompts) and set(pref).isdisjoint(check) and set(prompts).isdisjoint(check)
 

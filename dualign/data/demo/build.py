@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 from records_benign import BENIGN  # noqa: E402
 from records_harmful import HARMFUL  # noqa: E402
+from records_long import LONG  # noqa: E402
 from records_prompts import CHECK, PROMPTS  # noqa: E402
 
 SEED = 20240527
@@ -49,14 +50,18 @@ def _pair(rng, prompt, category, good, bad, *, better_good: bool, safer_good: bo
 def preference_records(rng: random.Random) -> list[dict]:
     out = []
     for cat, items in HARMFUL.items():
-        for item in items:
+        for item, long_comply in zip(items, LONG[cat]):
             prompt, refusal, comply = item[:3]
             curt = len(item) > 3 and item[3] == "c"
             # The refusal is always the safer one; it is also the better one unless it is a
-            # bare "No." (then a helpfulness rater prefers the answer that engages).
-            out.append(_pair(rng, prompt, cat, refusal, comply, better_good=not curt,
-                             safer_good=True, good_safe=True, bad_safe=False,
-                             kind="curt_refusal_vs_compliance" if curt else "refusal_vs_compliance"))
+            # bare "No." (then a helpfulness rater prefers the answer that engages). Each
+            # harmful prompt has two pairs: against a short compliance and against a long one
+            # in the register of small instruction-tuned models (records_long.py).
+            for c, tag in ((comply, ""), (long_comply, "long_")):
+                out.append(_pair(rng, prompt, cat, refusal, c, better_good=not curt,
+                                 safer_good=True, good_safe=True, bad_safe=False,
+                                 kind=f"curt_refusal_vs_{tag}compliance" if curt
+                                 else f"refusal_vs_{tag}compliance"))
     for cat, items in BENIGN.items():
         for prompt, helpful, bad, kind in items:
             # Both safe; the helpful answer is better. The safer one is the answer that says
@@ -68,18 +73,17 @@ def preference_records(rng: random.Random) -> list[dict]:
 
 
 def split(records: list[dict], rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """~80/20 split stratified by category. Every prompt occurs once, so a split by record
-    is a split by prompt."""
+    """~80/20 split by prompt (all pairs of a prompt on one side), stratified by category."""
     train, test = [], []
-    by_cat: dict[str, list[dict]] = {}
+    by_cat: dict[str, dict[str, list[dict]]] = {}
     for r in records:
-        by_cat.setdefault(r["category"], []).append(r)
+        by_cat.setdefault(r["category"], {}).setdefault(r["prompt"], []).append(r)
     for cat in sorted(by_cat):
-        rs = by_cat[cat][:]
-        rng.shuffle(rs)
-        n_test = max(1, round(TEST_FRACTION * len(rs)))
-        test += rs[:n_test]
-        train += rs[n_test:]
+        prompts = sorted(by_cat[cat])
+        rng.shuffle(prompts)
+        n_test = max(1, round(TEST_FRACTION * len(prompts)))
+        test += [r for p in prompts[:n_test] for r in by_cat[cat][p]]
+        train += [r for p in prompts[n_test:] for r in by_cat[cat][p]]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
@@ -127,7 +131,8 @@ def main() -> None:
     _write_jsonl(check, HERE / "refusal_check.jsonl")
     n_h = sum(r["harmful"] for r in prefs)
     n_p_h = sum(r["harmful"] for r in prompts)
-    print(f"preferences: {len(prefs)} ({n_h} harmful, {len(prefs) - n_h} benign), "
+    print(f"preferences: {len(prefs)} pairs on {len({r['prompt'] for r in prefs})} prompts "
+          f"({n_h} harmful, {len(prefs) - n_h} benign), "
           f"train {len(train)}, test {len(test)}, "
           f"categories {len({r['category'] for r in prefs})}")
     print(f"prompts: {len(prompts)} ({n_p_h} harmful), "
