@@ -493,7 +493,7 @@ def pair_logps(model, batch):
     first = int(resp.argmax(-1).min())
     keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
     kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
-    if keep < ids.shape[1]:
+    if keep < ids.shape[1] and "logits_to_keep" in _forward_params(model):
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
     T = logits.shape[1]
@@ -660,7 +660,8 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
     from ..models.logprobs import length_batches
 
     feats = features if features is not None else tokenize_pairs(tokenizer, pairs, config)
-    collate = PreferenceCollator(_pad_id(tokenizer), share_prompt=config.share_prompt)
+    collate = PreferenceCollator(_pad_id(tokenizer),
+                                 share_prompt=config.share_prompt and _supports_shared_prompt(model))
     lengths = [max(len(f["prompt_ids_0"]) + len(f["response_ids_0"]),
                    len(f["prompt_ids_1"]) + len(f["response_ids_1"])) for f in feats]
     device = next(model.parameters()).device
@@ -810,7 +811,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     args = config.training_arguments()
     trainer = Trainer(model=model, args=args,
                       train_dataset=PreferenceDataset(feats, labels, ref0, ref1),
-                      data_collator=PreferenceCollator(pad_id, share_prompt=_can_share_prompt(config, args)),
+                      data_collator=PreferenceCollator(
+                          pad_id, share_prompt=_can_share_prompt(config, args) and _supports_shared_prompt(model)),
                       processing_class=tokenizer,
                       callbacks=callbacks, beta=config.beta)
     trainer.group_by_length = config.group_by_length
@@ -843,6 +845,14 @@ def _can_share_prompt(config: PreferenceConfig, args) -> bool:
     DeepSpeed and FSDP get the one-pass concatenated layout."""
     distributed = args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
     return config.share_prompt and not config.gradient_checkpointing and not distributed
+
+
+def _supports_shared_prompt(model) -> bool:
+    """Whether the model's forward takes what the shared-prompt layout passes (a cache with
+    batch repetition, position ids, `logits_to_keep`); otherwise the concatenated layout."""
+    params = _forward_params(model)
+    has_cache_arg = "cache" in params or "past_key_values" in params
+    return has_cache_arg and {"position_ids", "logits_to_keep", "use_cache"} <= params
 
 
 def _read_json(path: Path):
