@@ -42,10 +42,14 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
     but no score model in training — DPO_H and DPO_S are pre-aligned on the built-in
     preference pairs (`better_response_id`, `safer_response_id`), whose relabeled pairs then
     train the PeCAN model. The demo's reward and cost heads only judge the result
-    (`scorer/reward`, `scorer/safety/harm`), next to the implicit scores."""
+    (`scorer/reward`, `scorer/safety/harm`), next to the implicit scores.
+
+    Sized for ≤ 30 minutes on an idle 2-core CPU: PeCAN trains three times, so DPO_H and
+    DPO_S get one epoch each (they only need the direction of each label) and the one-shot
+    model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
-        preferences=str(demo_path("train")),
+        preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
         margins={} if margin is None else {PeCANConfig.HARMLESS: margin},
         **_demo_settings(quick, beta, epochs))
