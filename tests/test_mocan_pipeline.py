@@ -101,3 +101,12 @@ def test_config_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     assert main(["mocan", "--prompts", cfg.prompts, "--reward", cfg.reward, "--safety", f"v=safety:{TOY}:safety",
                  "--margins", "other=0.1"]) == 2
     assert "unknown constraint" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    from dualign.train.preference import PreferenceConfig
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("mocan-*.yaml")):
+        cfg = load_config(MoCANConfig, path)
+        assert cfg.safety and cfg.reward and cfg.prompts, path
+        PreferenceConfig.from_dict(cfg.train)  # every training key is a real field
