@@ -80,7 +80,9 @@ def response_logps(logits, input_ids, response_mask):
     """
     import torch
 
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # sums of log-probs need fp32 at least
+        logits = logits.float()
     targets = input_ids[:, 1:]
     mask = response_mask[:, 1:].to(logits.dtype)
     # log_softmax then gather, without materializing a second (B, T, V) tensor of probs
