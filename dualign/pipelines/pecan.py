@@ -59,16 +59,9 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     tokenization = dict(template=align.template, append_eos=align.append_eos, max_length=align.max_length,
                         batch_size=align.ref_batch_size, log=log)
 
-    # π_ref's log-probs of the preference pairs, computed once: the reference log-probs of
-    # DPO_H, of every DPO_S and (with pairs "preferences") of the one-shot training
-    source = run / ("pairs_source" if cfg.pairs == "preferences" else "pre_align/pairs") / "samples.parquet"
-    union = distinct_pairs(sets)
-    if len(union):
-        _write_if_changed(dataset_as_samples(union), source)
-        logprob_columns([source], logprob_models(cfg.policy, {}), force=force["pre_align"], **tokenization)
     log(f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
-    policies = pre_align_stage(run, cfg, sets, ref_logps=source if len(union) else None,
-                               force=force["pre_align"], log=log)
+    source = reference_logps_of_pairs(run, cfg, sets, tokenization, force=force["pre_align"])
+    policies = pre_align_stage(run, cfg, sets, ref_logps=source, force=force["pre_align"], log=log)
     if not todo("sample"):
         return run
     models = logprob_models(cfg.policy, policies)
@@ -99,7 +92,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     if cfg.pairs == "samples":
         pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
     else:
-        if cfg.pairs != "preferences":  # another file to relabel
+        if cfg.pairs != "preferences":  # another file to relabel (else: the pairs scored above)
             source = run / "pairs_source" / "samples.parquet"
             _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
         pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
@@ -175,6 +168,22 @@ def distinct_pairs(sets) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame(columns=["prompt", "response_0", "response_1"])
     return pd.concat(tables, ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def reference_logps_of_pairs(run: Path, cfg: PeCANConfig, sets, tokenization: dict, *,
+                             force: bool = False) -> Path | None:
+    """π_ref's log-probs (`logp/ref`) of every distinct preference pair, computed once: the
+    reference log-probs of DPO_H, of every DPO_S and, with `pairs: preferences`, of the
+    one-shot training. Returns the pairs' samples file (`dataset_as_samples`; its
+    scores.parquet holds the column), in `pairs_source/` when those are the pairs PeCAN
+    relabels; None without preference files."""
+    union = distinct_pairs(sets)
+    if not len(union):
+        return None
+    source = Path(run) / ("pairs_source" if cfg.pairs == "preferences" else "pre_align/pairs") / "samples.parquet"
+    _write_if_changed(dataset_as_samples(union), source)
+    logprob_columns([source], logprob_models(cfg.policy, {}), force=force, **tokenization)
+    return source
 
 
 def _write_if_changed(df: pd.DataFrame, path: Path) -> None:
