@@ -120,10 +120,11 @@ def _write_jsonl(records, path: Path) -> None:
 
 
 def main() -> None:
-    rng = random.Random(SEED)
-    prefs = preference_records(rng)
-    train, test = split(prefs, rng)
-    prompts = prompt_records(rng)
+    # one generator per stage, so that editing one set of records leaves the others' order,
+    # split and ids unchanged
+    prefs = preference_records(random.Random(SEED))
+    train, test = split(prefs, random.Random(SEED + 1))
+    prompts = prompt_records(random.Random(SEED + 2))
     check = check_records()
     _write_jsonl(train, HERE / "preferences_train.jsonl")
     _write_jsonl(test, HERE / "preferences_test.jsonl")
