@@ -87,7 +87,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     if not todo("pairs"):
         return run
     scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
-    log(f"[5/8 pairs] pseudo-preference labels σ({'' if scale == 1 else '(1/β)·'}(Δr̂ + λ*ᵀΔĝ)) on pairs "
+    log(f"[5/8 pairs] pseudo-preference labels σ({'Δr̂ + λ*ᵀΔĝ' if scale == 1 else '(Δr̂ + λ*ᵀΔĝ)/β'}) on pairs "
         f"from {cfg.pairs}")
     if cfg.pairs == "samples":
         pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
