@@ -96,7 +96,7 @@ def demo_report(n_new_tokens: int = 64) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="smollm2-135m-instruct")
-    ap.add_argument("--pooling", default="last", choices=("last", "mean"))
+    ap.add_argument("--pooling", default="mean", choices=("last", "mean"))
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--hh-pairs", type=int, default=500, help="HH-RLHF subsample (of 2312) to stay in ~10 min")
     ap.add_argument("--folds", type=int, default=5)

@@ -347,7 +347,8 @@ def _add_train_scorer(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="scorer directory to write")
     p.add_argument("--backbone", default="smollm2-135m-instruct",
                    help="causal LM spec (as for sample) or a sentence encoder: all-minilm-l6-v2, encoder:DIR")
-    p.add_argument("--pooling", choices=("last", "mean"), default="last")
+    p.add_argument("--pooling", choices=("last", "mean"), default="mean",
+                   help="mean (default) of the response tokens' last hidden states, or the last token's")
     p.add_argument("--template", default="auto",
                    help="prompt template with {prompt}; 'auto' (default): the backbone's scorer template "
                         "(SmolLM2: its chat format without the default system prompt), else its chat template")

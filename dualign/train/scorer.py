@@ -24,7 +24,7 @@ import pandas as pd
 from ..errors import InputError
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
-DEFAULT_POOLING = "last"
+DEFAULT_POOLING = "mean"
 # Prompt templates for scoring, by backbone. SmolLM2's chat template inserts a default system
 # prompt ("You are a helpful AI assistant named SmolLM...") that carries no information about
 # the pair but is ~30% of a short pair's tokens; the scorer's features are the same kind of
