@@ -296,35 +296,12 @@ def _add_score(sub):
 
 
 def cmd_score(args) -> int:
-    from .errors import InputError
-    from .models.scorers import (check_safety_sign, column_is_current, load_scorer, parse_named,
-                                 read_samples, write_scores)
-    from .runio import file_digest
+    from .pipelines.scoring import score_jobs, score_samples
 
-    if not args.reward and not args.safety:
-        raise InputError("nothing to score: give --reward and/or --safety NAME=SPEC")
-    jobs = [("reward", args.reward, "reward")] if args.reward else []
-    for s in args.safety:
-        name, spec = parse_named(s)
-        check_safety_sign(spec, name)  # before any model is loaded
-        jobs.append((f"safety/{name}", spec, "safety"))
-    if len({c for c, _, _ in jobs}) != len(jobs):
-        raise InputError("two --safety constraints share a name", field="--safety")
-    samples = read_samples(args.samples)
+    jobs = score_jobs(args.reward, args.safety)  # every sign checked before any model loads
     out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
-    digest = file_digest(args.samples)
-    prompts, responses = samples["prompt"].tolist(), samples["response"].tolist()
-    for col, spec, role in jobs:
-        prov = {"spec": spec, "template": args.template, "samples": digest}
-        if column_is_current(out, col, prov):
-            print(f"{out}: {col} is up to date")
-            continue
-        scorer = load_scorer(spec, batch_size=args.batch_size, template=args.template,
-                             dtype=args.dtype, device=args.device)
-        values = scorer.reward(prompts, responses) if role == "reward" else scorer.safety(prompts, responses)
-        scorer.close()
-        write_scores(out, samples, {col: values}, provenance={col: prov})
-        print(f"{col}: mean {values.mean():.4f}, sd {values.std():.4f} ({spec})")
+    score_samples(args.samples, jobs, out, batch_size=args.batch_size, template=args.template,
+                  dtype=args.dtype, device=args.device)
     print(f"wrote {out}")
     return 0
 
