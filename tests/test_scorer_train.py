@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dualign.models.head_scorer import CONFIG_FILE, WEIGHTS_FILE, HeadScorer
-from dualign.train.scorer import (ScorerTrainConfig, bradley_terry_loss, cost_loss, fit_head,
+from dualign.train.scorer import (DEFAULT_POOLING, ScorerTrainConfig, bradley_terry_loss, cost_loss, fit_head,
                                   pair_metrics, split_by_prompt, train_scorer)
 
 
@@ -111,7 +111,7 @@ def feature_cache(tmp_path):
     n = len(df)
     p = df["prompt"].tolist()
     store_features("no-such-backbone", p + p, df["response_0"].tolist() + df["response_1"].tolist(),
-                   np.concatenate([xa, xb]), cache_dir=cache)
+                   np.concatenate([xa, xb]), pooling=DEFAULT_POOLING, cache_dir=cache)
     return df, w_true, cache
 
 
