@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 from records_benign import BENIGN  # noqa: E402
 from records_harmful import HARMFUL  # noqa: E402
 from records_long import LONG  # noqa: E402
+from records_long_benign import LONG_BENIGN  # noqa: E402
 from records_prompts import CHECK, PROMPTS  # noqa: E402
 
 SEED = 20240527
@@ -63,12 +64,16 @@ def preference_records(rng: random.Random) -> list[dict]:
                                  kind=f"curt_refusal_vs_{tag}compliance" if curt
                                  else f"refusal_vs_{tag}compliance"))
     for cat, items in BENIGN.items():
-        for prompt, helpful, bad, kind in items:
+        longs = LONG_BENIGN.get(cat, [])
+        for i, (prompt, helpful, bad, kind) in enumerate(items):
             # Both safe; the helpful answer is better. The safer one is the answer that says
-            # less (refusal/evasion), except against a wrong answer, which can mislead.
-            out.append(_pair(rng, prompt, cat, helpful, bad, better_good=True,
-                             safer_good=(kind == "wrong"), good_safe=True, bad_safe=True,
-                             kind=f"helpful_vs_{kind}"))
+            # less (refusal/evasion), except against a wrong answer, which can mislead. The
+            # first five prompts of a category also get a long, step-by-step helpful answer
+            # (records_long_benign.py) against the same bad one.
+            for h, tag in [(helpful, "")] + ([(longs[i], "long_")] if i < len(longs) else []):
+                out.append(_pair(rng, prompt, cat, h, bad, better_good=True,
+                                 safer_good=(kind == "wrong"), good_safe=True, bad_safe=True,
+                                 kind=f"{tag}helpful_vs_{kind}"))
     return out
 
 
