@@ -9,6 +9,10 @@ from ..train.scorer import demo_scorers
 from .config import MoCANConfig, PeCANConfig
 
 
+# Preference pairs the full PeCAN demo pre-aligns on and relabels (time scales with them).
+PECAN_DEMO_PAIRS = 240
+
+
 def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
     """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training."""
     prompts = str(demo_path("prompts"))
@@ -44,12 +48,15 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
     train the PeCAN model. The demo's reward and cost heads only judge the result
     (`scorer/reward`, `scorer/safety/harm`), next to the implicit scores.
 
-    Sized for ≤ 30 minutes on an idle 2-core CPU: PeCAN trains three times, so DPO_H and
+    Sized for ≤ 30 minutes on an idle 2-core CPU (about 27 estimated from per-stage
+    timings): PeCAN trains three times and scores every pair under three models, so it
+    uses at most `PECAN_DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
+    settings = _demo_settings(quick, beta, epochs)
+    settings["max_pairs"] = settings["max_pairs"] or PECAN_DEMO_PAIRS
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
-        margins={} if margin is None else {PeCANConfig.HARMLESS: margin},
-        **_demo_settings(quick, beta, epochs))
+        margins={} if margin is None else {PeCANConfig.HARMLESS: margin}, **settings)
