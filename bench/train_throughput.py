@@ -13,8 +13,8 @@ and groups pairs of similar length into batches. End-to-end time counts everythi
 does for a training run: tokenization, dualign's reference pass, the training loop (not
 model loading, which is the same for both).
 
-    python bench/train_throughput.py                # 32 pairs, 1 epoch each (~5 min on 2 busy cores)
-    python bench/train_throughput.py --threads 1 --repeats 2   # what the report quotes
+    python bench/train_throughput.py                # 32 pairs, 1 epoch each, 1 thread (~4-6 min)
+    python bench/train_throughput.py --repeats 2    # alternating order, medians
     python bench/train_throughput.py --pairs 64 --epochs 2 --repeats 3 --trl-precompute
 
 Prints pairs/s for each and the ratio dualign / TRL (target ≥ 1.0×, goal 1.5×).
@@ -166,7 +166,10 @@ def main(argv=None):
                     help="both trainers' max_length; the pairs are pre-cut to fit, so no truncation")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each contender, alternating order; medians are compared")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    # One thread by default: on a shared 2-core machine two torch threads thrash whenever
+    # another process runs (measured here: both contenders 2-3x slower and erratic, the
+    # ratio swinging with whoever got preempted). Use --threads 2 on an idle machine.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     ap.add_argument("--no-group", action="store_true", help="dualign without length grouping")
     ap.add_argument("--trl-precompute", action="store_true",
                     help="also time TRL with precompute_ref_log_probs=True")
