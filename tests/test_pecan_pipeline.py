@@ -257,3 +257,9 @@ def test_config_yaml_flags_and_validation(tmp_path, capsys):
     assert main(["pecan", "--config", str(y), "--safety-preferences", "tone=t.jsonl", "--pre_align.learning_rate",
                  "0.01", "--label-scale", "bad", "--out", str(tmp_path / "r")]) == 2
     assert "label_scale" in capsys.readouterr().err
+
+
+def test_the_7b_example_config_parses():
+    cfg = load_config(PeCANConfig, Path(__file__).parents[1] / "configs" / "pecan-alpaca-7b.yaml").validate()
+    assert cfg.safety_sources() == {"harmless": cfg.preferences} and cfg.margins == {"harmless": 0.5}
+    assert cfg.pre_align == {"num_train_epochs": 1} and cfg.train["use_lora"] is False
