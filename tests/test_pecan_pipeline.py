@@ -178,6 +178,8 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
     for b in ev["baselines"].values():
         assert list(b) == cols and "predicted_gain" not in b["safety/harmless"]
     assert "predicted_gain" in ev["scores"]["safety/harmless"] and "unsafe_rate_trained" in ev["scores"]["scorer/safety/vowels"]
+    # ĝ is defined up to a per-prompt constant: its sign, hence an "unsafe rate", means nothing
+    assert "unsafe_rate_trained" not in ev["scores"]["safety/harmless"]
     # the DPO_H row is really DPO_H's samples, not the trained model's
     dpo_h = pd.read_parquet(run / "eval/dpo_h/scores.parquet")
     trained = pd.read_parquet(run / "eval/trained/scores.parquet")

@@ -38,7 +38,7 @@ def paired_gain(reference: pd.DataFrame, trained: pd.DataFrame, column: str, *, 
 
 def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: str = "reward",
                    safety: list[str] = (), dual: dict | None = None, n_boot: int = 1000,
-                   seed: int = 0, other_rewards: list[str] = ()) -> dict:
+                   seed: int = 0, other_rewards: list[str] = (), unsigned: list[str] = ()) -> dict:
     """The `scores` block of eval.json: one entry per score column.
 
     Parameters
@@ -56,13 +56,16 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     other_rewards : list of str
         More reward-like columns (e.g. a real reward model next to an implicit reward),
         compared like `reward` but without predictions.
+    unsigned : list of str
+        Safety columns whose sign means nothing (PeCAN's implicit ĝ, defined up to a
+        per-prompt constant): no unsafe rate.
     """
     out = {}
     for col in [reward, *other_rewards, *safety]:
         gain, ci = paired_gain(reference, trained, col, n_boot=n_boot, seed=seed)
         entry = {"reference_mean": float(reference[col].mean()), "trained_mean": float(trained[col].mean()),
                  "achieved_gain": gain, "achieved_gain_ci": ci}
-        if col in safety:
+        if col in safety and col not in unsigned:
             entry["unsafe_rate_reference"] = float((reference[col] < 0).mean())
             entry["unsafe_rate_trained"] = float((trained[col] < 0).mean())
         if dual is not None:

@@ -122,7 +122,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     record = S.evaluate_stage(
         run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
         log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
-        safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"],
+        safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
         baselines=baseline_loaders(cfg.policy, policies, names))
     if not todo("report"):
         return run

@@ -162,7 +162,7 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
 
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
                    dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
-                   safety_cols=None, baselines: dict | None = None) -> dict:
+                   safety_cols=None, unsigned_cols=(), baselines: dict | None = None) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
     score both, compare → eval.json.
 
@@ -177,6 +177,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         Columns compared like a reward (no unsafe rate) and like a safety score; default
         `reward` and the jobs' safety columns. The first of each is the one the dual's
         predictions attach to.
+    unsigned_cols : list of str
+        Safety columns without a meaningful sign (no unsafe rate; PeCAN's implicit ĝ).
     baselines : dict name -> callable() -> (model, tokenizer, model_name), optional
         Other models (PeCAN: DPO_H, DPO_S) sampled and scored on the same prompts with the
         same settings; each is compared with the reference into `eval.json["baselines"][name]`.
@@ -209,7 +211,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
 
     def compare(other, with_dual):
         return compare_scores(ref_scores, other, reward=reward_cols[0], safety=safety_cols,
-                              other_rewards=reward_cols[1:], dual=dual if with_dual else None,
+                              other_rewards=reward_cols[1:], unsigned=unsigned_cols,
+                              dual=dual if with_dual else None,
                               seed=cfg.seed)
 
     scores = compare(trained_scores, True)
