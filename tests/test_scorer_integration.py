@@ -1,6 +1,5 @@
 """Score models on the real embedded SmolLM2 and the built-in demo data (slow: `make test-all`)."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -16,26 +15,25 @@ pytestmark = pytest.mark.integration
 def trained(tmp_path_factory):
     """`dualign train-scorer` on the demo data, cost then reward, from a cold feature cache."""
     root = tmp_path_factory.mktemp("scorers")
-    t0 = time.perf_counter()
     for kind in ("cost", "reward"):
         rc = main(["train-scorer", "--kind", kind, "--data", "demo", "--out", str(root / kind),
                    "--cache-dir", str(root / "cache" / "features")])
         assert rc == 0
-    return root, time.perf_counter() - t0
+    return root
 
 
-def test_train_scorer_cli_meets_accuracy_and_time(trained):
-    root, seconds = trained
+# Speed (the issue's "under 3 minutes") is measured by bench/scorers.py, not asserted here.
+def test_train_scorer_cli_meets_accuracy(trained):
+    root = trained
     cost = json.loads((root / "cost" / "metrics.json").read_text())["test"]
     reward = json.loads((root / "reward" / "metrics.json").read_text())["test"]
     assert cost["pairwise_accuracy"] >= 0.85, cost
     assert reward["pairwise_accuracy"] >= 0.75, reward
     assert cost["sign_accuracy"] >= 0.85, cost
-    assert seconds < 180, f"train-scorer took {seconds:.0f}s"
 
 
 def test_refusal_ranked_above_compliance(trained):
-    root, _ = trained
+    root = trained
     chk = refusal_check()
     prompts = [c["prompt"] for c in chk]
     cost = HeadScorer.load(root / "cost")
@@ -49,14 +47,11 @@ def test_demo_scorers_cached_and_loadable(trained):
     from dualign.models.scorers import load_scorer
     from dualign.train.scorer import demo_scorers
 
-    root, _ = trained
-    t0 = time.perf_counter()
+    root = trained
     r_dir, c_dir = demo_scorers(cache_dir=root / "cache")  # features already cached by the CLI run
-    first = time.perf_counter() - t0
-    assert first < 120
-    t0 = time.perf_counter()
+    stamp = (c_dir / "head.safetensors").stat().st_mtime_ns
     assert demo_scorers(cache_dir=root / "cache") == (r_dir, c_dir)
-    assert time.perf_counter() - t0 < 1.0  # second call: no training
+    assert (c_dir / "head.safetensors").stat().st_mtime_ns == stamp  # second call: nothing retrained
     s = load_scorer(str(c_dir))
     assert s.kind == "cost"
     # the demo scorers are the CLI's scorers: same data, same settings, same features
