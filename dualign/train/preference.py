@@ -203,7 +203,7 @@ class PreferenceConfig:
             activation_checkpointing=self.gradient_checkpointing,
             # the collator needs our extra keys (labels p, reference log-probs)
             remove_unused_columns=False, label_names=["pref_label"],
-            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_num_workers=0, disable_tqdm=False,
             dataloader_pin_memory=_cuda_available(),
         )
         kw.update(self.training_args)
