@@ -59,56 +59,43 @@ def _margins_for(margins, names):
     return margins
 
 
-def _add_mocan(sub):
-    from .pipelines.config import MoCANConfig, add_config_flags
+def _add_pipeline(sub, name: str, help: str, description: str):
+    """`dualign mocan` / `dualign pecan`: the same flags machinery over their config class."""
+    from .pipelines import config, pecan
     from .pipelines.stages import STAGES
 
-    p = sub.add_parser("mocan", help="MoCAN: sample → score → dual → pairs → train once → evaluate → report",
-                       description="Model-based one-shot safety alignment (DESIGN.md §3). Settings come from "
-                                   "--config FILE (YAML) and flags, flags winning; each stage is cached in the "
-                                   "run directory (--out) and a rerun resumes.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of MoCANConfig fields")
-    p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on (ignore its cache)")
-    p.add_argument("--until", dest="stop", choices=STAGES, help="stop after this stage")
-    add_config_flags(p, MoCANConfig)
-    p.set_defaults(func=cmd_mocan, allow_extra=True)
+    cls, stages = {"mocan": (config.MoCANConfig, STAGES), "pecan": (config.PeCANConfig, pecan.STAGES)}[name]
+    p = sub.add_parser(name, help=help, description=description + " Settings come from --config FILE (YAML) "
+                       "and flags, flags winning; each stage is cached in the run directory (--out) and a "
+                       "rerun resumes.")
+    p.add_argument("--config", metavar="FILE", help=f"YAML file of {cls.__name__} fields")
+    p.add_argument("--from", dest="start", choices=stages, help="rerun from this stage on (ignore its cache)")
+    p.add_argument("--until", dest="stop", choices=stages, help="stop after this stage")
+    config.add_config_flags(p, cls)
+    p.set_defaults(func=cmd_pipeline, allow_extra=True, config_class=cls)
     return p
 
 
-def cmd_mocan(args) -> int:
-    from .pipelines.config import MoCANConfig, load_config, overrides_from_args
-    from .pipelines.mocan import run_mocan
-
-    cfg = load_config(MoCANConfig, args.config, overrides_from_args(args, args.extra))
-    run = run_mocan(cfg, start=args.start, stop=args.stop)
-    print(f"\nartifacts in {run}/")
-    return 0
+def _add_mocan(sub):
+    return _add_pipeline(sub, "mocan", "MoCAN: sample → score → dual → pairs → train once → evaluate → report",
+                         "Model-based one-shot safety alignment (DESIGN.md §3).")
 
 
 def _add_pecan(sub):
-    from .pipelines.config import PeCANConfig, add_config_flags
-    from .pipelines.pecan import STAGES
-
-    p = sub.add_parser("pecan", help="PeCAN: pre-align DPO_H/DPO_S → implicit scores → dual → pairs → train once "
-                                     "→ evaluate → report",
-                       description="Preference-based one-shot safety alignment (DESIGN.md §4): no reward or cost "
-                                   "model, only preference data. Settings come from --config FILE (YAML) and flags, "
-                                   "flags winning; each stage is cached in the run directory (--out) and a rerun "
-                                   "resumes.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of PeCANConfig fields")
-    p.add_argument("--from", dest="start", choices=STAGES, help="rerun from this stage on (ignore its cache)")
-    p.add_argument("--until", dest="stop", choices=STAGES, help="stop after this stage")
-    add_config_flags(p, PeCANConfig)
-    p.set_defaults(func=cmd_pecan, allow_extra=True)
-    return p
+    return _add_pipeline(sub, "pecan", "PeCAN: pre-align DPO_H/DPO_S → implicit scores → dual → pairs → "
+                         "train once → evaluate → report",
+                         "Preference-based one-shot safety alignment (DESIGN.md §4): no reward or cost model, "
+                         "only preference data.")
 
 
-def cmd_pecan(args) -> int:
-    from .pipelines.config import PeCANConfig, load_config, overrides_from_args
+def cmd_pipeline(args) -> int:
+    from .pipelines.config import load_config, overrides_from_args
+    from .pipelines.mocan import run_mocan
     from .pipelines.pecan import run_pecan
 
-    cfg = load_config(PeCANConfig, args.config, overrides_from_args(args, args.extra, PeCANConfig.NESTED))
-    run = run_pecan(cfg, start=args.start, stop=args.stop)
+    cls = args.config_class
+    cfg = load_config(cls, args.config, overrides_from_args(args, args.extra, cls.NESTED))
+    run = {"mocan": run_mocan, "pecan": run_pecan}[args.command](cfg, start=args.start, stop=args.stop)
     print(f"\nartifacts in {run}/")
     return 0
 
