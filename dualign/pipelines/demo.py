@@ -9,8 +9,9 @@ from ..train.scorer import demo_scorers
 from .config import MoCANConfig, PeCANConfig
 
 
-# Preference pairs the full PeCAN demo pre-aligns on and relabels (time scales with them).
-PECAN_DEMO_PAIRS = 240
+# Preference pairs the full demos relabel and train on (PeCAN also pre-aligns on them): training
+# time scales with them, and 240 keeps the MoCAN demo near 15 minutes on an idle 2-core CPU.
+DEMO_PAIRS = 240
 
 
 def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
@@ -23,7 +24,7 @@ def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
                 eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
                 max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
                 temperature=1.0, top_p=0.9, seed=0, sample_batch_size=32, beta=beta,
-                bootstrap=200 if quick else 1000, max_pairs=48 if quick else 0, eval_num_samples=2,
+                bootstrap=200 if quick else 1000, max_pairs=48 if quick else DEMO_PAIRS, eval_num_samples=2,
                 train=train)
 
 
@@ -50,12 +51,11 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
 
     Sized for ≤ 30 minutes on an idle 2-core CPU (about 27 estimated from per-stage
     timings): PeCAN trains three times and scores every pair under three models, so it
-    uses at most `PECAN_DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
+    uses at most `DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
     settings = _demo_settings(quick, beta, epochs)
-    settings["max_pairs"] = settings["max_pairs"] or PECAN_DEMO_PAIRS
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
