@@ -110,3 +110,18 @@ def test_shipped_configs_parse():
         cfg = load_config(MoCANConfig, path)
         assert cfg.safety and cfg.reward and cfg.prompts, path
         PreferenceConfig.from_dict(cfg.train)  # every training key is a real field
+
+
+def test_report_explains_the_direction_of_a_gap():
+    from dualign.eval.report import _gap_note
+
+    scores = {"reward": {"achieved_gain": 0.1, "achieved_gain_ci": [0.0, 0.2], "predicted_gain": 1.0,
+                         "prediction_within_achieved_ci": False},
+              "safety/harm": {"achieved_gain": 3.0, "achieved_gain_ci": [2.5, 3.5], "predicted_gain": 1.0,
+                              "prediction_within_achieved_ci": False},
+              "safety/ok": {"achieved_gain": 1.0, "achieved_gain_ci": [0.5, 1.5], "predicted_gain": 1.0,
+                            "prediction_within_achieved_ci": True}}
+    notes = _gap_note(scores, kl=1.3)
+    assert len(notes) == 2
+    assert "stopped short" in notes[0] and "**reward**" in notes[0]
+    assert "went beyond" in notes[1] and "1.3 nats" in notes[1]

@@ -6,19 +6,26 @@ from pathlib import Path
 from ..runio import write_text
 
 
-def _gap_note(scores: dict) -> list[str]:
+def _gap_note(scores: dict, kl: float | None = None) -> list[str]:
+    """One line per score whose predicted gain lies outside the achieved gain's CI, with the
+    likely reason for the direction of the gap."""
     notes = []
     for col, e in scores.items():
         if "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
             continue
         lo, hi = e["achieved_gain_ci"]
-        side = "short of" if e["achieved_gain"] < e["predicted_gain"] else "beyond"
-        notes.append(
-            f"- **{col}**: the achieved gain {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] falls {side} "
-            f"the predicted {e['predicted_gain']:+.3f}. The prediction is for π_λ* itself: a short LoRA run "
-            "moves only part of the way toward it, and the prediction rests on K samples per prompt (see "
-            "the effective sample size). Train longer (`--train.num_train_epochs`, more pairs with "
-            "`--pairs-per-prompt`) or sample more (`--num-samples`) to close the gap.")
+        head = (f"- **{col}**: achieved {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                f"predicted {e['predicted_gain']:+.3f}. ")
+        if e["achieved_gain"] < e["predicted_gain"]:
+            notes.append(head + "The trained model stopped short of π_λ*: a short run moves only part of the way. "
+                         "Train longer (`--train.num_train_epochs`, `--epochs` in the demo) or on more pairs.")
+        else:
+            notes.append(head + "The trained model went beyond π_λ*"
+                         + (f" (predicted KL {kl:.3g} nats)" if kl is not None else "") + ": preference "
+                         "training on few pairs with near-certain labels keeps pushing the log-ratios past the "
+                         "tilted optimum (over-optimization; read the examples for degraded text), and with few "
+                         "samples per prompt the dual only sees what reweighting those samples can reach. Lower "
+                         "the learning rate or the epochs, and draw more samples (`--num-samples`).")
     return notes
 
 
@@ -58,7 +65,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
                   if "unsafe_rate_reference" in e else "")
         lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
                      f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
-    gaps = _gap_note(record["scores"])
+    gaps = _gap_note(record["scores"], dual["predicted"]["kl"])
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
                      ["Every predicted gain lies inside the achieved gain's 95% CI."])
     if record.get("baselines"):
