@@ -17,7 +17,7 @@ DEMO_PAIRS = 240
 def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
     """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training."""
     prompts = str(demo_path("prompts"))
-    train = {"learning_rate": 5e-4, "num_train_epochs": epochs or (1 if quick else 2),
+    train = {"learning_rate": 1e-4, "num_train_epochs": epochs or (1 if quick else 2),
              "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
              "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0}
     return dict(policy=EMBEDDED_DEFAULT, margin_fraction=0.5, prompts=prompts, prompt_split="train",
