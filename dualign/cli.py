@@ -248,11 +248,11 @@ def cmd_logprobs(args) -> int:
         print(f"{out}: {col} is up to date")
         return 0
     from .models.loading import load_policy
-    from .models.logprobs import logprobs
+    from .models.logprobs import logprobs, samples_append_eos
 
     model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
     # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
-    eos = ~samples["truncated"].to_numpy(bool) if "truncated" in samples.columns else True
+    eos = samples_append_eos(samples)
     lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
                      batch_size=args.batch_size, template=template, append_eos=eos,
                      progress=not args.no_progress)

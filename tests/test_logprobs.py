@@ -80,3 +80,14 @@ def test_append_eos_per_row(tiny_model, tiny_tokenizer):
     f = np.array(flags)
     np.testing.assert_allclose(mixed, np.where(f, with_eos, without), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(n_mixed, np.where(f, n_with, n_without))
+
+
+def test_truncated_samples_are_scored_without_eos():
+    import pandas as pd
+
+    from dualign.models.logprobs import samples_append_eos
+
+    df = pd.DataFrame({"truncated": [False, True, False]})
+    assert samples_append_eos(df).tolist() == [True, False, True]
+    assert samples_append_eos(df, append_eos=False) is False
+    assert samples_append_eos(pd.DataFrame({"response": ["a"]})) is True

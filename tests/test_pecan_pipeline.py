@@ -87,18 +87,21 @@ def reused_run(tmp_path_factory, tiny_model_dir, aligned_dirs):
     return cfg, run_pecan(cfg, stop="pairs", **QUIET)
 
 
-def hand_logps(spec, prompts, responses):
+def hand_logps(spec, prompts, responses, eos=True):
     model, tok = load_policy(str(spec))
-    return logprobs(model, tok, list(prompts), list(responses))[0]
+    return logprobs(model, tok, list(prompts), list(responses), append_eos=eos)[0]
 
 
 def test_implicit_scores_are_beta_log_ratios_and_the_dual_matches_by_hand(reused_run, tiny_model_dir, aligned_dirs):
     cfg, run = reused_run
     scores = pd.read_parquet(run / "scores.parquet")
     p, r = scores["prompt"], scores["response"]
-    ref = hand_logps(tiny_model_dir, p, r)
-    r_hat = cfg.beta * (hand_logps(aligned_dirs[0], p, r) - ref)
-    g_hat = cfg.beta * (hand_logps(aligned_dirs[1], p, r) - ref)
+    # a response cut at max_new_tokens never emitted EOS, so it is scored without one
+    samples = pd.read_parquet(run / "samples.parquet").set_index(["prompt_id", "sample_id"])
+    eos = ~samples.loc[list(zip(scores["prompt_id"], scores["sample_id"])), "truncated"].to_numpy(bool)
+    ref = hand_logps(tiny_model_dir, p, r, eos)
+    r_hat = cfg.beta * (hand_logps(aligned_dirs[0], p, r, eos) - ref)
+    g_hat = cfg.beta * (hand_logps(aligned_dirs[1], p, r, eos) - ref)
     np.testing.assert_allclose(scores["reward"], r_hat, atol=1e-9)
     np.testing.assert_allclose(scores["safety/harmless"], g_hat, atol=1e-9)
     assert np.abs(r_hat).max() > 0.1  # the stand-ins differ from π_ref: the scores are not all 0

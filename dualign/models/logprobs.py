@@ -193,3 +193,11 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     finally:
         model.train(was_training)
     return logp, n_tok
+
+
+def samples_append_eos(samples, append_eos: bool = True):
+    """`append_eos` for `logprobs` on a samples table: per row, False where the response was
+    cut at max_new_tokens (it never emitted the EOS, so scoring one would be wrong)."""
+    if not append_eos or "truncated" not in samples.columns:
+        return append_eos
+    return ~samples["truncated"].to_numpy(bool)

@@ -85,7 +85,7 @@ def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template
     Tokenization (`template`, `append_eos`, `max_length`) must be the one the pre-aligned
     models were trained with, since their log-ratios are what DPO fitted.
     """
-    from ..models.logprobs import logprobs
+    from ..models.logprobs import logprobs, samples_append_eos
 
     paths = [Path(p) for p in samples_paths]
     digests = {p: file_digest(p) for p in paths}
@@ -100,7 +100,8 @@ def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template
         for p in todo:
             samples = read_samples(p)
             lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                             batch_size=batch_size, template=template, append_eos=append_eos,
+                             batch_size=batch_size, template=template,
+                             append_eos=samples_append_eos(samples, append_eos),
                              max_length=max_length)
             write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
             log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses (mean {lp.mean():.2f} nats)")
