@@ -45,6 +45,8 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
                 "predicted_gain_ci", "margin", "unsafe_rate_reference", "unsafe_rate_trained"):
         assert key in s, key
     assert s["margin"] == pytest.approx(dual["margins"][0])
+    g = pd.read_parquet(run / "scores.parquet")["safety/vowels"]
+    assert dual["constraints"][0]["unsafe_rate_reference"] == pytest.approx((g < 0).mean())
     pairs = pd.read_parquet(run / "pairs.parquet")
     assert len(pairs) == 2 * len(PROMPTS) and pairs["label"].between(0, 1).all()
     # label = σ(r_λ(y1) − r_λ(y0)) with r_λ = r + λ g
@@ -64,6 +66,41 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
     run_mocan(cfg, start="dual", stop="pairs", log=lambda *a: None)
     assert (run / "samples.parquet").stat().st_mtime_ns == stamps[run / "samples.parquet"]
     assert (run / "dual.json").stat().st_mtime_ns != stamps[run / "dual.json"]
+
+
+def _logps(model, tok, samples):
+    from dualign.models.logprobs import logprobs, samples_append_eos
+
+    samples = samples.sort_values(["prompt_id", "sample_id"])
+    eos = samples_append_eos(samples, True)  # a response cut at max_new_tokens gets no EOS
+    return logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(), append_eos=eos)[0], samples
+
+
+@pytest.mark.parametrize("lr", [0.0, 5e-2])
+def test_achieved_kl_is_the_mean_log_ratio_of_the_trained_models_samples(tmp_path, tiny_model_dir, lr):
+    import numpy as np
+
+    from dualign.models.loading import load_policy
+    from dualign.train.preference import load_trained
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, train={"max_steps": 3, "per_device_train_batch_size": 2,
+                                                    "save_steps": 3, "learning_rate": lr})
+    run = run_mocan(cfg, log=lambda *a: None)
+    kl = json.loads((run / "eval.json").read_text())["kl"]
+    dual = json.loads((run / "dual.json").read_text())
+    assert kl["predicted"] == dual["predicted"]["kl"] and kl["predicted_ci"] == dual["predicted"]["kl_ci"]
+    lo, hi = kl["achieved_ci"]
+    assert lo <= kl["achieved"] <= hi
+    if lr == 0:  # an untrained LoRA adapter is π_ref itself: every log-ratio is 0
+        assert kl["achieved"] == pytest.approx(0, abs=1e-6) and hi - lo == pytest.approx(0, abs=1e-6)
+        return
+    # the estimate from independently loaded models: mean over prompts of mean log π_θ/π_ref
+    samples = pd.read_parquet(run / "eval" / "trained" / "samples.parquet")
+    trained, samples = _logps(*load_trained(run / "train" / "model", str(tiny_model_dir)), samples)
+    ref, _ = _logps(*load_policy(str(tiny_model_dir)), samples)
+    per_prompt = pd.Series(trained - ref).groupby(samples["prompt_id"].to_numpy()).mean()
+    assert np.abs(trained - ref).max() > 1e-3  # training moved the model
+    assert kl["achieved"] == pytest.approx(per_prompt.mean(), abs=1e-4)
 
 
 def test_until_stops_after_the_dual(tmp_path, tiny_model_dir):

@@ -113,6 +113,8 @@ def test_implicit_scores_are_beta_log_ratios_and_the_dual_matches_by_hand(reused
     assert dual["lambda"][0] > 0  # margin_fraction 0.5 of the largest gain: the constraint binds
     assert dual["constraints"][0]["predicted_gain"] == pytest.approx(hand.predicted.safety_gain[0], abs=1e-9)
     assert dual["predicted"]["reward_gain"] == pytest.approx(hand.predicted.reward_gain, abs=1e-9)
+    # ĝ's sign means nothing (a log-ratio): no unsafe rate is reported for it
+    assert "unsafe_rate_reference" not in dual["constraints"][0]
 
 
 def test_prompt_only_constants_change_nothing(reused_run):
@@ -200,6 +202,16 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
     run_pecan(cfg, log=lines.append)
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     assert not any("plain DPO" in str(x) for x in lines)
+
+    # a run directory copied elsewhere keeps its caches: nothing is recomputed there either
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    moved_stamps = {moved / p.relative_to(run): (moved / p.relative_to(run)).stat().st_mtime_ns for p in files}
+    lines = []
+    run_pecan(load_config(PeCANConfig, None, {**cfg.to_dict(), "out": str(moved)}), log=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in moved_stamps} == moved_stamps
+    assert not any("plain DPO" in str(x) or "logp/" in str(x) for x in lines), lines
 
     # --from pairs relabels (paper scale) but keeps the pre-aligned models and the samples
     run_pecan(load_config(PeCANConfig, None, {**cfg.to_dict(), "label_scale": "paper"}), start="pairs",

@@ -68,6 +68,11 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     gaps = _gap_note(record["scores"], dual["predicted"]["kl"])
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
                      ["Every predicted gain lies inside the achieved gain's 95% CI."])
+    if "kl" in record:
+        k = record["kl"]
+        lines += ["", f"KL(π_θ‖π_ref) of the trained model: {k['achieved']:.3f} nats, 95% CI "
+                  f"[{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] ({k['note']}); predicted for π_λ*: "
+                  f"{k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]."]
     if record.get("baselines"):
         lines += _models_table(record)
     t = record.get("train", {})

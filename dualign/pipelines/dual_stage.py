@@ -12,8 +12,11 @@ from ..runio import array_digest, write_json
 
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
                      level: float = 0.95, seed: int = 0, progress: bool = True,
-                     inputs: dict | None = None) -> dict:
+                     inputs: dict | None = None, signed: bool = True) -> dict:
     """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
+
+    `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
+    β log π_g/π_ref): the record then has no reference unsafe rate.
 
     Raises
     ------
@@ -35,8 +38,9 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             "reference_mean": float(scores.safety[:, :, j].mean()),
             "predicted_gain": float(pred.safety_gain[j]), "predicted_gain_ci": ci["safety_gain"][j].tolist(),
             "max_gain": float(est.max_gain[j]), "slack": float(est.slack[j]),
-            "unsafe_rate_reference": float(np.mean(scores.safety[:, :, j] < 0)),
         })
+        if signed:
+            constraints[-1]["unsafe_rate_reference"] = float(np.mean(scores.safety[:, :, j] < 0))
     return {
         "beta": float(beta), "margins": margins.tolist(), "lambda": est.lam.tolist(),
         "feasible": True, "converged": bool(est.converged), "iterations": est.iterations,
@@ -83,7 +87,9 @@ def format_dual_summary(d: dict) -> str:
 
 
 def write_dual_outputs(d: dict, scores: ScoreArrays, out_json=None, plot_dir=None) -> list[Path]:
-    """Write dual.json (atomically) and, with `plot_dir`, the three figures. Returns the paths."""
+    """Write dual.json (atomically) and, with `plot_dir`, the three figures. Returns the paths.
+
+    The safety histogram marks the unsafe side (< 0) only when the record has unsafe rates."""
     from ..eval.figures import plot_convergence, plot_dual_curves, plot_safety_histogram
 
     written = []
@@ -99,7 +105,8 @@ def write_dual_outputs(d: dict, scores: ScoreArrays, out_json=None, plot_dir=Non
         if not np.any(margins):
             sweep = [mg * f for f in (0.0, 0.25, 0.5)]
         written += [
-            plot_safety_histogram(scores.safety, scores.safety_names, plot_dir / "safety_histogram.png"),
+            plot_safety_histogram(scores.safety, scores.safety_names, plot_dir / "safety_histogram.png",
+                                  signed=all("unsafe_rate_reference" in c for c in d["constraints"])),
             plot_dual_curves(scores.reward, scores.safety, d["beta"], sweep, lam, scores.safety_names,
                              plot_dir / "dual_function.png"),
             plot_convergence(d["history"], lam, plot_dir / "solver_convergence.png"),

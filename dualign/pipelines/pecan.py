@@ -64,7 +64,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     policies = pre_align_stage(run, cfg, sets, ref_logps=source, force=force["pre_align"], log=log)
     if not todo("sample"):
         return run
-    models = logprob_models(cfg.policy, policies)
+    models = logprob_models(cfg.policy, policies, run)
 
     def implicit(paths, force_):
         """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
@@ -83,7 +83,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         return run
     log("[4/8 dual] λ* and what π_λ* will do, before any training")
     dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
-                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log)
+                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log, signed=False)
     if not todo("pairs"):
         return run
     scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
@@ -123,7 +123,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
         log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
         safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
-        baselines=baseline_loaders(cfg.policy, policies, names))
+        baselines=baseline_loaders(cfg.policy, policies, names, run))
     if not todo("report"):
         return run
     log("[8/8 report]")
@@ -229,7 +229,8 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, ref_logps=None, force:
             pairs = _with_ref_logps(pairs, Path(ref_logps))
         digest = array_digest(pairs["label"].to_numpy(), np.frombuffer(
             "\x00".join(pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel()).encode(), np.uint8))
-        key = S.stage_key(digest, cfg.policy, tcfg.to_dict())
+        settings = {k: v for k, v in tcfg.to_dict().items() if k != "output_dir"}  # a moved run stays current
+        key = S.stage_key(digest, cfg.policy, settings)
         rel = f"pre_align/{name}/model"
         out[name] = str(Path(run) / rel)
         if not force and S.is_current(run, f"pre_align_{name}", key):
@@ -268,29 +269,20 @@ def load_checkpoint(spec: str, base: str):
     return model, load_tokenizer(base)
 
 
-def checkpoint_ident(spec: str) -> str:
-    """`spec@digest-of-its-weights` for a local folder (a retrained policy changes it), else spec."""
-    p = Path(spec)
-    for f in ("model/adapter_model.safetensors", "adapter_model.safetensors", "model/model.safetensors",
-              "model.safetensors", "config.json"):
-        if (p / f).exists():
-            return f"{spec}@{file_digest(p / f)}"
-    return str(spec)
-
-
-def logprob_models(base: str, policies: dict[str, str]) -> list[LogProbModel]:
-    """π_ref (`logp/ref`) and every pre-aligned policy (`logp/<name>`)."""
+def logprob_models(base: str, policies: dict[str, str], run: Path | None = None) -> list[LogProbModel]:
+    """π_ref (`logp/ref`) and every pre-aligned policy (`logp/<name>`); checkpoints under
+    `run` are named relative to it (`stages.model_ident`)."""
     models = [LogProbModel(REF, base, lambda: load_policy(base))]
     for name, path in policies.items():
-        models.append(LogProbModel(name, checkpoint_ident(path), lambda p=path: load_checkpoint(p, base)))
+        models.append(LogProbModel(name, S.model_ident(path, run), lambda p=path: load_checkpoint(p, base)))
     return models
 
 
-def baseline_loaders(base: str, policies: dict[str, str], names: list[str]) -> dict:
+def baseline_loaders(base: str, policies: dict[str, str], names: list[str], run: Path | None = None) -> dict:
     """eval name → loader of (model, tokenizer, model name): "dpo_h", and "dpo_s" (one
     constraint) or "dpo_s_<name>" (several)."""
     def loader(path):
-        return lambda: (*load_checkpoint(path, base), checkpoint_ident(path))
+        return lambda: (*load_checkpoint(path, base), S.model_ident(path, run))
 
     out = {"dpo_h": loader(policies[HELPFUL])}
     for n in names:

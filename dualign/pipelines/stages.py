@@ -52,6 +52,26 @@ def stage_window(start: str | None, stop: str | None, stages: tuple[str, ...] = 
     return first, last
 
 
+def model_ident(spec, run: Path | None = None, weights: Path | None = None) -> str:
+    """A model's identity in cached provenance: `spec@digest` for a local folder, the digest
+    of `weights` or else of the folder's weights file (retrained weights change it); else
+    `spec`. A folder under `run` is named relative to it, so a run directory moved or
+    copied elsewhere keeps its caches."""
+    from ..runio import file_digest
+
+    p = Path(spec)
+    if weights is None:
+        names = ("model/adapter_model.safetensors", "adapter_model.safetensors", "model/model.safetensors",
+                 "model.safetensors", "config.json")
+        weights = next((p / f for f in names if (p / f).exists()), None)
+    if weights is None:
+        return str(spec)
+    label = str(spec)
+    if run is not None and p.resolve().is_relative_to(Path(run).resolve()):
+        label = p.resolve().relative_to(Path(run).resolve()).as_posix()
+    return f"{label}@{file_digest(weights)}"
+
+
 # ----------------------------------------------------------------------------- stage functions
 # Each takes the run directory and what it needs, writes its artifacts atomically there, and
 # returns what the next stage needs. MoCAN and PeCAN are short recipes wiring these.
@@ -96,8 +116,9 @@ def resolve_margins(arrays, beta: float, margins: dict, fraction: float) -> list
 
 
 def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fraction: float,
-               n_boot: int, seed: int, *, force: bool = False, log=print) -> dict:
-    """Solve the dual on the scored samples → dual.json and figures/ (skipped when current)."""
+               n_boot: int, seed: int, *, force: bool = False, log=print, signed: bool = True) -> dict:
+    """Solve the dual on the scored samples → dual.json and figures/ (skipped when current).
+    `signed=False`: safety scores without a meaningful sign (as `solve_dual_stage`)."""
     from ..data.scores import scores_to_arrays
     from ..runio import array_digest
     from .dual_stage import format_dual_summary, solve_dual_stage, write_dual_outputs
@@ -112,7 +133,7 @@ def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fract
         for name, m, c in zip(safety_cols, resolved, arrays.safety_names):
             src = "given" if c.split("/", 1)[-1] in margins else f"{fraction:g} × largest achievable gain"
             log(f"margin for {name}: {m:g} ({src})")
-        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed)
+        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed, signed=signed)
         write_dual_outputs(d, arrays, run / "dual.json", run / "figures")
         mark_done(run, "dual", key, ["dual.json"])
     log(format_dual_summary(d))
@@ -184,7 +205,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         same settings; each is compared with the reference into `eval.json["baselines"][name]`.
     """
     from ..eval.summary import compare_scores, format_eval_table, format_models_table
-    from ..runio import file_digest, write_json
+    from ..runio import write_json
     from ..train.preference import RESULT_FILE
 
     run = Path(run)
@@ -193,7 +214,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     reward_cols = list(reward_cols or ["reward"])
     if safety_cols is None:
         safety_cols = [c for c, _, role in jobs if role == "safety"]
-    trained_name = f"{result.model_dir}@{file_digest(result.output_dir / RESULT_FILE)}"
+    # the training record changes with every training, sharded weights or not
+    trained_name = model_ident(result.model_dir, run, weights=result.output_dir / RESULT_FILE)
     model = result.model
     with _reference_of(model, base_spec) as (ref_model, tok):
         ref_path = sample_stage(run, ref_model, tok, prompts, cfg, subdir="eval/reference",
@@ -222,13 +244,55 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
               "examples": _examples(ref_scores, trained_scores, reward_cols + safety_cols)}
     if baselines:
         record["baselines"] = {name: compare(tables[name], False) for name in baselines}
+    record["kl"] = achieved_kl(run, result, base_spec, trained_path, trained_name, cfg, dual, force=force, log=log)
     write_json(record, run / "eval.json")
     log(f"Evaluation on {len(prompts)} held-out prompts × {cfg.eval_num_samples} samples:")
     log(format_eval_table(scores))
+    k = record["kl"]
+    log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
+        f"predicted for π_λ* {k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]")
     if baselines:
         log("Gain over the reference, every model on the same prompts:")
         log(format_models_table(record))
     return record
+
+
+def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_name: str, cfg, dual: dict,
+                *, force: bool = False, log=print) -> dict:
+    """KL(π_θ‖π_ref) of the trained model, estimated on its own evaluation samples.
+
+    The estimate is the mean over prompts of the mean over a prompt's samples y ~ π_θ of
+    log π_θ(y|x) − log π_ref(y|x) (nats per response), tokenized as in training; its CI
+    resamples prompts. It is unbiased when the samples are drawn with temperature 1 and
+    top_p 1; with top_p < 1 (the default 0.9) it measures the KL on the nucleus the samples
+    come from. The log-probs are cached as `logp/trained` and `logp/ref` columns of the
+    trained samples' scores.parquet (PeCAN's implicit scores already hold `logp/ref`).
+
+    Returns
+    -------
+    dict: achieved, achieved_ci, predicted and predicted_ci (the dual's KL(π_λ*‖π_ref)), note.
+    """
+    from contextlib import ExitStack
+
+    import pandas as pd
+
+    from ..eval.summary import paired_gain
+    from .implicit import REF, LogProbModel, logprob_columns
+
+    tcfg = train_config(run, dual["beta"], cfg.train)
+    tokenization = dict(template=tcfg.template, append_eos=tcfg.append_eos, max_length=tcfg.max_length,
+                        batch_size=tcfg.ref_batch_size, force=force, log=log)
+    logprob_columns([samples_path], [LogProbModel("trained", trained_name, lambda: (result.model, result.tokenizer))],
+                    **tokenization)
+    with ExitStack() as stack:  # π_ref is set up only if its column is not current
+        ref = LogProbModel(REF, base_spec, lambda: stack.enter_context(_reference_of(result.model, base_spec)))
+        logprob_columns([samples_path], [ref], **tokenization)
+    table = pd.read_parquet(Path(samples_path).parent / "scores.parquet")
+    as_lp = lambda col: table[["prompt_id", col]].rename(columns={col: "logp"})  # noqa: E731
+    kl, ci = paired_gain(as_lp(f"logp/{REF}"), as_lp("logp/trained"), "logp", seed=cfg.seed)
+    return {"achieved": kl, "achieved_ci": ci, "predicted": dual["predicted"]["kl"],
+            "predicted_ci": dual["predicted"]["kl_ci"],
+            "note": f"mean log π_θ/π_ref of π_θ's samples (temperature {cfg.temperature:g}, top_p {cfg.top_p:g})"}
 
 
 class _reference_of:

@@ -23,11 +23,13 @@ the batch order depends only on (seed, epoch).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -870,7 +872,17 @@ def _add_lora(model, config: PreferenceConfig):
     lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=tm,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    with _quiet_peft():
+        return get_peft_model(model, lcfg)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap; its
+    FutureWarning says nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _finished_result(model, tokenizer, out: Path, done: dict, labels) -> TrainResult:
@@ -1012,7 +1024,8 @@ def load_trained(model_dir, base_model=None, merge: bool = False, torch_dtype=No
                              file=str(model_dir))
         if hasattr(base_model, "peft_config"):  # a wrapped model: use its base
             base_model = base_model.unload() if hasattr(base_model, "unload") else base_model.get_base_model()
-        model = PeftModel.from_pretrained(base_model, model_dir)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base_model, model_dir)
         if merge:
             model = model.merge_and_unload()
     elif (model_dir / "config.json").exists():
