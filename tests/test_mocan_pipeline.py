@@ -162,3 +162,30 @@ def test_report_explains_the_direction_of_a_gap():
     assert len(notes) == 2
     assert "stopped short" in notes[0] and "**reward**" in notes[0]
     assert "went beyond" in notes[1] and "1.3 nats" in notes[1]
+
+
+def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
+    """No reweighting of K samples is further than log K nats from uniform: with one sample
+    per prompt far ahead, π_λ puts all its mass there and the predicted KL is log K."""
+    import math
+
+    import numpy as np
+
+    from dualign.dual import solve_dual
+    from dualign.eval.report import sample_ceiling_note
+
+    rng = np.random.default_rng(0)
+    n, k = 20, 4
+    reward = rng.normal(size=(n, k))
+    reward[:, 0] += 50.0  # sample 0 dominates every prompt at β = 0.1
+    safety = rng.normal(size=(n, k, 1))
+    res = solve_dual(reward, safety, beta=0.1, margins=[-10.0])
+    assert res.lam[0] == 0 and res.predicted.kl == pytest.approx(math.log(k), abs=1e-9)
+
+    def dual(kl, k):
+        return {"n_samples_per_prompt": k, "predicted": {"kl": kl}}
+
+    assert sample_ceiling_note(dual(0.5 * math.log(4) - 1e-6, 4)) is None
+    note = sample_ceiling_note(dual(1.2, 4))
+    assert "87% of its ceiling log K = 1.39" in note and "K = 4" in note
+    assert sample_ceiling_note(dual(5.0, 1)) is None  # one sample: nothing to reweight

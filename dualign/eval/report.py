@@ -6,6 +6,23 @@ from pathlib import Path
 from ..runio import write_text
 
 
+def sample_ceiling_note(dual: dict) -> str | None:
+    """A warning when the predicted KL(π_λ*‖π_ref) nears log K, else None.
+
+    The dual sees π_λ* only as a reweighting of each prompt's K samples, and no reweighting
+    of K samples is further than log K nats from the uniform one: near that ceiling the
+    samples, not β and λ*, bound the predictions, and the trained model (which tilts the
+    whole response space) can move further, with larger gains, than predicted."""
+    import math
+
+    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
+    if k < 2 or kl < 0.5 * math.log(k):
+        return None
+    return (f"predicted KL {kl:.3g} nats is {kl / math.log(k):.0%} of its ceiling log K = {math.log(k):.3g} "
+            f"with K = {k} samples per prompt: the samples bound the predictions, and the trained model may "
+            f"move further (larger KL and gains) than predicted; draw more samples (`num_samples`)")
+
+
 def _gap_note(scores: dict, kl: float | None = None) -> list[str]:
     """One line per score whose predicted gain lies outside the achieved gain's CI, with the
     likely reason for the direction of the gap."""
@@ -53,7 +70,8 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
               f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) = {p['kl']:.4g} nats, effective samples per "
               f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
-              f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}.", "",
+              f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}."
+              + (f" **Note:** {sample_ceiling_note(dual)}." if sample_ceiling_note(dual) else ""), "",
               "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", "",
               "## Predicted vs achieved (held-out prompts)", "",
               "| score | reference | trained | achieved gain [95% CI] | predicted gain | unsafe rate ref → trained |",
