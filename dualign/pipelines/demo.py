@@ -49,8 +49,8 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
     train the PeCAN model. The demo's reward and cost heads only judge the result
     (`scorer/reward`, `scorer/safety/harm`), next to the implicit scores.
 
-    Sized for ≤ 30 minutes on an idle 2-core CPU (about 27 estimated from per-stage
-    timings): PeCAN trains three times and scores every pair under three models, so it
+    Sized for ≤ 30 minutes on an idle 2-core CPU (19 min measured, scorers cached):
+    PeCAN trains three times and scores every pair under three models, so it
     uses at most `DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
