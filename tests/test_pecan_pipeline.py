@@ -191,8 +191,13 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
     assert b["scorer/reward"]["trained_mean"] == pytest.approx(pd.read_parquet(run / "eval/dpo_s/scores.parquet")["scorer/reward"].mean())
     assert ev["baselines"]["dpo_h"]["reward"]["trained_mean"] == pytest.approx(dpo_h["reward"].mean())
     assert not dpo_h["response"].equals(trained["response"])
+    # every model's KL(π‖π_ref) on its own samples: DPO_H's from its logp/helpful column
+    per_prompt = (dpo_h["logp/helpful"] - dpo_h["logp/ref"]).groupby(dpo_h["prompt_id"]).mean()
+    assert ev["baselines_kl"]["dpo_h"]["achieved"] == pytest.approx(per_prompt.mean(), abs=1e-9)
+    assert set(ev["baselines_kl"]) == {"dpo_h", "dpo_s"} and "predicted" in ev["kl"]
     report = (run / "report.md").read_text()
     assert "| dpo_h |" in report and "| dpo_s |" in report and "β·log π_r/π_ref" in report
+    assert "| KL(π‖π_ref) |" in report and f"{ev['baselines_kl']['dpo_s']['achieved']:.3f}" in report
 
     files = [run / "pre_align/helpful/model/adapter_model.safetensors", run / "samples.parquet",
              run / "scores.parquet", run / "dual.json", run / "pairs.parquet", run / "eval/dpo_s/samples.parquet",

@@ -109,14 +109,22 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
 def _models_table(record: dict) -> list[str]:
     """Markdown table: every model's mean score, its gain over the reference [95% CI] and,
     for safety scores, its unsafe rate."""
+    from .summary import model_kls
+
     cols = list(record["scores"])
     models = {record["method"]: record["scores"], **record["baselines"]}
+    kls = model_kls(record)
+    kl_cell = lambda k: f"{k[0]:.3f} [{k[1][0]:.3f}, {k[1][1]:.3f}]" if k else "–"  # noqa: E731
     lines = ["", "## Every model on the same held-out prompts", "",
-             "Mean score, gain over the reference [95% CI] and, for safety scores, the unsafe rate.", "",
-             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
-             "| reference | " + " | ".join(_cell(record["scores"][c], ref=True) for c in cols) + " |"]
+             "Mean score, gain over the reference [95% CI] and, for safety scores, the unsafe rate"
+             + ("; KL(π‖π_ref) in nats on each model's own samples." if kls else "."), "",
+             "| model | " + " | ".join(cols) + (" | KL(π‖π_ref)" if kls else "") + " |",
+             "|---|" + "---|" * (len(cols) + bool(kls)),
+             "| reference | " + " | ".join(_cell(record["scores"][c], ref=True) for c in cols)
+             + (" | 0" if kls else "") + " |"]
     for name, sc in models.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(sc.get(c)) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(sc.get(c)) for c in cols)
+                     + (f" | {kl_cell(kls.get(name))}" if kls else "") + " |")
     return lines
 
 

@@ -104,11 +104,12 @@ def format_models_table(record: dict) -> str:
     trained model, named by `record["method"]`, and `record["baselines"]`; columns: the
     score columns), with the reference's means on the first row and 95% CIs."""
     models = {record["method"]: record["scores"], **record.get("baselines", {})}
+    kls = model_kls(record)
     cols = list(record["scores"])
     w = max(24, *(len(c) + 2 for c in cols))
     ref = [f"mean {record['scores'][c]['reference_mean']:.3f}" for c in cols]
-    lines = ["  " + f"{'model':<14}" + "".join(f"{c:>{w}}" for c in cols),
-             "  " + f"{'reference':<14}" + "".join(f"{r:>{w}}" for r in ref)]
+    lines = ["  " + f"{'model':<14}" + "".join(f"{c:>{w}}" for c in cols) + (f"{'KL(π‖π_ref)':>22}" if kls else ""),
+             "  " + f"{'reference':<14}" + "".join(f"{r:>{w}}" for r in ref) + (f"{0:>22.3f}" if kls else "")]
     for name, sc in models.items():
         cells = []
         for c in cols:
@@ -118,5 +119,18 @@ def format_models_table(record: dict) -> str:
                 lo, hi = e["achieved_gain_ci"]
                 text = f"{e['achieved_gain']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
             cells.append(f"{text:>{w}}")
+        if kls:
+            k = kls.get(name)
+            cells.append(f"{(f'{k[0]:.3f} [{k[1][0]:.2f}, {k[1][1]:.2f}]' if k else '-'):>22}")
         lines.append("  " + f"{name:<14}" + "".join(cells))
     return "\n".join(lines)
+
+
+def model_kls(record: dict) -> dict[str, tuple[float, list[float]]]:
+    """Model name → (KL(π‖π_ref) estimate, CI) for every model of an eval record that has one."""
+    out = {}
+    if "kl" in record:
+        out[record["method"]] = (record["kl"]["achieved"], record["kl"]["achieved_ci"])
+    for name, k in record.get("baselines_kl", {}).items():
+        out[name] = (k["achieved"], k["achieved_ci"])
+    return out

@@ -123,7 +123,8 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
         log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
         safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
-        baselines=baseline_loaders(cfg.policy, policies, names, run))
+        baselines=baseline_loaders(cfg.policy, policies, names, run),
+        baseline_logps={"dpo_h": f"logp/{HELPFUL}", **{_dpo_s_name(n, names): f"logp/safety_{n}" for n in names}})
     if not todo("report"):
         return run
     log("[8/8 report]")
@@ -286,8 +287,12 @@ def baseline_loaders(base: str, policies: dict[str, str], names: list[str], run:
 
     out = {"dpo_h": loader(policies[HELPFUL])}
     for n in names:
-        out["dpo_s" if len(names) == 1 else f"dpo_s_{n}"] = loader(policies[f"safety_{n}"])
+        out[_dpo_s_name(n, names)] = loader(policies[f"safety_{n}"])
     return out
+
+
+def _dpo_s_name(name: str, names: list[str]) -> str:
+    return "dpo_s" if len(names) == 1 else f"dpo_s_{name}"
 
 
 def same_tokenization(a, b) -> bool:

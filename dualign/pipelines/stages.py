@@ -183,7 +183,8 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
 
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
                    dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
-                   safety_cols=None, unsigned_cols=(), baselines: dict | None = None) -> dict:
+                   safety_cols=None, unsigned_cols=(), baselines: dict | None = None,
+                   baseline_logps: dict | None = None) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
     score both, compare → eval.json.
 
@@ -203,6 +204,9 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     baselines : dict name -> callable() -> (model, tokenizer, model_name), optional
         Other models (PeCAN: DPO_H, DPO_S) sampled and scored on the same prompts with the
         same settings; each is compared with the reference into `eval.json["baselines"][name]`.
+    baseline_logps : dict name -> column, optional
+        A baseline's own log-probs in its scored table (PeCAN: `logp/helpful` for DPO_H),
+        next to `logp/ref`: its KL(π‖π_ref) goes to `eval.json["baselines_kl"][name]`.
     """
     from ..eval.summary import compare_scores, format_eval_table, format_models_table
     from ..runio import write_json
@@ -245,6 +249,9 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     if baselines:
         record["baselines"] = {name: compare(tables[name], False) for name in baselines}
     record["kl"] = achieved_kl(run, result, base_spec, trained_path, trained_name, cfg, dual, force=force, log=log)
+    if baseline_logps:
+        record["baselines_kl"] = {name: kl_of_own_samples(tables[name], col, "logp/ref", cfg)
+                                  for name, col in baseline_logps.items()}
     write_json(record, run / "eval.json")
     log(f"Evaluation on {len(prompts)} held-out prompts × {cfg.eval_num_samples} samples:")
     log(format_eval_table(scores))
@@ -276,7 +283,6 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
 
     import pandas as pd
 
-    from ..eval.summary import paired_gain
     from .implicit import REF, LogProbModel, logprob_columns
 
     tcfg = train_config(run, dual["beta"], cfg.train)
@@ -288,11 +294,20 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
         ref = LogProbModel(REF, base_spec, lambda: stack.enter_context(_reference_of(result.model, base_spec)))
         logprob_columns([samples_path], [ref], **tokenization)
     table = pd.read_parquet(Path(samples_path).parent / "scores.parquet")
+    return {**kl_of_own_samples(table, "logp/trained", f"logp/{REF}", cfg),
+            "predicted": dual["predicted"]["kl"], "predicted_ci": dual["predicted"]["kl_ci"]}
+
+
+def kl_of_own_samples(table, policy_col: str, ref_col: str, cfg) -> dict:
+    """KL(π‖π_ref) estimated from a table of π's own samples holding both log-probs:
+    mean over prompts of the mean of `policy_col − ref_col`, with a bootstrap CI over
+    prompts → {achieved, achieved_ci, note}."""
+    from ..eval.summary import paired_gain
+
     as_lp = lambda col: table[["prompt_id", col]].rename(columns={col: "logp"})  # noqa: E731
-    kl, ci = paired_gain(as_lp(f"logp/{REF}"), as_lp("logp/trained"), "logp", seed=cfg.seed)
-    return {"achieved": kl, "achieved_ci": ci, "predicted": dual["predicted"]["kl"],
-            "predicted_ci": dual["predicted"]["kl_ci"],
-            "note": f"mean log π_θ/π_ref of π_θ's samples (temperature {cfg.temperature:g}, top_p {cfg.top_p:g})"}
+    kl, ci = paired_gain(as_lp(ref_col), as_lp(policy_col), "logp", seed=cfg.seed)
+    return {"achieved": kl, "achieved_ci": ci,
+            "note": f"mean log π/π_ref of π's samples (temperature {cfg.temperature:g}, top_p {cfg.top_p:g})"}
 
 
 class _reference_of:
