@@ -207,6 +207,39 @@ def test_predictions_at_zero_lambda_and_ess_bounds():
     assert 1 <= pred.ess_min <= pred.ess_mean <= r.shape[1]
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_coarse_start_changes_nothing_but_the_path(m):
+    """From N = 512 prompts the solver starts at λ* of every 8th prompt: same λ* as from 0."""
+    from dualign.dual.solver import COARSE_MIN_PROMPTS, _coarse_start
+
+    rng = np.random.default_rng(m)
+    n, k = COARSE_MIN_PROMPTS, 16
+    reward = rng.normal(size=(n, k))
+    safety = 0.5 * reward[:, :, None] * -1 + rng.normal(size=(n, k, m))
+    margins = 0.3 * DualProblem(reward, safety, 0.1, 0).max_gain()
+    start = _coarse_start(DualProblem(reward, safety, 0.1, margins))
+    assert np.all(start > 0)  # the subsample's λ*, not 0
+    a = solve_dual(reward, safety, 0.1, margins)
+    b = solve_dual(reward, safety, 0.1, margins, lam0=np.zeros(m))
+    np.testing.assert_allclose(a.lam, b.lam, rtol=1e-9, atol=1e-12)
+    assert a.converged and a.history[0].tolist() == start.tolist()
+
+
+def test_coarse_start_falls_back_to_zero_when_the_subsample_cannot_reach_the_margin():
+    from dualign.dual.solver import COARSE_MIN_PROMPTS, COARSE_STRIDE, _coarse_start
+
+    n, k = COARSE_MIN_PROMPTS, 4
+    rng = np.random.default_rng(0)
+    reward = rng.normal(size=(n, k))
+    safety = np.zeros((n, k))
+    off = np.arange(n) % COARSE_STRIDE != 0
+    safety[off] = rng.normal(size=(off.sum(), k))  # the every-8th subsample has no safety spread
+    margin = 0.5 * DualProblem(reward, safety, 0.1, 0).max_gain()[0]
+    assert np.all(_coarse_start(DualProblem(reward, safety, 0.1, margin)) == 0)
+    res = solve_dual(reward, safety, 0.1, margin)
+    assert res.converged and res.predicted.safety_gain[0] == pytest.approx(margin, abs=1e-8)
+
+
 def test_dual_does_not_import_torch():
     import subprocess
     out = subprocess.run([sys.executable, "-c", "import dualign.dual, sys; print('torch' in sys.modules)"],
