@@ -93,6 +93,7 @@ def test_achieved_kl_is_the_mean_log_ratio_of_the_trained_models_samples(tmp_pat
     assert lo <= kl["achieved"] <= hi
     if lr == 0:  # an untrained LoRA adapter is π_ref itself: every log-ratio is 0
         assert kl["achieved"] == pytest.approx(0, abs=1e-6) and hi - lo == pytest.approx(0, abs=1e-6)
+        assert "the model barely moved" in (run / "report.md").read_text()
         return
     # the estimate from independently loaded models: mean over prompts of mean log π_θ/π_ref
     samples = pd.read_parquet(run / "eval" / "trained" / "samples.parquet")

@@ -90,7 +90,9 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
         k = record["kl"]
         lines += ["", f"KL(π_θ‖π_ref) of the trained model: {k['achieved']:.3f} nats, 95% CI "
                   f"[{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] ({k['note']}); predicted for π_λ*: "
-                  f"{k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]."]
+                  f"{k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]."
+                  + (" The achieved KL is indistinguishable from 0 (the estimate can come out negative): "
+                     "the model barely moved." if k["achieved_ci"][0] <= 0 else "")]
     if record.get("baselines"):
         lines += _models_table(record)
     t = record.get("train", {})

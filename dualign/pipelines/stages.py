@@ -257,7 +257,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     log(format_eval_table(scores))
     k = record["kl"]
     log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
-        f"predicted for π_λ* {k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]")
+        f"predicted for π_λ* {k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]"
+        + ("  (achieved indistinguishable from 0: the model barely moved)" if k["achieved_ci"][0] <= 0 else ""))
     if baselines:
         log("Gain over the reference, every model on the same prompts:")
         log(format_models_table(record))
