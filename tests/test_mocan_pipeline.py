@@ -104,6 +104,22 @@ def test_achieved_kl_is_the_mean_log_ratio_of_the_trained_models_samples(tmp_pat
     assert kl["achieved"] == pytest.approx(per_prompt.mean(), abs=1e-4)
 
 
+def test_a_changed_margin_reruns_the_stale_stages_including_training(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    run = run_mocan(cfg, log=lambda *a: None)
+    first = json.loads((run / "dual.json").read_text())
+    weights = run / "train" / "model" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    margin = 0.5 * first["margins"][0]
+    run_mocan(load_config(MoCANConfig, None, {**cfg.to_dict(), "margins": {"vowels": margin}}), log=lambda *a: None)
+    dual = json.loads((run / "dual.json").read_text())
+    ev = json.loads((run / "eval.json").read_text())
+    assert dual["margins"] == [margin] and dual["lambda"] != first["lambda"]
+    assert ev["lambda"] == dual["lambda"] and weights.read_bytes() != before  # retrained on the new labels
+    card = json.loads((run / "train" / "model" / "dualign_train.json").read_text())
+    assert card["metadata"]["lambda"] == dual["lambda"]
+
+
 def test_until_stops_after_the_dual(tmp_path, tiny_model_dir):
     run = run_mocan(make_cfg(tmp_path, tiny_model_dir), stop="dual", log=lambda *a: None)
     assert (run / "dual.json").exists() and not (run / "pairs.parquet").exists()

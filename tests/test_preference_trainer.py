@@ -199,6 +199,13 @@ def test_resume_refuses_a_different_run(tiny_tokenizer, tmp_path):
     # resume=False starts over in the same directory
     res = train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume=False)
     assert res.global_step == 1 and not res.skipped
+    # "auto" (the pipelines): the finished same run is reused, another one is started over
+    res = train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume="auto")
+    assert res.skipped
+    res = train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), cfg, resume="auto")
+    assert res.global_step == 1 and not res.skipped
+    with pytest.raises(ValueError, match="resume must be"):
+        train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), cfg, resume="yes")
 
 
 def test_hard_label_mode_trains_on_seeded_draws(tiny_tokenizer, tmp_path):

@@ -240,7 +240,7 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, ref_logps=None, force:
         model, tok = load_policy(cfg.policy)  # fresh: LoRA wraps the model it trains in place
         meta = {"method": "dpo_h" if name == HELPFUL else "dpo_s", "base_model": cfg.policy,
                 "beta": cfg.beta, "data": prefs.attrs.get("source"), "label": f"{label}_response_id"}
-        train_preferences(model, tok, pairs, tcfg, resume=not force, metadata=meta)
+        train_preferences(model, tok, pairs, tcfg, resume="auto" if not force else False, metadata=meta)
         S.mark_done(run, f"pre_align_{name}", key, [rel])
     return out
 

@@ -178,7 +178,9 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
     # precomputed reference log-probs (PeCAN has them from its implicit scores) save a pass
     cols = ["prompt", "response_0", "response_1", "label"] + [c for c in ("ref_logp_0", "ref_logp_1")
                                                               if c in pairs.columns]
-    return train_preferences(model, tokenizer, pairs[cols], tcfg, resume=not force, metadata=metadata)
+    # changed pairs or settings make an earlier training stale: "auto" starts it over
+    return train_preferences(model, tokenizer, pairs[cols], tcfg, resume="auto" if not force else False,
+                             metadata=metadata)
 
 
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,

@@ -740,10 +740,12 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         Columns `prompt`, `response_0`, `response_1`, `label` (p = P(y1 preferred), in
         [0, 1]); optional `ref_logp_0`, `ref_logp_1` (precomputed log π_ref, then used as is).
     config : PreferenceConfig, optional
-    resume : bool
+    resume : bool or "auto"
         If `config.output_dir` holds checkpoints of the same run (same data, settings and
         tokenization), resume from the last one; if it holds the finished run, load it and
         train nothing. False: start over (old checkpoints and caches there are deleted).
+        "auto": resume the same run, start over when the folder holds another one (the
+        pipelines: changed pairs or settings make the old training stale).
     metadata : dict, optional
         Written into the model card and `dualign_train.json`: e.g. `lambda`, `margins`,
         `data`, `scores`, `base_model`, `method`, `dual`.
@@ -758,6 +760,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     InputError
         Bad pairs table or settings, or `output_dir` holds checkpoints of a different run
         while `resume=True`.
+    ValueError
+        `resume` is not True, False or "auto".
     """
     from transformers import set_seed
 
@@ -770,15 +774,10 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         name = getattr(getattr(model, "config", None), "_name_or_path", None)
         if name:
             metadata["base_model"] = str(name)
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', not {resume!r}")
     pairs = validate_pairs(pairs)
     out = Path(config.output_dir)
-    if not resume and out.exists():
-        for cp in _checkpoints(out):
-            shutil.rmtree(cp)
-        for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
-            (out / name).unlink(missing_ok=True)
-        if (out / MODEL_DIRNAME).exists():
-            shutil.rmtree(out / MODEL_DIRNAME)
 
     feats = tokenize_pairs(tokenizer, pairs, config)
     p = pairs["label"].to_numpy(np.float64)
@@ -789,9 +788,19 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
 
     prev = _read_json(out / RUN_FILE)
     has_state = bool(_checkpoints(out)) or (out / MODEL_DIRNAME).exists()
-    if resume and has_state and prev is not None and prev.get("run_digest") != run_digest:
+    other_run = has_state and prev is not None and prev.get("run_digest") != run_digest
+    if resume == "auto":
+        resume = not other_run
+    elif resume and other_run:
         raise InputError("holds a run with other data or settings; choose another output_dir "
                          "or pass resume=False to start over", file=str(out))
+    if not resume and out.exists():
+        for cp in _checkpoints(out):
+            shutil.rmtree(cp)
+        for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
+            (out / name).unlink(missing_ok=True)
+        if (out / MODEL_DIRNAME).exists():
+            shutil.rmtree(out / MODEL_DIRNAME)
     done = _read_json(out / RESULT_FILE)
     if resume and done is not None and done.get("run_digest") == run_digest \
             and (out / MODEL_DIRNAME).exists():
