@@ -1,6 +1,7 @@
 """report.md: what was asked, what the dual predicted, what the trained model did."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..runio import write_text
@@ -13,8 +14,6 @@ def sample_ceiling_note(dual: dict) -> str | None:
     of K samples is further than log K nats from the uniform one: near that ceiling the
     samples, not β and λ*, bound the predictions, and the trained model (which tilts the
     whole response space) can move further, with larger gains, than predicted."""
-    import math
-
     k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
     if k < 2 or kl < 0.5 * math.log(k):
         return None
@@ -67,11 +66,12 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
         lines.append(f"| {c['name']} | {c['margin']:.4g} | {c['lambda']:.4g} | [{lo:.4g}, {hi:.4g}] | "
                      f"{c['predicted_gain']:+.4g} | {c['max_gain']:.4g} |")
     p = dual["predicted"]
+    ceiling = sample_ceiling_note(dual)
     lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
               f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) = {p['kl']:.4g} nats, effective samples per "
               f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
               f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}."
-              + (f" **Note:** {sample_ceiling_note(dual)}." if sample_ceiling_note(dual) else ""), "",
+              + (f" **Note:** {ceiling}." if ceiling else ""), "",
               "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", "",
               "## Predicted vs achieved (held-out prompts)", "",
               "| score | reference | trained | achieved gain [95% CI] | predicted gain | unsafe rate ref → trained |",

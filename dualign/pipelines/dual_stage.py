@@ -80,8 +80,9 @@ def format_dual_summary(d: dict) -> str:
     lines.append(f"  effective samples per prompt: mean {p['ess_mean']:.3g} of {d['n_samples_per_prompt']}"
                  f" (min {p['ess_min']:.3g})" + ("   ← few: predictions rest on few samples; draw more"
                                                    if p["ess_fraction"] < 0.1 else ""))
-    if sample_ceiling_note(d):
-        lines.append(f"  note: {sample_ceiling_note(d)}")
+    ceiling = sample_ceiling_note(d)
+    if ceiling:
+        lines.append(f"  note: {ceiling}")
     lines.append(f"  certificate: converged={d['converged']} in {d['iterations']} Newton steps, "
                  f"KKT residual {d['kkt_residual']:.2e} (scaled {d['scaled_kkt_residual']:.2e}); "
                  f"{d['bootstrap']['n_boot']} bootstrap replicates"
