@@ -178,7 +178,8 @@ def test_report_explains_the_direction_of_a_gap():
     notes = _gap_note(scores, kl=1.3)
     assert len(notes) == 2
     assert "stopped short" in notes[0] and "**reward**" in notes[0]
-    assert "went beyond" in notes[1] and "1.3 nats" in notes[1]
+    assert "went beyond" in notes[1] and "predicted KL 1.3 nats" in notes[1]
+    assert "predicted KL 1.3 nats, achieved 4.2" in _gap_note(scores, kl=1.3, achieved_kl=4.2)[1]
 
 
 def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():

@@ -22,9 +22,12 @@ def sample_ceiling_note(dual: dict) -> str | None:
             f"move further (larger KL and gains) than predicted; draw more samples (`num_samples`)")
 
 
-def _gap_note(scores: dict, kl: float | None = None) -> list[str]:
+def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None = None) -> list[str]:
     """One line per score whose predicted gain lies outside the achieved gain's CI, with the
-    likely reason for the direction of the gap."""
+    likely reason for the direction of the gap (`kl`: the predicted KL, `achieved_kl`: the
+    trained model's, both in nats)."""
+    if kl is not None:
+        kl_text = f"predicted KL {kl:.3g} nats" + (f", achieved {achieved_kl:.3g}" if achieved_kl is not None else "")
     notes = []
     for col, e in scores.items():
         if "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
@@ -33,11 +36,12 @@ def _gap_note(scores: dict, kl: float | None = None) -> list[str]:
         head = (f"- **{col}**: achieved {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
                 f"predicted {e['predicted_gain']:+.3f}. ")
         if e["achieved_gain"] < e["predicted_gain"]:
-            notes.append(head + "The trained model stopped short of π_λ*: a short run moves only part of the way. "
+            notes.append(head + "The trained model stopped short of π_λ*"
+                         + (f" ({kl_text})" if kl is not None else "") + ": a short run moves only part of the way. "
                          "Train longer (`--train.num_train_epochs`, `--epochs` in the demo) or on more pairs.")
         else:
             notes.append(head + "The trained model went beyond π_λ*"
-                         + (f" (predicted KL {kl:.3g} nats)" if kl is not None else "") + ": preference "
+                         + (f" ({kl_text})" if kl is not None else "") + ": preference "
                          "training on few pairs with near-certain labels keeps pushing the log-ratios past the "
                          "tilted optimum (over-optimization; read the examples for degraded text), and with few "
                          "samples per prompt the dual only sees what reweighting those samples can reach. Lower "
@@ -83,7 +87,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
                   if "unsafe_rate_reference" in e else "")
         lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
                      f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
-    gaps = _gap_note(record["scores"], dual["predicted"]["kl"])
+    gaps = _gap_note(record["scores"], dual["predicted"]["kl"], record.get("kl", {}).get("achieved"))
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
                      ["Every predicted gain lies inside the achieved gain's 95% CI."])
     if "kl" in record:
