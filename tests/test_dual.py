@@ -217,12 +217,13 @@ def test_coarse_start_changes_nothing_but_the_path(m):
     reward = rng.normal(size=(n, k))
     safety = 0.5 * reward[:, :, None] * -1 + rng.normal(size=(n, k, m))
     margins = 0.3 * DualProblem(reward, safety, 0.1, 0).max_gain()
-    start = _coarse_start(DualProblem(reward, safety, 0.1, margins))
-    assert np.all(start > 0)  # the subsample's λ*, not 0
+    start, passes = _coarse_start(DualProblem(reward, safety, 0.1, margins))
+    assert np.all(start > 0) and passes > 0  # the subsample's λ*, not 0
     a = solve_dual(reward, safety, 0.1, margins)
     b = solve_dual(reward, safety, 0.1, margins, lam0=np.zeros(m))
     np.testing.assert_allclose(a.lam, b.lam, rtol=1e-9, atol=1e-12)
     assert a.converged and a.history[0].tolist() == start.tolist()
+    assert a.options["coarse_start_passes"] == passes and b.options["coarse_start_passes"] == 0
 
 
 def test_coarse_start_falls_back_to_zero_when_the_subsample_cannot_reach_the_margin():
@@ -235,7 +236,7 @@ def test_coarse_start_falls_back_to_zero_when_the_subsample_cannot_reach_the_mar
     off = np.arange(n) % COARSE_STRIDE != 0
     safety[off] = rng.normal(size=(off.sum(), k))  # the every-8th subsample has no safety spread
     margin = 0.5 * DualProblem(reward, safety, 0.1, 0).max_gain()[0]
-    assert np.all(_coarse_start(DualProblem(reward, safety, 0.1, margin)) == 0)
+    assert np.all(_coarse_start(DualProblem(reward, safety, 0.1, margin))[0] == 0)
     res = solve_dual(reward, safety, 0.1, margin)
     assert res.converged and res.predicted.safety_gain[0] == pytest.approx(margin, abs=1e-8)
 

@@ -107,20 +107,21 @@ COARSE_MIN_PROMPTS = 512  # below this a full pass is cheap: start from 0
 COARSE_STRIDE = 8
 
 
-def _coarse_start(problem: DualProblem) -> np.ndarray:
-    """A starting point: λ* of the same dual on every COARSE_STRIDE-th prompt, else 0.
+def _coarse_start(problem: DualProblem) -> tuple[np.ndarray, int]:
+    """A starting point: λ* of the same dual on every COARSE_STRIDE-th prompt, else 0;
+    and the passes over the subsample that took (each 1/COARSE_STRIDE of a full pass).
 
     Newton's first steps from λ = 0 overshoot and are damped back, each costing a full
     pass; on a 1/8 subsample those steps cost 1/8, and from their λ the full problem
     needs only the last, quadratically convergent steps. The answer does not depend on
     the start (D is convex; the full problem is solved to `tol` either way)."""
     if problem.n < COARSE_MIN_PROMPTS:
-        return np.zeros(problem.m)
+        return np.zeros(problem.m), 0
     sub = DualProblem(problem.R[::COARSE_STRIDE], problem.G[::COARSE_STRIDE], problem.beta, problem.margins)
     try:
-        return solve_problem(sub, tol=1e-4, max_iter=30, lam0=np.zeros(problem.m)).lam
+        return solve_problem(sub, tol=1e-4, max_iter=30, lam0=np.zeros(problem.m)).lam, sub.n_evals
     except InfeasibleMarginError:  # reachable on all prompts but not on the subsample
-        return np.zeros(problem.m)
+        return np.zeros(problem.m), sub.n_evals
 
 
 def solve_problem(problem: DualProblem, *, tol: float = 1e-10, max_iter: int = 100,
@@ -132,8 +133,9 @@ def solve_problem(problem: DualProblem, *, tol: float = 1e-10, max_iter: int = 1
     # Slack is measured in units of the largest achievable gain: scale-free, and meaningful.
     scale = np.where(mg > 0, mg, 1.0)
 
+    coarse_passes = 0
     if lam0 is None:
-        lam0 = _coarse_start(problem)
+        lam0, coarse_passes = _coarse_start(problem)
     lam = np.maximum(np.asarray(lam0, dtype=np.float64).reshape(m), 0)
     val, g, _ = problem.evaluate(lam, hessian=False)
     history = [lam.copy()]
@@ -185,7 +187,8 @@ def solve_problem(problem: DualProblem, *, tol: float = 1e-10, max_iter: int = 1
                       kkt_residual=kkt, scaled_kkt_residual=scaled, value=val, slack=g,
                       predicted=problem.predict(lam), beta=problem.beta, margins=problem.margins.copy(),
                       max_gain=mg, history=history,
-                      options={"method": "projected-newton", "tol": tol, "max_iter": max_iter})
+                      options={"method": "projected-newton", "tol": tol, "max_iter": max_iter,
+                               "coarse_start_passes": coarse_passes})
 
 
 def solve_dual(reward, safety, beta: float = 0.1, margins=0.0, *, tol: float = 1e-10,
