@@ -22,7 +22,8 @@ from conftest import make_tiny_llama
 from dualign.dual import solve_dual
 from dualign.models.loading import load_policy
 from dualign.pipelines import stages as S
-from dualign.pipelines.implicit import add_implicit_columns, logprob_columns
+from dualign.pipelines.implicit import add_implicit_columns
+from dualign.pipelines.scoring import logprob_columns
 from dualign.pipelines.pairs import dataset_as_samples, pairs_from_scored_dataset
 from dualign.pipelines.pecan import logprob_models
 from dualign.runio import write_parquet

@@ -8,23 +8,19 @@ constraint is measured relative to π_ref on the same prompts) and in the pairwi
 (both responses share the prompt) — so the implicit scores stand in for a reward and a
 cost model.
 
-Log-probs are stored as columns `logp/<name>` of a samples table's scores.parquet, each
-cached with its provenance (model identity, tokenization, samples digest) like any score
-column; the implicit scores are derived columns `reward` and `safety/<name>`.
+The log-probs are `logp/<name>` columns of a samples table's scores.parquet
+(`scoring.logprob_columns`); the implicit scores are derived columns `reward` and
+`safety/<name>`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from ..models.scorers import column_is_current, read_samples, write_scores
-from ..runio import file_digest
-
-REF = "ref"
+from ..models.scorers import read_samples, write_scores
+from .scoring import REF
 
 
 def implicit_scores(logp_policy, logp_ref, beta: float) -> np.ndarray:
@@ -54,58 +50,6 @@ def implicit_scores(logp_policy, logp_ref, beta: float) -> np.ndarray:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     return beta * (a - b)
-
-
-@dataclass
-class LogProbModel:
-    """A policy whose sequence log-probs become the column `logp/<name>`.
-
-    Attributes
-    ----------
-    name : str
-        Column suffix ("ref", "helpful", "safety_<constraint>").
-    ident : str
-        Identity recorded as the column's provenance (a spec, or a checkpoint path with the
-        digest of its weights): a changed model invalidates the cached column.
-    load : callable() -> (model, tokenizer)
-        Loads the model; called only when some table lacks a current column.
-    """
-
-    name: str
-    ident: str
-    load: Callable
-
-
-def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template: str | None = None,
-                    append_eos: bool = True, max_length: int | None = None, batch_size: int = 8,
-                    force: bool = False, log=print) -> None:
-    """Add `logp/<name>` for every model to the scores.parquet next to each samples file.
-
-    Each model is loaded at most once, for all the tables that lack its current column.
-    Tokenization (`template`, `append_eos`, `max_length`) must be the one the pre-aligned
-    models were trained with, since their log-ratios are what DPO fitted.
-    """
-    from ..models.logprobs import logprobs, samples_append_eos
-
-    paths = [Path(p) for p in samples_paths]
-    digests = {p: file_digest(p) for p in paths}
-    for m in models:
-        col = f"logp/{m.name}"
-        prov = {p: {"model": m.ident, "template": template, "append_eos": append_eos,
-                    "max_length": max_length, "samples": digests[p]} for p in paths}
-        todo = [p for p in paths if force or not column_is_current(p.parent / "scores.parquet", col, prov[p])]
-        if not todo:
-            continue
-        model, tok = m.load()
-        for p in todo:
-            samples = read_samples(p)
-            lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                             batch_size=batch_size, template=template,
-                             append_eos=samples_append_eos(samples, append_eos),
-                             max_length=max_length)
-            write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
-            log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses (mean {lp.mean():.2f} nats)")
-        del model
 
 
 def add_implicit_columns(samples_path, roles: dict[str, str], beta: float) -> pd.DataFrame:

@@ -27,9 +27,9 @@ from ..models.loading import load_policy, load_tokenizer
 from ..runio import file_digest, write_json, write_parquet
 from . import stages as S
 from .config import PeCANConfig
-from .implicit import REF, LogProbModel, add_implicit_columns, logprob_columns
+from .implicit import add_implicit_columns
 from .pairs import dataset_as_samples, pairs_from_samples, pairs_from_scored_dataset
-from .scoring import score_jobs
+from .scoring import REF, LogProbModel, logprob_columns, score_jobs
 
 __all__ = ["PeCANConfig", "run_pecan", "STAGES"]
 

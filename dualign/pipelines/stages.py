@@ -286,7 +286,7 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
 
     import pandas as pd
 
-    from .implicit import REF, LogProbModel, logprob_columns
+    from .scoring import REF, LogProbModel, logprob_columns
 
     tcfg = train_config(run, dual["beta"], cfg.train)
     tokenization = dict(template=tcfg.template, append_eos=tcfg.append_eos, max_length=tcfg.max_length,
