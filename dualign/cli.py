@@ -16,7 +16,12 @@ def _add_dual(sub):
     p.add_argument("scores", help="Parquet, CSV or JSONL with prompt_id, reward and safety columns")
     p.add_argument("--beta", type=float, default=0.1, help="KL coefficient β (default 0.1)")
     p.add_argument("--margin", type=float, action="append", dest="margins", metavar="M",
-                   help="required safety gain over the reference; once, or once per --safety column")
+                   help="required safety gain over the reference; once, or once per --safety column "
+                        "(without a --max-unsafe-rate)")
+    p.add_argument("--max-unsafe-rate", action="append", metavar="[NAME=]R",
+                   help="instead of a margin: at most this fraction of unsafe answers (safety < 0) under the "
+                        "aligned policy, e.g. 0.05; NAME=R per safety column (NAME: the column, or the part "
+                        "after 'safety/'), plain R with one column; repeatable")
     p.add_argument("--reward", default="reward", metavar="COL", help="reward column (default: reward)")
     p.add_argument("--safety", action="append", metavar="COL",
                    help="safety column (higher = safer); repeat for several constraints "
@@ -33,18 +38,62 @@ def _add_dual(sub):
 
 def cmd_dual(args) -> int:
     from .data.scores import read_score_arrays
+    from .errors import InputError
     from .pipelines.dual_stage import format_dual_summary, solve_dual_stage, write_dual_outputs
-    from .runio import file_digest
+    from .runio import check_output_dir, check_output_file, file_digest
 
+    # Every output is checked before anything is computed or written: a bad --plot must not
+    # find dual.json already written. The names are the figures write_dual_outputs writes.
+    if args.out:
+        check_output_file(args.out)
+    if args.plot:
+        check_output_dir(args.plot)
+        for name in ("safety_histogram.png", "dual_function.png", "solver_convergence.png"):
+            check_output_file(Path(args.plot) / name)
     scores = read_score_arrays(args.scores, args.reward, args.safety, args.prompt_id)
-    margins = _margins_for(args.margins, scores.safety_names)
+    rates = _unsafe_rates_for(args.max_unsafe_rate, scores.safety_names)
+    free = [n for n, r in zip(scores.safety_names, rates) if r is None]
+    if args.margins and not free:
+        raise InputError(f"both --margin and --max-unsafe-rate for {', '.join(scores.safety_names)}: give one",
+                         field="--margin")
+    # margins go to the constraints without a rate (the rate constraints' entries are unused)
+    given = iter(_margins_for(args.margins, free)) if free else iter(())
+    margins = [0.0 if r is not None else next(given) for r in rates]
     d = solve_dual_stage(scores, args.beta, margins, n_boot=args.bootstrap, level=args.level,
                          seed=args.seed, inputs={"scores_file": str(args.scores),
-                                                 "scores_file_digest": file_digest(args.scores)})
+                                                 "scores_file_digest": file_digest(args.scores)},
+                         max_unsafe_rate=rates)
     print(format_dual_summary(d))
     for path in write_dual_outputs(d, scores, args.out, args.plot):
         print(f"wrote {path}")
     return 0
+
+
+def _unsafe_rates_for(values, names) -> list:
+    """`--max-unsafe-rate` values ('NAME=R', or 'R' with one safety column) → one entry per
+    column of `names`: the rate in [0, 1], or None (a margin constraint).
+
+    Raises
+    ------
+    InputError
+        An unknown or repeated NAME, a bare R with several columns, or R not in [0, 1]."""
+    from .dual import check_unsafe_rate
+    from .errors import InputError
+
+    out = [None] * len(names)
+    for v in values or []:
+        key, sep, val = v.rpartition("=")
+        if not sep and len(names) != 1:
+            raise InputError(f"'{v}' names no constraint and there are {len(names)} safety columns "
+                             f"({', '.join(names)}): give NAME=R", field="--max-unsafe-rate")
+        hits = [j for j, n in enumerate(names) if key in (n, n.split("/", 1)[-1])] if sep else [0]
+        if not hits:
+            raise InputError(f"no safety column '{key}' (safety columns: {', '.join(names)})",
+                             field="--max-unsafe-rate")
+        if out[hits[0]] is not None:
+            raise InputError(f"two rates for {names[hits[0]]}", field="--max-unsafe-rate")
+        out[hits[0]] = check_unsafe_rate(val, names[hits[0]])
+    return out
 
 
 def _margins_for(margins, names):
@@ -192,9 +241,16 @@ def _add_sample(sub):
 
 
 def cmd_sample(args) -> int:
-    from .models.generation import SAMPLES_FILE, read_prompts, sample, sample_vllm
-    from .runio import write_parquet
+    from .models.generation import (SAMPLES_FILE, check_device, check_sampling_args, read_prompts, sample,
+                                    sample_vllm)
+    from .runio import check_output_dir, write_parquet
 
+    # every setting checked before the model loads or anything is written under --out
+    check_sampling_args(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                        batch_size=args.batch_size)
+    check_device(args.device)
+    check_output_dir(args.out)
     prompts = read_prompts(args.prompts, column=args.column, split=args.split, limit=args.limit)
     kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -234,14 +290,24 @@ def _add_logprobs(sub):
 
 
 def cmd_logprobs(args) -> int:
+    from .errors import InputError
+    from .models.generation import check_device
     from .models.scorers import column_is_current, read_samples, write_scores
-    from .runio import file_digest
+    from .runio import check_output_file, file_digest
 
+    # every setting checked before the model loads
+    if not args.name.strip() or args.name != args.name.strip() or "/" in args.name:
+        raise InputError(f"must be a non-empty name without '/' or surrounding spaces (the column is "
+                         f"logp/NAME); got {args.name!r}", field="--name")
+    if args.batch_size < 1:
+        raise InputError(f"must be >= 1; got {args.batch_size}", field="--batch-size")
+    check_device(args.device)
+    out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
+    check_output_file(out)
     samples = read_samples(args.samples)
     template = args.template
     if template is None:
         template = (samples.attrs.get("dualign") or {}).get("template")
-    out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
     col = f"logp/{args.name}"
     prov = {"model": args.model, "template": template, "samples": file_digest(args.samples)}
     if column_is_current(out, col, prov):
@@ -271,8 +337,9 @@ def _add_score(sub):
                    help="reward scorer: directory or HF id (sequence classifier, safe-rlhf LlamaForScore, "
                         "trained head), or module:function")
     p.add_argument("--safety", action="append", default=[], metavar="NAME=SPEC",
-                   help="safety constraint; SPEC prefixed by cost: (negated) or safety: (as is) unless "
-                        "its config declares the kind; repeatable")
+                   help="safety constraint; SPEC prefixed by cost: (negated), harm: (a cost model counted only "
+                        "above 0: -max(cost, 0)) or safety: (as is) unless its config declares the kind; "
+                        "repeatable")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", help="prompt template for the score models")
     p.add_argument("--dtype")
@@ -319,6 +386,9 @@ def _add_train_scorer(sub):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--l2", type=float, help="L2 strength (default: chosen by 4-fold CV)")
     p.add_argument("--sign-weight", type=float, default=1.0, help="cost model's classification term weight")
+    p.add_argument("--rank-both-safe", action="store_true",
+                   help="cost: also rank pairs whose two answers are both safe by safer_response_id (Safe RLHF's "
+                        "loss; default: such pairs feed only the sign term, so saying less is not learned as safer)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: <dualign cache>/features)")
@@ -343,13 +413,165 @@ def cmd_train_scorer(args) -> int:
         test, test_src = load(args.test or "demo", "test")
     cfg = ScorerTrainConfig(kind=args.kind, backbone=args.backbone, pooling=args.pooling,
                             template=args.template, max_length=args.max_length, l2=args.l2,
-                            sign_weight=args.sign_weight, test_fraction=args.test_fraction,
+                            sign_weight=args.sign_weight, rank_both_safe=args.rank_both_safe,
+                            test_fraction=args.test_fraction,
                             seed=args.seed, batch_size=args.batch_size)
     res = train_scorer(train, cfg, test_df=test, out_dir=args.out, cache_dir=args.cache_dir,
                        source={"train": src, **({"test": test_src} if test_src else {})})
     write_json(res.metrics, f"{args.out}/metrics.json")
     print(f"wrote {args.out}")
     return 0
+
+
+def _add_evaluate(sub):
+    from .models.loading import EMBEDDED_DEFAULT
+
+    p = sub.add_parser("evaluate", help="behaviour: refusal of harmful prompts, over-refusal of benign ones "
+                                        "(no score model)",
+                       description="Sample a model and a baseline on prompt suites with the same settings and "
+                                   "seeds, detect refusals, and report per suite the refusal rate (harmful "
+                                   "suites) or over-refusal rate (benign, borderline) with 95% bootstrap CIs "
+                                   "over prompts, and trained − baseline paired by prompt. Writes "
+                                   "OUT/behaviour.json; samples are cached in OUT/<suite>/<model>/ and a rerun "
+                                   "resumes.")
+    p.add_argument("--model", required=True, metavar="M",
+                   help="the model to judge: a dualign training output (train/ or train/model/, adapter or "
+                        "merged), a local HF directory, a .gguf file or a HF id")
+    p.add_argument("--baseline", default=EMBEDDED_DEFAULT, metavar="REF",
+                   help=f"the reference it is compared with (default: {EMBEDDED_DEFAULT}); also the base of "
+                        "an adapter --model")
+    p.add_argument("--suite", action="append", default=[], metavar="NAME=KIND:FILE",
+                   help="a prompt suite: KIND harmful (refusal wanted), benign or borderline (refusal is "
+                        "over-refusal); FILE .txt (one prompt per line) or JSONL/CSV/Parquet with --column; "
+                        "or a built-in name (harmful, benign, borderline); repeatable")
+    p.add_argument("--builtin-suites", action="store_true",
+                   help="add the built-in suites: harmful and benign (the demo prompts' eval split) and "
+                        "borderline (held-out borderline-benign prompts)")
+    p.add_argument("--column", default="prompt", help="prompt column of table suite files (default: prompt)")
+    p.add_argument("--detector", default="phrases", metavar="SPEC",
+                   help="refusal detector: phrases (default), hf-classifier:PATH_OR_ID[:LABEL] (a sequence "
+                        "classifier, LABEL the refusal label's index or name) or guard:PATH_OR_ID (a "
+                        "generative guard through its chat template)")
+    p.add_argument("--num-samples", "-k", type=int, default=2, metavar="K", help="responses per prompt (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=48, metavar="T", help="default 48")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each suite")
+    p.add_argument("--out", required=True, metavar="DIR")
+    # -- pairwise LLM judge (dualign.eval.judge), optional; kept apart from the refusal detector
+    p.add_argument("--judge-base-url", metavar="URL",
+                   help="also judge model vs baseline pairwise (helpfulness, harmlessness; both orders) with an "
+                        "OpenAI-compatible endpoint (needs --judge-model; pip install 'dualign[judge]')")
+    p.add_argument("--judge-model", metavar="NAME", help="the judge model's name at the endpoint")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the judge's API key (default OPENAI_API_KEY; a local "
+                        "endpoint needs none)")
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_evaluate(args) -> int:
+    from types import SimpleNamespace
+
+    from .errors import InputError
+    from .eval.behaviour import (BUILTIN_SUITES, REFERENCE, TRAINED, behaviour_from_samples, format_behaviour_table,
+                                 load_detector, load_model_for_eval, parse_suite_specs, sample_suites)
+    from .pipelines.stages import model_ident
+    from .runio import write_json
+
+    # every input is checked before any model loads
+    specs = list(args.suite) + [b for b in BUILTIN_SUITES if args.builtin_suites and b not in args.suite]
+    if not specs:
+        raise InputError("no suite: give --suite NAME=KIND:FILE (repeatable) and/or --builtin-suites",
+                         field="--suite")
+    for name, v, low in (("--num-samples", args.num_samples, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                         ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0),
+                         ("--limit", args.limit if args.limit is not None else 1, 1)):
+        if v < low:
+            raise InputError(f"must be >= {low}, got {v}", field=name)
+    suites = parse_suite_specs(specs, args.column)
+    detector = load_detector(args.detector)
+    judge = _judge_config(args)
+    for spec in (args.model, args.baseline):
+        _check_model_spec(spec)
+
+    out = Path(args.out)
+    gen = SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, sample_batch_size=args.batch_size)
+    specs_of = {REFERENCE: args.baseline, TRAINED: args.model}
+    paths = {}
+    for key, spec in specs_of.items():
+        print(f"sampling {key} ({spec}) on {len(suites)} suite(s) × {args.num_samples} samples per prompt")
+        model, tok = load_model_for_eval(spec, args.baseline)
+        done = sample_suites(out, model, tok, suites, gen, model_key=key, model_name=model_ident(spec),
+                             num_samples=args.num_samples, limit=args.limit)
+        paths.update({(suite, key): p for suite, p in done.items()})
+        del model
+    behaviour = behaviour_from_samples(paths, {s.name: s.kind for s in suites}, detector, seed=args.seed)
+    record = {**behaviour, "model_specs": specs_of,
+              "suite_sources": {s.name: s.source for s in suites},
+              "generation": {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+                             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}}
+    if judge is not None:
+        record["judge"] = _judge_suites(paths, suites, judge, args.seed)
+    write_json(record, out / "behaviour.json")
+    print(format_behaviour_table(behaviour))
+    for suite, res in record.get("judge", {}).items():
+        print(f"judge ({args.judge_model}), {suite}: " + "; ".join(
+            f"{c} win {r['win_rate']:.0%} tie {r['tie_rate']:.0%} loss {r['loss_rate']:.0%} ({r['n_scored']} prompts)"
+            if r["win_rate"] is not None else f"{c}: no prompt scored" for c, r in res.items()))
+    print(f"wrote {out / 'behaviour.json'}")
+    return 0
+
+
+def _check_model_spec(spec: str) -> None:
+    """InputError now, not after minutes of sampling, for a model path that does not exist."""
+    from .models.loading import resolve_spec
+
+    if not Path(spec).is_dir():
+        resolve_spec(spec)
+
+
+# ----------------------------------------------------------------------------- evaluate: pairwise judge
+# Apart from the refusal detector: the judge (dualign.eval.judge) compares the two models' first
+# samples on each suite, helpfulness and harmlessness, in both orders.
+
+def _judge_config(args):
+    """The JudgeConfig of `--judge-*`, or None without them.
+
+    Raises
+    ------
+    InputError
+        A judge flag without --judge-model, or a bad value (JudgeConfig's checks)."""
+    from .errors import InputError
+
+    if args.judge_model is None:
+        if args.judge_base_url is not None:
+            raise InputError("--judge-base-url needs --judge-model (the judge model's name)", field="--judge-model")
+        return None
+    from .eval.judge import JudgeConfig
+
+    kw = {"base_url": args.judge_base_url} if args.judge_base_url else {}
+    return JudgeConfig(model=args.judge_model, api_key_env=args.judge_api_key_env, **kw)
+
+
+def _judge_suites(paths: dict, suites, config, seed: int) -> dict:
+    """suite → criterion → JudgeResult JSON: the model (A) against the baseline (B), sample 0 of
+    each prompt."""
+    import pandas as pd
+
+    from .eval.behaviour import REFERENCE, TRAINED
+    from .eval.judge import judge_pairwise
+
+    out = {}
+    for s in suites:
+        a, b = (pd.read_parquet(paths[(s.name, m)]).query("sample_id == 0").sort_values("prompt_id")
+                for m in (TRAINED, REFERENCE))
+        res = judge_pairwise(a["prompt"].tolist(), a["response"].tolist(), b["response"].tolist(), config, seed=seed)
+        out[s.name] = {c: r.to_json() for c, r in res.items()}
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sample, _add_logprobs, _add_score, _add_train_scorer):
+    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
+                _add_evaluate):
         add(sub)
     return parser
 
@@ -373,7 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DualignError as e:
-        print(f"dualign {args.command}: error: {e}", file=sys.stderr)
+        # one line, whatever the message holds
+        print(f"dualign {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (a full disk, a permission) where no check could look ahead
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"dualign {args.command}: error: {where}{e.strerror or ' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dualign {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -38,3 +38,28 @@ class InfeasibleMarginError(DualignError, ValueError):
     def __init__(self, message: str, *, constraint, margin: float, max_gain):
         self.constraint, self.margin, self.max_gain = constraint, margin, max_gain
         super().__init__(message)
+
+
+class OutputError(InputError):
+    """An output path that cannot be written: not a regular file (a directory, symlink, FIFO or
+    device), under a file, read-only, or a write that failed (e.g. a full disk). Names the path."""
+
+
+class DualNotConvergedError(DualignError, ArithmeticError):
+    """The dual's solver stopped short of its tolerance on a problem whose margins are reachable.
+
+    Never returned as a result: the multipliers it reached are kept for inspection only.
+
+    Attributes
+    ----------
+    lam : numpy.ndarray, shape (m,)
+        The last iterate.
+    kkt_residual : float
+        Its scaled KKT residual (slack in units of each constraint's largest achievable gain).
+    iterations : int
+        Newton iterations taken.
+    """
+
+    def __init__(self, message: str, *, lam, kkt_residual: float, iterations: int):
+        self.lam, self.kkt_residual, self.iterations = lam, kkt_residual, iterations
+        super().__init__(message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,25 +12,133 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json", ".jsonl.gz")
+
+
+def _umask() -> int:
+    """The process umask. Read from /proc where it can be (Linux): `os.umask` reads it only by
+    setting it, and another thread creating a file in between would get the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _output_error(path, e: OSError) -> OutputError:
+    if isinstance(e, NotADirectoryError):
+        return OutputError("cannot write: a parent of this path is a file, not a directory", file=str(path))
+    return OutputError(f"cannot write: {e.strerror or e}", file=str(path))
+
+
+def _check_parent(directory: Path, target: Path) -> None:
+    """The nearest existing ancestor of `directory` (itself included) must be a writable directory."""
+    for d in (directory, *directory.parents):
+        try:
+            st = os.stat(d)  # a symlink to a directory is a fine parent
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise _output_error(target, e) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"cannot write: {d} is not a directory", file=str(target))
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write: directory {d} is not writable", file=str(target))
+        return
+
+
+def check_output_file(path) -> Path:
+    """Check, before anything is written, that `path` can be written as a regular file.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Raises
+    ------
+    OutputError
+        `path` exists and is not a regular file (a symlink, even to a regular file, a directory,
+        FIFO, socket or device: the atomic rename would replace it), or its nearest existing
+        ancestor is a file or a directory this process cannot write.
+    """
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise _output_error(p, e) from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"refusing to replace a {_kind(st.st_mode)}: an output must be a regular file",
+                          file=str(p))
+    _check_parent(p.parent, p)
+    return p
+
+
+def check_output_dir(path) -> Path:
+    """Check, before anything is written, that `path` is (or can be created as) a writable directory.
+
+    Raises
+    ------
+    OutputError
+        `path` exists and is not a directory, or is a directory this process cannot write, or
+        its nearest existing ancestor is a file or not writable.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError("exists and is not a directory", file=str(p))
+    _check_parent(p, p)
+    return p
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    Readers never see a half-written file, and a killed writer leaves only a `.tmp` file
-    that the next run overwrites.
+    Readers never see a half-written file, and a killed writer leaves only a `.tmp` file.
+    The file gets the mode a plain `open(path, "w")` gives a new file: 0o666 minus the umask
+    (`mkstemp` alone would make it owner-only).
+
+    Raises
+    ------
+    OutputError
+        `check_output_file` fails (checked before the block runs, and again just before the
+        rename), or creating, writing (an OSError inside the block, e.g. a full disk) or
+        renaming fails; `path` is then left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    path = check_output_file(path)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as e:
+        raise _output_error(path, e) from None
+    try:
+        try:
+            yield Path(tmp)
+            check_output_file(path)  # something may have appeared there while the block ran
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _output_error(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -78,8 +187,19 @@ def array_digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def read_table(path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
+def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a Parquet, CSV or JSON Lines (optionally gzipped) file into a DataFrame.
+
+    Parameters
+    ----------
+    path : path-like
+    required : tuple of str
+        Columns that must be present.
+    text_columns : tuple of str
+        CSV columns read as the text written in the file (ids): no value, not even an empty
+        field or "NA", "null", "NaN", is taken as missing; a column whose every value is a
+        canonical integer ("12", "-3"; not "007" or "+1") becomes int64, as pandas reads it,
+        so ids 7 and "007" stay apart. Parquet and JSONL keep the types the file gives.
 
     Raises
     ------
@@ -96,6 +216,9 @@ def read_table(path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
             df = pd.read_parquet(p)
         elif name.endswith(".csv"):
             df = pd.read_csv(p)
+            for col in text_columns:
+                if col in df.columns:
+                    df[col] = _csv_text_column(p, col, len(df))
         elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
             df = pd.DataFrame(read_jsonl(p))
         else:
@@ -104,7 +227,8 @@ def read_table(path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
     except InputError:
         raise
     except Exception as e:  # parser errors from pandas/pyarrow: one line, naming the file
-        raise InputError(f"cannot read table: {str(e).splitlines()[0]}", file=str(p)) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read table: {first}", file=str(p)) from None
     if len(df) == 0:
         raise InputError("the table is empty", file=str(p))
     for col in required:
@@ -112,6 +236,26 @@ def read_table(path, *, required: tuple[str, ...] = ()) -> pd.DataFrame:
             raise InputError(f"missing column (columns are: {', '.join(map(str, df.columns))})",
                              file=str(p), field=col)
     return df
+
+
+def _csv_text_column(path: Path, col: str, n_rows: int) -> pd.Series:
+    """Column `col` of a CSV file as written (see `read_table`'s `text_columns`), read apart:
+    pandas' missing-value markers can only be turned off for all columns of one read."""
+    s = pd.read_csv(path, usecols=[col], dtype=str, keep_default_na=False)[col]
+    if len(s) != n_rows:  # the two reads split rows differently: refuse rather than misalign
+        raise InputError(f"cannot read column consistently ({len(s)} vs {n_rows} rows)", file=str(path), field=col)
+    if len(s) and s.map(_is_canonical_int).all():
+        return s.astype(np.int64)
+    return s
+
+
+def _is_canonical_int(text: str) -> bool:
+    """'12' or '-3', within int64; not '007', '+1', ' 1' or '1.0'."""
+    try:
+        v = int(text)
+    except ValueError:
+        return False
+    return str(v) == text and -(2 ** 63) <= v < 2 ** 63
 
 
 def read_jsonl(path) -> list[dict]:
@@ -136,7 +280,13 @@ def read_jsonl(path) -> list[dict]:
 
 
 def new_run_dir(out=None, prefix: str = "run") -> Path:
-    """`out` if given (created if needed), else a fresh `runs/<prefix>-<timestamp>` folder."""
+    """`out` if given (created if needed), else a fresh `runs/<prefix>-<timestamp>` folder.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created or written (`check_output_dir`).
+    """
     import time
 
     if out is not None:
@@ -148,5 +298,9 @@ def new_run_dir(out=None, prefix: str = "run") -> Path:
         while path.exists():
             n += 1
             path = Path("runs") / f"{prefix}-{stamp}-{n}"
-    path.mkdir(parents=True, exist_ok=True)
+    check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(path, e) from None
     return path

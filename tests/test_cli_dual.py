@@ -63,7 +63,7 @@ def test_infeasible_margin_is_one_line_exit_2(scores_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("mutate,expect", [
     (lambda df: df.drop(columns=["reward"]), "field 'reward'"),
-    (lambda df: df.assign(reward=df["reward"].where(df.index != 7, np.nan)), "record 7, field 'reward'"),
+    (lambda df: df.assign(reward=df["reward"].where(df.index != 7, np.nan)), "record 8, field 'reward'"),
     (lambda df: df.iloc[:-1], "samples but most prompts have"),
     (lambda df: df.drop(columns=["safety", "safety/harm", "safety/privacy"]), "no safety column"),
 ])

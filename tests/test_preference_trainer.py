@@ -271,3 +271,31 @@ def test_bad_pairs_raise_input_error(tiny_tokenizer, tmp_path):
     bad = _pairs(3).assign(label=[0.2, 1.5, 0.1])
     with pytest.raises(InputError, match="record 1"):
         train_preferences(model, tiny_tokenizer, bad, cfg)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["concatenated", "shared-prompt"])
+def test_sft_term_is_the_label_weighted_per_token_nll(tiny_tokenizer, tmp_path, share_prompt):
+    """sft_weight α adds α · mean[p · NLL(y1) + (1 − p) · NLL(y0)] (per-token NLL), and the
+    response lengths are read correctly from either batch layout."""
+    tok = tiny_tokenizer
+    model = make_tiny_llama(len(tok), seed=0)
+    pairs = _pairs(6)
+    cfg = PreferenceConfig(output_dir=str(tmp_path), use_lora=False, template="Q: {prompt}\nA:")
+    feats = tokenize_pairs(tok, pairs, cfg)
+    items = [{**f, "label": float(p), "ref_logp_0": -3.0, "ref_logp_1": -2.0}
+             for f, p in zip(feats, pairs["label"])]
+    batch = PreferenceCollator(tok.pad_token_id, share_prompt=share_prompt)(items)
+    n1, n0 = preference.response_lengths(batch)
+    assert n1.tolist() == [len(f["response_ids_1"]) for f in feats]
+    assert n0.tolist() == [len(f["response_ids_0"]) for f in feats]
+    plain = preference_trainer_class()(model=model, args=cfg.training_arguments(), beta=0.1)
+    with_sft = preference_trainer_class()(model=model, args=cfg.training_arguments(), beta=0.1, sft_weight=0.5)
+    with torch.no_grad():
+        lp1, lp0 = plain.policy_logps(model, batch)
+        p = torch.tensor(pairs["label"].to_numpy(), dtype=torch.float32)
+        want = np.mean([-(pi * a / len(f["response_ids_1"]) + (1 - pi) * b / len(f["response_ids_0"]))
+                        for pi, a, b, f in zip(p.tolist(), lp1.tolist(), lp0.tolist(), feats)])
+        diff = with_sft.compute_loss(model, batch) - plain.compute_loss(model, batch)
+    assert diff.item() == pytest.approx(0.5 * want, rel=1e-5)
+    with pytest.raises(InputError, match="sft_weight"):
+        PreferenceConfig(sft_weight=-1)

@@ -145,3 +145,38 @@ def test_cost_needs_safety_labels():
     from dualign.errors import InputError
     with pytest.raises(InputError, match="safer_response_id"):
         train_scorer(df, ScorerTrainConfig(kind="cost"))
+
+
+def test_cost_loss_leaves_pairs_of_two_safe_answers_out_of_the_ranking():
+    # pair 1: both safe (ranked only with rank_both_safe); pair 2: safe vs unsafe
+    cs, cu = torch.tensor([-3.0, -1.0]), torch.tensor([-0.5, 2.0])
+    ss, su = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, 1.0])
+    sign = -(math.log(_sig(3.0)) + math.log(_sig(1.0)) + math.log(_sig(0.5)) + math.log(_sig(2.0))) / 4
+    ranked_all = -(math.log(_sig(2.5)) + math.log(_sig(3.0))) / 2
+    ranked_mixed = -math.log(_sig(3.0))
+    assert float(cost_loss(cs, cu, ss, su)) == pytest.approx(ranked_all + sign, rel=1e-6)
+    assert float(cost_loss(cs, cu, ss, su, rank_both_safe=False)) == pytest.approx(ranked_mixed + sign, rel=1e-6)
+    # only pairs of two safe answers: the sign term alone
+    assert float(cost_loss(cs[:1], cu[:1], ss[:1], su[:1], rank_both_safe=False)) == pytest.approx(
+        -(math.log(_sig(3.0)) + math.log(_sig(0.5))) / 2, rel=1e-6)
+
+
+def test_two_safe_answers_get_no_safety_ranking_by_default():
+    """With the default, a cost head does not learn which of two safe answers 'says less'."""
+    rng = np.random.default_rng(0)
+    n, d = 300, 6
+    # feature 0: compliance with a harmful request (unsafe); feature 1: "says less" (refusal style)
+    harmful_safe, harmful_unsafe = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    harmful_unsafe[:, 0] += 3.0
+    benign_terse, benign_helpful = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    benign_terse[:, 1] += 3.0
+    xp = np.concatenate([harmful_safe, benign_terse])  # the label's "safer" answer
+    xo = np.concatenate([harmful_unsafe, benign_helpful])
+    sp = np.concatenate([-np.ones(n), -np.ones(n)])
+    so = np.concatenate([np.ones(n), -np.ones(n)])
+    w_all, _ = fit_head(xp, xo, kind="cost", sign_pref=sp, sign_other=so, l2=0.01)
+    w_mixed, _ = fit_head(xp, xo, kind="cost", sign_pref=sp, sign_other=so, l2=0.01, rank_both_safe=False)
+    assert w_all[1] < -0.5  # Safe RLHF's ranking: terseness lowers the cost
+    assert abs(w_mixed[1]) < 0.5 * abs(w_all[1])
+    assert w_mixed[0] > 0.5 and w_all[0] > 0.5  # both learn that compliance costs
+    assert ScorerTrainConfig().rank_both_safe is False

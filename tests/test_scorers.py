@@ -154,6 +154,12 @@ def test_callable_scorers(tmp_path, monkeypatch):
     c = load_scorer("my_scores:unsafe_words")
     assert c.kind == "cost"
     np.testing.assert_allclose(c.safety(["a"], ["lock lock"]), [-2.0])
+    # harm: only cost above 0 counts; safe answers all score 0, the unsafe rule is unchanged
+    h = load_scorer("harm:my_scores:unsafe_words")
+    assert h.kind == "harm"
+    np.testing.assert_allclose(h.safety(["a"] * 2, ["lock lock", "open"]), [-2.0, 0.0])
+    h2 = load_scorer("harm:my_scores:length")
+    np.testing.assert_allclose(h2.safety(["abcd", "abcd"], ["a", "abcdefgh"]), [0.0, -6.0])
     obj = load_scorer(lambda p, r: [1.0] * len(p))
     assert isinstance(obj, CallableScorer) and obj.kind is None
     with pytest.raises(InputError, match="cost model without a sign"):

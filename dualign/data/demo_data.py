@@ -13,6 +13,7 @@ FILES = {
     "test": "preferences_test.jsonl",
     "prompts": "prompts.jsonl",
     "refusal_check": "refusal_check.jsonl",
+    "borderline": "borderline_eval.jsonl",
     "card": "DATASET_CARD.md",
 }
 
@@ -23,7 +24,7 @@ def demo_dir() -> Path:
 
 
 def demo_path(name: str) -> Path:
-    """Path of one demo file: "train", "test", "prompts", "refusal_check" or "card".
+    """Path of one demo file: "train", "test", "prompts", "refusal_check", "borderline" or "card".
 
     Raises
     ------
@@ -68,3 +69,12 @@ def refusal_check() -> list[dict]:
     from ..runio import read_jsonl
 
     return read_jsonl(demo_path("refusal_check"))
+
+
+def borderline_prompts() -> list[dict]:
+    """Held-out borderline-benign prompts (prompt_id, prompt, category): requests that only
+    look harmful ("How do I kill a hung Chrome tab?"), for measuring over-refusal. No demo
+    training file shares a prompt with them (tests/test_behaviour.py)."""
+    from ..runio import read_jsonl
+
+    return read_jsonl(demo_path("borderline"))

@@ -34,13 +34,13 @@ NORMALIZED = ("prompt", "response_0", "response_1", "better_response_id", "safer
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-def detect_schema(columns) -> str:
-    """"pku", "trl" or "hh" from a table's column names.
+def detect_schema(columns, file: str | None = None) -> str:
+    """"pku", "trl" or "hh" from a table's column names (`file`: the table's path, for messages).
 
     Raises
     ------
     InputError
-        The columns fit none of the schemas.
+        The columns fit none of the schemas (naming `file`).
     """
     cols = set(columns)
     if set(PKU_COLUMNS) <= cols:
@@ -51,7 +51,7 @@ def detect_schema(columns) -> str:
         return "hh"
     raise InputError("unknown preference schema: expected PKU-SafeRLHF columns "
                      f"({', '.join(PKU_COLUMNS)}, ...), TRL prompt/chosen/rejected, or HH-RLHF "
-                     f"chosen/rejected transcripts; got {', '.join(map(str, columns))}")
+                     f"chosen/rejected transcripts; got {', '.join(map(str, columns))}", file=file)
 
 
 def load_preferences(path, *, schema: str | None = None, require_safety: bool = False,
@@ -67,7 +67,7 @@ def load_preferences(path, *, schema: str | None = None, require_safety: bool = 
     require_safety : bool
         Demand `safer_response_id` (a PKU file without it raises).
     limit : int, optional
-        Keep only the first `limit` records (after validation of those records).
+        Keep only the first `limit` records (>= 1; only those records are validated).
 
     Returns
     -------
@@ -77,14 +77,17 @@ def load_preferences(path, *, schema: str | None = None, require_safety: bool = 
     Raises
     ------
     InputError
-        Unreadable file, unknown schema, or a bad record: names the file, the record number
-        (1-based, as in the file) and the field, e.g. `better_response_id` not in {0, 1}, a
+        Unreadable file, unknown schema (naming the file), `limit` < 1, or a bad record:
+        names the file, the record number (1-based: the first record is record 1, as in
+        score-table messages) and the field, e.g. `better_response_id` not in {0, 1}, a
         missing prompt, a response that is not a string, an HH transcript without an
         "Assistant:" turn.
     """
     path = Path(path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise InputError(f"limit must be an integer >= 1, got {limit!r}", file=str(path), field="limit")
     df = read_table(path)
-    schema = schema or detect_schema(df.columns)
+    schema = schema or detect_schema(df.columns, str(path))
     if limit is not None:
         df = df.iloc[:limit]
     if schema == "pku":
@@ -120,8 +123,9 @@ def _text(v, file, rec, field, allow_empty=False) -> str:
 def _binary_id(v, file, rec, field) -> int:
     if _missing(v):
         raise InputError("missing value", file=file, record=rec, field=field)
+    # v == 0 / v == 1 rather than float(v): an integer too large for a float must not raise OverflowError
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, float, np.floating)) \
-            or float(v) not in (0.0, 1.0):
+            or not (v == 0 or v == 1):
         raise InputError(f"must be 0 or 1, got {v!r}", file=file, record=rec, field=field)
     return int(v)
 

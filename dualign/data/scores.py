@@ -41,11 +41,17 @@ def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str]
                      prompt_id: str = "prompt_id", source: str = "scores") -> ScoreArrays:
     """Pivot a long score table into arrays, rows grouped by prompt and ordered by `sample_id`.
 
+    Prompts are ordered by their id (the order the bootstrap resamples them in). Record
+    numbers in messages count the table's rows from 1 (row 1 is the first data row), as the
+    preference loader does.
+
     Raises
     ------
     InputError
-        A missing column, a non-numeric or non-finite score (naming the row), or prompts with
-        different numbers of samples (the dual needs the same K for every prompt).
+        A missing column; a missing, empty or non-scalar prompt id or sample id, or ids mixing
+        numbers and text; a non-numeric or non-finite score; a repeated (prompt id,
+        sample_id) pair; prompts with different numbers of samples (the dual needs the same
+        K for every prompt), or K < 2. Each names `source`, the record and the field.
     """
     safety = list(safety) if safety else default_safety_columns(df.columns)
     if not safety:
@@ -55,14 +61,28 @@ def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str]
         if col not in df.columns:
             raise InputError(f"missing column (columns are: {', '.join(map(str, df.columns))})",
                              file=source, field=col)
+    df = df.reset_index(drop=True)  # positions are record numbers - 1
     for col in [reward, *safety]:
-        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+        values = _numeric(df[col])
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise InputError(f"not a finite number: {df[col].iloc[bad[0]]!r}", file=source,
-                             record=int(bad[0]), field=col)
-    order = [prompt_id] + (["sample_id"] if "sample_id" in df.columns else [])
-    df = df.sort_values(order, kind="stable")
+            v = df[col].iloc[bad[0]]
+            v = v.item() if isinstance(v, np.generic) else v  # nan, not np.float64(nan)
+            raise InputError(f"not a finite number: {v!r}"[:200], file=source, record=int(bad[0]) + 1, field=col)
+    keys = [prompt_id] + (["sample_id"] if "sample_id" in df.columns else [])
+    for col in keys:
+        _check_ids(df[col], source, col)
+    if len(keys) == 2:
+        dup = df.duplicated(keys, keep="first").to_numpy()
+        if dup.any():
+            i = int(np.flatnonzero(dup)[0])
+            row = df.iloc[i]
+            first = int(np.flatnonzero((df[prompt_id] == row[prompt_id]).to_numpy()
+                                       & (df["sample_id"] == row["sample_id"]).to_numpy())[0])
+            raise InputError(f"({prompt_id}, sample_id) = ({row[prompt_id]!r}, {row['sample_id']!r}) repeats "
+                             f"record {first + 1}: each sample must appear once", file=source,
+                             record=i + 1, field=f"{prompt_id}, sample_id")
+    df = df.sort_values(keys, kind="stable")
     counts = df.groupby(prompt_id, sort=False).size()
     if counts.nunique() != 1:
         k = int(counts.mode().iloc[0])
@@ -71,16 +91,74 @@ def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str]
                          "the dual needs the same number of samples for every prompt",
                          file=source, field=prompt_id)
     n, k = len(counts), int(counts.iloc[0])
+    if k < 2:
+        raise InputError(f"every prompt has {k} sample; the dual needs at least 2 samples per prompt "
+                         "(K >= 2) to tell them apart", file=source, field=prompt_id)
     R = df[reward].to_numpy(np.float64).reshape(n, k)
     G = df[safety].to_numpy(np.float64).reshape(n, k, len(safety))
     return ScoreArrays(reward=R, safety=G, safety_names=safety,
                        prompt_ids=df[prompt_id].to_numpy()[::k])
 
 
+def _numeric(col: pd.Series) -> np.ndarray:
+    """`col` as float64, NaN where a value is not a number (text, a list, None, ...)."""
+    try:
+        return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # lists, dicts, huge integers (JSONL) defeat coerce
+        out = np.full(len(col), np.nan)
+        for i, v in enumerate(col.tolist()):
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+                try:
+                    out[i] = float(v)
+                except OverflowError:  # an integer beyond float range: not a finite number
+                    pass
+        return out
+
+
+def _check_ids(col: pd.Series, source: str, field: str) -> None:
+    """Raise InputError (naming the 1-based record) for a missing, empty or non-scalar id, or a
+    column mixing numbers and text (which cannot be ordered)."""
+    if pd.api.types.is_integer_dtype(col.dtype):
+        return
+    if pd.api.types.is_float_dtype(col.dtype):
+        bad = np.flatnonzero(~np.isfinite(col.to_numpy(np.float64)))
+        if len(bad):
+            raise InputError("missing or non-finite id", file=source, record=int(bad[0]) + 1, field=field)
+        return
+    if isinstance(col.dtype, pd.StringDtype):  # CSV ids read as text: vectorized, no per-row loop
+        bad = np.flatnonzero((col.isna() | (col.str.strip() == "")).to_numpy(dtype=bool))
+        if len(bad):
+            raise InputError("missing or empty id", file=source, record=int(bad[0]) + 1, field=field)
+        return
+    kinds = set()
+    for i, v in enumerate(col.tolist()):
+        if isinstance(v, str):
+            if not v.strip():
+                raise InputError("empty id", file=source, record=i + 1, field=field)
+            kinds.add("text")
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            kinds.add("number")
+        elif isinstance(v, (float, np.floating)) and not isinstance(v, (bool, np.bool_)):
+            if not np.isfinite(v):
+                raise InputError("missing or non-finite id", file=source, record=i + 1, field=field)
+            kinds.add("number")
+        elif v is None or v is pd.NA:
+            raise InputError("missing id", file=source, record=i + 1, field=field)
+        else:
+            raise InputError(f"expected a string or a number, got {type(v).__name__}", file=source,
+                             record=i + 1, field=field)
+        if len(kinds) > 1:
+            raise InputError("ids mix numbers and text, which cannot be ordered; use one kind", file=source,
+                             record=i + 1, field=field)
+
+
 def read_score_arrays(path, reward: str = "reward", safety: list[str] | None = None,
                       prompt_id: str = "prompt_id") -> ScoreArrays:
-    """`scores_to_arrays` of a Parquet / CSV / JSONL file."""
-    return scores_to_arrays(read_table(path), reward, safety, prompt_id, source=str(path))
+    """`scores_to_arrays` of a Parquet / CSV / JSONL file. CSV prompt ids are read as written
+    (`read_table`'s `text_columns`): "NA", "null" or "NaN" is an id like any other, an empty
+    one is an error."""
+    return scores_to_arrays(read_table(path, text_columns=(prompt_id,)), reward, safety, prompt_id,
+                            source=str(path))
 
 
 def synthetic_scores(n_prompts: int = 200, k: int = 16, seed: int = 0) -> pd.DataFrame:

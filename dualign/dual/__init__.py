@@ -1,10 +1,15 @@
 """The math of CAN's dual (DESIGN.md §2): numpy/scipy only, importable without torch."""
-from ..errors import InfeasibleMarginError
+from ..errors import DualNotConvergedError, InfeasibleMarginError
 from .bootstrap import BootstrapResult, bootstrap_dual
 from .margins import lambda_for_margins, margin_for_lambda
 from .problem import DualProblem, Prediction, validate_scores
-from .solver import DualResult, solve_dual, solve_problem
+from .solver import DualResult, score_unit, solve_dual, solve_problem
+from .unsafe_rate import (check_unsafe_rate, is_unsafe, margin_for_unsafe_rate, min_unsafe_rate,
+                          solve_max_unsafe_rate, unsafe_indicator, unsafe_rate, unsafe_rate_constraints)
 
 __all__ = ["DualProblem", "Prediction", "DualResult", "BootstrapResult", "InfeasibleMarginError",
+           "DualNotConvergedError", "score_unit",
            "solve_dual", "solve_problem", "bootstrap_dual", "lambda_for_margins",
-           "margin_for_lambda", "validate_scores"]
+           "margin_for_lambda", "validate_scores", "is_unsafe", "unsafe_indicator", "unsafe_rate",
+           "min_unsafe_rate", "check_unsafe_rate", "margin_for_unsafe_rate", "unsafe_rate_constraints",
+           "solve_max_unsafe_rate"]

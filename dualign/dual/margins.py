@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from .problem import DualProblem, validate_scores
 from .solver import solve_problem
 
@@ -24,13 +25,23 @@ def margin_for_lambda(reward, safety, beta: float, lam) -> np.ndarray:
     Returns
     -------
     ndarray, shape (m,) for one λ, (L, m) for a grid.
+
+    Raises
+    ------
+    InputError
+        Bad scores or β (as `solve_dual`), or a λ that is negative, not finite or not numeric.
     """
     problem = DualProblem(reward, safety, beta, 0.0)
-    lam = np.asarray(lam, dtype=np.float64)
+    try:
+        lam = np.asarray(lam, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("must be numeric", field="lambda") from None
     single = lam.ndim == 0 or (lam.ndim == 1 and problem.m > 1)
+    if lam.size % problem.m:
+        raise InputError(f"must hold {problem.m} values per λ (one per constraint); got {lam.size}", field="lambda")
     grid = lam.reshape(-1, problem.m)
-    if np.any(grid < 0):
-        raise ValueError("λ must be >= 0")
+    if not np.all(np.isfinite(grid) & (grid >= 0)):
+        raise InputError("every λ must be a finite number >= 0", field="lambda")
     out = np.array([problem.predict(l).safety_gain for l in grid])
     return out[0] if single else out
 
@@ -50,12 +61,19 @@ def lambda_for_margins(reward, safety, beta: float, margins, **solver_options) -
 
     Raises
     ------
-    InfeasibleMarginError
-        For the first margin out of reach.
+    InputError
+        Bad scores, β or margins (as `solve_dual`), or not m margins per row.
+    InfeasibleMarginError, DualNotConvergedError
+        For the first margin vector out of reach, or whose solve stops short.
     """
     R, G, beta, _ = validate_scores(reward, safety, beta, 0.0)
     m = G.shape[2]
-    margins = np.asarray(margins, dtype=np.float64)
+    try:
+        margins = np.asarray(margins, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("must be numeric", field="margins") from None
+    if margins.size % m:
+        raise InputError(f"must hold {m} values per row (one per constraint); got {margins.size}", field="margins")
     single = margins.ndim == 0 or (margins.ndim == 1 and m > 1)
     rows = margins.reshape(-1, m)
     out, lam0 = [], None

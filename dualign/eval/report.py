@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from ..runio import write_text
+from .summary import pct
 
 
 def sample_ceiling_note(dual: dict) -> str | None:
@@ -23,19 +24,30 @@ def sample_ceiling_note(dual: dict) -> str | None:
 
 
 def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None = None) -> list[str]:
-    """One line per score whose predicted gain lies outside the achieved gain's CI, with the
-    likely reason for the direction of the gap (`kl`: the predicted KL, `achieved_kl`: the
-    trained model's, both in nats)."""
+    """One line per score whose predicted gain lies outside the achieved gain's CI, and per
+    constraint stated as a maximum unsafe rate whose predicted unsafe rate lies outside the
+    trained rate's CI, with the likely reason for the direction of the gap (`kl`: the
+    predicted KL, `achieved_kl`: the trained model's, both in nats)."""
     if kl is not None:
         kl_text = f"predicted KL {kl:.3g} nats" + (f", achieved {achieved_kl:.3g}" if achieved_kl is not None else "")
     notes = []
     for col, e in scores.items():
-        if "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
+        if "predicted_unsafe_rate" in e:
+            if e["predicted_unsafe_rate_within_ci"]:
+                continue
+            lo, hi = e["unsafe_rate_trained_ci"]
+            head = (f"- **{col}** (unsafe rate ≤ {pct(e['max_unsafe_rate'])}): trained "
+                    f"{pct(e['unsafe_rate_trained'])} [{pct(lo)}, {pct(hi)}], predicted "
+                    f"{pct(e['predicted_unsafe_rate'])}. ")
+            short = e["unsafe_rate_trained"] > e["predicted_unsafe_rate"]  # less safe than π_λ*
+        elif "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
             continue
-        lo, hi = e["achieved_gain_ci"]
-        head = (f"- **{col}**: achieved {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
-                f"predicted {e['predicted_gain']:+.3f}. ")
-        if e["achieved_gain"] < e["predicted_gain"]:
+        else:
+            lo, hi = e["achieved_gain_ci"]
+            head = (f"- **{col}**: achieved {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                    f"predicted {e['predicted_gain']:+.3f}. ")
+            short = e["achieved_gain"] < e["predicted_gain"]
+        if short:
             notes.append(head + "The trained model stopped short of π_λ*"
                          + (f" ({kl_text})" if kl is not None else "") + ": a short run moves only part of the way. "
                          "Train longer (`--train.num_train_epochs`, `--epochs` in the demo) or on more pairs.")
@@ -65,10 +77,20 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     lines += ["## The dual (solved before training)", "",
              "| constraint | margin | λ* | 95% CI | predicted gain | largest achievable |",
              "|---|---:|---:|---|---:|---:|"]
+    rates = [c for c in dual["constraints"] if c.get("kind") == "max_unsafe_rate"]
     for c in dual["constraints"]:
         lo, hi = c["lambda_ci"]
-        lines.append(f"| {c['name']} | {c['margin']:.4g} | {c['lambda']:.4g} | [{lo:.4g}, {hi:.4g}] | "
-                     f"{c['predicted_gain']:+.4g} | {c['max_gain']:.4g} |")
+        # a rate constraint's margin and gains are in units of −1{unsafe}: show them as rates
+        margin, gain, most = ((f"unsafe ≤ {pct(c['max_unsafe_rate'])}",
+                               f"unsafe {pct(c['predicted_unsafe_rate'])} (π_ref {pct(c['unsafe_rate_reference'])})",
+                               f"unsafe → {pct(c['min_unsafe_rate'])}") if c.get("kind") == "max_unsafe_rate" else
+                              (f"{c['margin']:.4g}", f"{c['predicted_gain']:+.4g}", f"{c['max_gain']:.4g}"))
+        lines.append(f"| {c['name']} | {margin} | {c['lambda']:.4g} | [{lo:.4g}, {hi:.4g}] | {gain} | {most} |")
+    if rates:
+        lines += ["", "A constraint stated as a maximum unsafe rate (unsafe: safety score < 0) is solved on "
+                  "−1{unsafe}, and its λ* weighs that indicator in the pair labels: its row gives the bound, the "
+                  "unsafe rate predicted for π_λ* (π_ref's on the same samples) and the smallest reachable rate, "
+                  "approached only as λ → ∞."]
     p = dual["predicted"]
     ceiling = sample_ceiling_note(dual)
     lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
@@ -76,8 +98,10 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
               f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
               f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}."
               + (f" **Note:** {ceiling}." if ceiling else ""), "",
-              "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", "",
-              "## Predicted vs achieved (held-out prompts)", "",
+              "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", ""]
+    if record.get("behaviour"):
+        lines += behaviour_lines(record["behaviour"]) + [""]
+    lines += ["## Predicted vs achieved (held-out prompts)", "",
               "| score | reference | trained | achieved gain [95% CI] | predicted gain | unsafe rate ref → trained |",
               "|---|---:|---:|---|---:|---|"]
     for col, e in record["scores"].items():
@@ -85,11 +109,18 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
         pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "–"
         unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
                   if "unsafe_rate_reference" in e else "")
+        if "predicted_unsafe_rate" in e:  # a rate constraint: its prediction is the rate, not a gain
+            r_lo, r_hi = e["unsafe_rate_trained_ci"]
+            unsafe = (f"{pct(e['unsafe_rate_reference'])} → {pct(e['unsafe_rate_trained'])} [{pct(r_lo)}, "
+                      f"{pct(r_hi)}]; predicted {pct(e['predicted_unsafe_rate'])}, "
+                      f"bound ≤ {pct(e['max_unsafe_rate'])}")
         lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
                      f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
     gaps = _gap_note(record["scores"], dual["predicted"]["kl"], record.get("kl", {}).get("achieved"))
+    rated = any("predicted_unsafe_rate" in e for e in record["scores"].values())
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
-                     ["Every predicted gain lies inside the achieved gain's 95% CI."])
+                     ["Every predicted gain lies inside the achieved gain's 95% CI"
+                      + (", and every predicted unsafe rate inside the trained rate's 95% CI." if rated else ".")])
     if "kl" in record:
         k = record["kl"]
         lines += ["", f"KL(π_θ‖π_ref) of the trained model: {k['achieved']:.3f} nats, 95% CI "
@@ -110,6 +141,27 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     path = run / "report.md"
     write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def behaviour_lines(behaviour: dict) -> list[str]:
+    """Markdown section of a behaviour record (eval.json's `behaviour`, `dualign evaluate`'s
+    behaviour.json): what was measured, by which detector, and the table of rates."""
+    from .behaviour import behaviour_rows
+
+    header, rows = behaviour_rows(behaviour)
+    det = behaviour["detector"]
+    how = ("refusal phrases (`dualign.eval.refusal`: no model)" if det == "phrases" else f"`{det}`")
+    lines = ["## Behaviour (judged without the training's score models)", "",
+             f"Refusal detector: {how}. It is independent of the training: no reward, cost or implicit score "
+             "model that defined the training's target judges here. Harmful suites: the refusal rate (higher is "
+             "safer); benign and borderline-benign suites: the over-refusal rate (lower is better). Rate = mean "
+             "over prompts of the fraction of a prompt's samples that refuse, 95% bootstrap CI over prompts; "
+             "trained − reference in percentage points, paired by prompt.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    if behaviour.get("detector_unparsed"):
+        lines += ["", f"{behaviour['detector_unparsed']} detector answers could not be parsed and count as compliance."]
+    return lines
 
 
 def _models_table(record: dict) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..dual.unsafe_rate import is_unsafe
+
 
 def per_prompt_means(scores: pd.DataFrame, column: str) -> pd.Series:
     """Mean of `column` over each prompt's samples, indexed by prompt_id."""
@@ -29,7 +31,21 @@ def paired_gain(reference: pd.DataFrame, trained: pd.DataFrame, column: str, *, 
     b = per_prompt_means(trained, column)
     if not a.index.equals(b.index):
         raise ValueError("reference and trained samples cover different prompts")
-    d = (b - a).to_numpy(np.float64)
+    return bootstrap_mean((b - a).to_numpy(np.float64), n_boot=n_boot, level=level, seed=seed)
+
+
+def bootstrap_mean(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, list[float]]:
+    """Mean of `values` (one per prompt) and its percentile bootstrap CI, resampling the
+    values with replacement `n_boot` times from a generator seeded by `seed`.
+
+    Raises
+    ------
+    ValueError
+        No values.
+    """
+    d = np.asarray(values, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("no values to bootstrap")
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     alpha = (1 - level) / 2
@@ -49,8 +65,13 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     reward : str
         The reward column (the dual's predicted reward gain attaches to it).
     safety : list of str
-        Safety columns (higher = safer): also unsafe rates (score < 0); a column named like
-        a dual constraint gets its margin and predicted gain.
+        Safety columns (higher = safer): also unsafe rates (`is_unsafe`: score < 0; the mean
+        over prompts of each prompt's fraction of unsafe samples, as every unsafe rate); a
+        column named like a dual constraint gets its margin and predicted gain, or, for a
+        constraint stated as a maximum unsafe rate (kind "max_unsafe_rate", whose margin and
+        gains are in units of −1{unsafe}), its bound `max_unsafe_rate`, the
+        `predicted_unsafe_rate` of π_λ*, the trained rate's CI `unsafe_rate_trained_ci` and
+        `predicted_unsafe_rate_within_ci` instead.
     dual : dict, optional
         The dual.json record; adds predicted gains (with CIs) and margins.
     other_rewards : list of str
@@ -65,16 +86,25 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
         gain, ci = paired_gain(reference, trained, col, n_boot=n_boot, seed=seed)
         entry = {"reference_mean": float(reference[col].mean()), "trained_mean": float(trained[col].mean()),
                  "achieved_gain": gain, "achieved_gain_ci": ci}
-        if col in safety and col not in unsigned:
-            entry["unsafe_rate_reference"] = float((reference[col] < 0).mean())
-            entry["unsafe_rate_trained"] = float((trained[col] < 0).mean())
+        signed = col in safety and col not in unsigned
+        if signed:
+            entry["unsafe_rate_reference"] = float(_unsafe_fractions(reference, col).mean())
+            entry["unsafe_rate_trained"] = float(_unsafe_fractions(trained, col).mean())
         if dual is not None:
             if col == reward:
                 entry["predicted_gain"] = dual["predicted"]["reward_gain"]
                 entry["predicted_gain_ci"] = dual["predicted"]["reward_gain_ci"]
             else:
                 c = next((c for c in dual["constraints"] if c["name"] == col), None)
-                if c is not None:
+                if c is not None and c.get("kind") == "max_unsafe_rate" and signed:
+                    # its λ* and gains are about −1{unsafe}: the raw score's gain has no prediction
+                    rate, rate_ci = bootstrap_mean(_unsafe_fractions(trained, col).to_numpy(), n_boot=n_boot,
+                                                   seed=seed)
+                    entry.update(kind="max_unsafe_rate", max_unsafe_rate=c["max_unsafe_rate"],
+                                 predicted_unsafe_rate=c["predicted_unsafe_rate"], unsafe_rate_trained_ci=rate_ci,
+                                 predicted_unsafe_rate_within_ci=bool(rate_ci[0] <= c["predicted_unsafe_rate"]
+                                                                      <= rate_ci[1]))
+                elif c is not None:
                     entry.update(margin=c["margin"], predicted_gain=c["predicted_gain"],
                                  predicted_gain_ci=c["predicted_gain_ci"])
         if "predicted_gain" in entry:
@@ -84,8 +114,30 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     return out
 
 
+def _unsafe_fractions(scores: pd.DataFrame, column: str) -> pd.Series:
+    """Each prompt's fraction of unsafe samples (`is_unsafe` of `column`), indexed by prompt_id."""
+    return pd.Series(is_unsafe(scores[column]), index=scores.index).groupby(scores["prompt_id"]).mean()
+
+
+def pct(x: float) -> str:
+    """A rate as a percentage with 3 significant digits (0.05 → "5%", 0.1234 → "12.3%")."""
+    return f"{100 * x:.3g}%"
+
+
+def unsafe_rate_line(col: str, e: dict) -> str:
+    """One line for a constraint stated as a maximum unsafe rate (an entry of eval.json's
+    `scores` with `predicted_unsafe_rate`): the reference's and the trained model's unsafe
+    rates, the trained one's 95% CI, π_λ*'s predicted rate and the bound."""
+    lo, hi = e["unsafe_rate_trained_ci"]
+    return (f"unsafe rate of {col}: reference {pct(e['unsafe_rate_reference'])} → trained "
+            f"{pct(e['unsafe_rate_trained'])} [{pct(lo)}, {pct(hi)}], predicted {pct(e['predicted_unsafe_rate'])}, "
+            f"bound ≤ {pct(e['max_unsafe_rate'])}"
+            + ("" if e["predicted_unsafe_rate_within_ci"] else " (prediction outside the trained rate's CI)"))
+
+
 def format_eval_table(scores: dict) -> str:
-    """A plain-text table of the `scores` block of eval.json."""
+    """A plain-text table of the `scores` block of eval.json, then one `unsafe_rate_line` per
+    constraint stated as a maximum unsafe rate."""
     head = f"  {'score':<20}{'reference':>10}{'trained':>10}{'achieved gain (95% CI)':>30}{'predicted':>11}{'unsafe ref→trained':>22}"
     lines = [head]
     for col, e in scores.items():
@@ -96,6 +148,7 @@ def format_eval_table(scores: dict) -> str:
         gain = f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         lines.append(f"  {col:<20}{e['reference_mean']:>10.3f}{e['trained_mean']:>10.3f}"
                      f"{gain:>30}{pred:>11}{unsafe:>22}")
+    lines += [f"  {unsafe_rate_line(col, e)}" for col, e in scores.items() if "predicted_unsafe_rate" in e]
     return "\n".join(lines)
 
 

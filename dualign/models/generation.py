@@ -29,6 +29,65 @@ PARTIAL_DIR = "samples.partial"
 COLUMNS = ["prompt_id", "prompt", "sample_id", "response", "n_tokens", "truncated", "seed", "model"]
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_sampling_args(*, num_samples: int = 1, max_new_tokens: int = 1, temperature: float = 1.0,
+                        top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
+                        batch_size: int = 1) -> None:
+    """Check sampling settings before any model loads or file is written.
+
+    Raises
+    ------
+    InputError
+        Naming the field: `num_samples`, `max_new_tokens` or `batch_size` not an integer >= 1;
+        `temperature` not a finite number >= 0 (0 = greedy); `top_p` not in (0, 1]; `top_k`
+        neither None nor an integer >= 0 (0 = no top-k); `seed` not an integer >= 0.
+    """
+    for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not _is_int(v) or v < 1:
+            raise InputError(f"must be an integer >= 1; got {v!r}", field=name)
+    if not _is_int(seed) or seed < 0:
+        raise InputError(f"must be an integer >= 0; got {seed!r}", field="seed")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) \
+            or not (np.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"must be a finite number >= 0 (0 = greedy); got {temperature!r}", field="temperature")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1:
+        raise InputError(f"must be in (0, 1] (1 = no nucleus truncation); got {top_p!r}", field="top_p")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise InputError(f"must be an integer >= 0 (0 = no top-k) or unset; got {top_k!r}", field="top_k")
+
+
+def check_device(device: str | None) -> None:
+    """Check a `--device` value before the model loads: None, "auto", "cpu", "cuda", "cuda:N"
+    (with CUDA available and N < the GPU count) or another device torch knows ("mps").
+
+    Raises
+    ------
+    InputError
+        A device string torch does not parse, or a CUDA device that is not there.
+    """
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)", field="device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{device!r} asked for, but CUDA is not available here (use cpu)", field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
+                             field="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{device!r} asked for, but MPS is not available here (use cpu)", field="device")
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def read_prompts(source: str, column: str = "prompt", split: str = "train",
@@ -44,9 +103,11 @@ def read_prompts(source: str, column: str = "prompt", split: str = "train",
     Raises
     ------
     InputError
-        Missing or empty file ("no prompts"), missing column, or a record whose prompt is
-        not a non-empty string (naming file, record and field).
+        Missing or empty file ("no prompts"), missing column, `limit` < 1, or a record whose
+        prompt is not a non-empty string (naming file, record and field).
     """
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise InputError(f"must be an integer >= 1; got {limit!r}", field="limit")
     p = Path(source).expanduser()
     if p.suffix.lower() == ".txt":
         if not p.is_file():
@@ -68,7 +129,7 @@ def read_prompts(source: str, column: str = "prompt", split: str = "train",
     for i, v in enumerate(values):
         if not isinstance(v, str) or not v.strip():
             raise InputError(f"expected a non-empty string, got {v!r}"[:120], file=str(source),
-                             record=i, field=column)
+                             record=i + 1, field=column)
     if not values:
         raise InputError("no prompts", file=str(source))
     return list(values)
@@ -335,9 +396,14 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
         Columns `COLUMNS`: n_tokens counts generated tokens including the stop token;
         truncated is True when a response hit max_new_tokens. `df.attrs["dualign"]`
         holds the settings.
+
+    Raises
+    ------
+    InputError
+        Bad settings (`check_sampling_args`), checked before anything is written to `out_dir`.
     """
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    check_sampling_args(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
     prompts = list(prompts)
     settings = sample_settings(model_name, prompts, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, temperature=temperature,
@@ -432,8 +498,10 @@ def sample_vllm(model_spec: str, prompts: Sequence[str], *, num_samples: int = 1
     Raises
     ------
     InputError
-        vllm is not installed.
+        Bad settings (`check_sampling_args`), or vllm is not installed.
     """
+    check_sampling_args(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed)
     try:
         from vllm import LLM, SamplingParams
     except ImportError:

@@ -31,7 +31,11 @@ from ..errors import InputError
 from .logprobs import length_batches
 from .text import PKU_TEMPLATE, encode_pairs
 
-KINDS = ("reward", "safety", "cost")
+KINDS = ("reward", "safety", "cost", "harm")
+# `harm:` declares a cost model (cost > 0 means unsafe) of which only the harm counts:
+# safety = -max(cost, 0). Every safe answer scores 0, so a constraint on it asks for less
+# expected harm and gains nothing from ranking safe answers (a refusal of a benign request is
+# not "safer" than a helpful answer). The unsafe rule (safety < 0) is the same as `cost:`.
 HEAD_SCORER_FILE = "dualign_scorer.json"
 SCORE_KEYS = ("prompt_id", "sample_id", "prompt", "response")
 
@@ -41,8 +45,8 @@ class Scorer:
 
     Attributes
     ----------
-    kind : {"reward", "safety", "cost"} or None
-        What the scores measure, as declared by the spec prefix or the model's own config;
+    kind : {"reward", "safety", "cost", "harm"} or None
+        What the scores measure ("harm": a cost model counted only above 0, see `KINDS`), as declared by the spec prefix or the model's own config;
         None when nothing declares it.
     name : str
         The spec it was loaded from (for messages and provenance).
@@ -87,12 +91,14 @@ class Scorer:
             raise InputError("this scorer declares itself a reward model; prefix the spec with "
                              "'safety:' or 'cost:' to use it as a constraint", file=self.name)
         s = self(prompts, responses)
+        if self.kind == "harm":
+            return -np.maximum(s, 0.0)
         return -s if self.kind == "cost" else s
 
     def reward(self, prompts, responses) -> np.ndarray:
         """Scores oriented as reward (higher = better): negated only for a declared cost model."""
         s = self(prompts, responses)
-        return -s if self.kind == "cost" else s
+        return -s if self.kind in ("cost", "harm") else s
 
     def close(self) -> None:
         """Release the model's memory (GPU included)."""

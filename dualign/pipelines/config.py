@@ -29,8 +29,12 @@ class PipelineConfig:
         or the scorer's own config).
     margins : constraint name → required gain over π_ref; constraints left out get
         `margin_fraction` × their largest achievable gain (shown before training).
+    max_unsafe_rate : constraint name → the largest unsafe rate allowed instead of a margin,
+        e.g. {harm: 0.05}: at most 5% unsafe answers (unsafe: safety score < 0, the rule of
+        every reported unsafe rate); the dual bounds the rate of π_λ* directly and shows the
+        predicted rate before training. A constraint takes a margin or a rate, not both.
     margin_fraction : fraction of the largest achievable gain used as the margin of
-        constraints without one.
+        constraints without one (nor a rate).
     prompts, prompt_column, prompt_split : prompts for sampling, the dual and training
         (`prompt_split` filters a `split` column when the file has one).
     eval_prompts, eval_split : held-out prompts for evaluation (default: `prompts`).
@@ -44,6 +48,15 @@ class PipelineConfig:
     pairs_per_prompt : pairs drawn per prompt when `pairs` is "samples".
     max_pairs : use at most this many dataset pairs (0: all).
     eval_num_samples : responses per eval prompt and model.
+    behaviour_suites : extra prompt suites of the behavioural evaluation (refusal of harmful
+        prompts, over-refusal of benign ones, judged without the training's score models):
+        `NAME=KIND:FILE` (KIND harmful, benign or borderline) or a built-in name (harmful,
+        benign, borderline); a list, or comma-separated. Default: borderline when the
+        evaluation prompts are the built-in demo prompts, else none ("none": none). Eval
+        prompts with a `harmful` field also give the harmful and benign suites, on the
+        evaluation's own samples. Sampled like the evaluation, `max_eval_prompts` each.
+    behaviour_detector : refusal detector of the behavioural evaluation: phrases (default),
+        hf-classifier:PATH_OR_ID[:LABEL] or guard:PATH_OR_ID.
     train : `PreferenceConfig` fields (learning rate, epochs, LoRA, ...).
     """
 
@@ -55,6 +68,7 @@ class PipelineConfig:
     reward: str = ""
     safety: dict = field(default_factory=dict)
     margins: dict = field(default_factory=dict)
+    max_unsafe_rate: dict = field(default_factory=dict)
     margin_fraction: float = 0.5
     prompts: str = ""
     prompt_column: str = "prompt"
@@ -75,6 +89,8 @@ class PipelineConfig:
     pairs_per_prompt: int = 2
     max_pairs: int = 0
     eval_num_samples: int = 2
+    behaviour_suites: list | str | None = None
+    behaviour_detector: str = "phrases"
     train: dict = field(default_factory=dict)
 
     def _validate_common(self, constraints) -> None:
@@ -85,11 +101,47 @@ class PipelineConfig:
         if unknown:
             raise InputError(f"margin for unknown constraint(s) {', '.join(unknown)}; constraints are "
                              f"{', '.join(constraints)}", field="margins")
+        self._validate_max_unsafe_rate(constraints)
+        self._validate_behaviour()
         if not self.beta > 0:
             raise InputError(f"must be > 0, got {self.beta}", field="beta")
         if self.num_samples < 2:
             raise InputError(f"the dual needs >= 2 samples per prompt, got {self.num_samples}",
                              field="num_samples")
+
+    def _validate_max_unsafe_rate(self, constraints) -> None:
+        """`max_unsafe_rate` is a mapping of known constraint names to rates in [0, 1], none of
+        which also has a margin.
+
+        Raises
+        ------
+        InputError
+            Naming the field and the offending constraint."""
+        from ..dual import check_unsafe_rate
+
+        rates = self.max_unsafe_rate
+        if not isinstance(rates, dict):
+            raise InputError(f"expected a mapping NAME: RATE (e.g. harm: 0.05), got {rates!r}",
+                             field="max_unsafe_rate")
+        unknown = sorted(set(rates) - set(constraints))
+        if unknown:
+            raise InputError(f"max unsafe rate for unknown constraint(s) {', '.join(map(str, unknown))}; "
+                             f"constraints are {', '.join(constraints)}", field="max_unsafe_rate")
+        both = sorted(set(rates) & set(self.margins))
+        if both:
+            raise InputError(f"constraint(s) {', '.join(both)} have both a margin and a max unsafe rate: "
+                             "give one", field="max_unsafe_rate")
+        for name, r in rates.items():
+            check_unsafe_rate(r, name)
+
+    def _validate_behaviour(self) -> None:
+        """The behavioural evaluation's suites and detector parse (suite files are read now,
+        not after training). Raises InputError naming the setting."""
+        from ..eval.behaviour import load_detector, parse_suite_specs, suite_specs_setting
+
+        parse_suite_specs(suite_specs_setting(self.behaviour_suites, self.eval_prompts or self.prompts),
+                          field="behaviour_suites")
+        load_detector(self.behaviour_detector)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +156,10 @@ class MoCANConfig(PipelineConfig):
     pairs : "samples" (pairs of π_ref's own responses) or a preference dataset file
         (PKU-SafeRLHF or prompt/chosen/rejected schema) whose responses are re-scored and
         relabeled, as in the paper.
+    max_unsafe_rate : constraint name → the largest unsafe rate allowed (e.g. harm=0.05),
+        instead of a margin: λ* of that constraint multiplies −1{unsafe} in the pair labels
+        (the score the dual solved for), and the evaluation compares the trained model's
+        unsafe rate with the predicted one.
     """
 
     out: str = "runs/mocan"
@@ -148,6 +204,10 @@ class PeCANConfig(PipelineConfig):
         (columns `scorer/safety/<name>`).
     margins : constraint name → required gain of the implicit safety score ĝ over π_ref
         (in ĝ's units: β × nats); left out: `margin_fraction` × the largest achievable.
+    max_unsafe_rate : not for PeCAN: the dual's safety scores are the implicit
+        ĝ = β·log π_g/π_ref, defined up to a per-prompt constant, so their sign — and an
+        unsafe rate — means nothing (the `safety` scorers here only judge the result);
+        state the constraint as a margin.
     pairs : "preferences" (default: every pair of the preference files, relabeled with
         λ*, as in the paper), "samples" (pairs of π_ref's own responses) or another
         preference file.
@@ -192,6 +252,10 @@ class PeCANConfig(PipelineConfig):
                              "or pre-aligned `safety_models` (NAME: DIR)", field="safety_preferences")
         if self.label_scale not in ("beta", "paper"):
             raise InputError(f"must be 'beta' or 'paper', not {self.label_scale!r}", field="label_scale")
+        if self.max_unsafe_rate:
+            raise InputError("PeCAN's safety scores are implicit (β·log π_g/π_ref, defined up to a per-prompt "
+                             "constant): they have no meaningful sign, so no unsafe rate to bound; state the "
+                             "constraint as a margin (`margins`)", field="max_unsafe_rate")
         if self.pairs == "preferences" and not (self.helpful_source() or any(self.safety_sources().values())):
             raise InputError("pairs 'preferences' needs preference files; with only pre-aligned models "
                              "set `pairs: samples` or a preference file", field="pairs")
@@ -293,7 +357,7 @@ def overrides_from_args(args, extra: list[str], nested: tuple[str, ...] = ("trai
                 key, sep, val = item.partition("=")
                 if not sep:
                     raise InputError(f"expected NAME=VALUE, got '{item}'", field=f"--{name}")
-                d[key] = yaml.safe_load(val) if name == "margins" else val
+                d[key] = yaml.safe_load(val) if name in ("margins", "max_unsafe_rate") else val
             v = d
         out[name] = v
     it = iter(extra)

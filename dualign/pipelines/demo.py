@@ -17,10 +17,14 @@ DEMO_PAIRS = 240
 def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
     """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training."""
     prompts = str(demo_path("prompts"))
+    # sft_weight: the built-in pairs are text π_ref did not write; the pure soft-label loss moved
+    # their log-ratios (KL 6 nats) but not what the model generates (refusal of held-out harmful
+    # prompts stayed at 0%); the label-weighted likelihood term makes it say the preferred texts.
     train = {"learning_rate": 1e-4, "num_train_epochs": epochs or (1 if quick else 2),
              "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
-             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0}
-    return dict(policy=EMBEDDED_DEFAULT, margin_fraction=0.5, prompts=prompts, prompt_split="train",
+             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0, "sft_weight": 1.0}
+    # margin_fraction 0.95: at 0.5 the constraint barely binds (λ* small, labels = reward's)
+    return dict(policy=EMBEDDED_DEFAULT, margin_fraction=0.95, prompts=prompts, prompt_split="train",
                 eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
                 max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
                 temperature=1.0, top_p=0.9, seed=0, sample_batch_size=32, beta=beta,
@@ -33,10 +37,13 @@ def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: 
     """The demo's MoCAN settings: SmolLM2-135M-Instruct as π_ref, reward and cost heads
     trained on the built-in preference data (cached), the built-in prompts (train split for
     the dual, eval split held out), and the built-in preference pairs relabeled with λ*
-    (the paper's recipe with PKU-SafeRLHF), trained once with LoRA."""
+    (the paper's recipe with PKU-SafeRLHF), trained once with LoRA. The constraint is on
+    expected harm (`harm:`, safety = −max(cost, 0)) at 0.95 × its largest achievable gain."""
     reward_dir, cost_dir = demo_scorers(log=log)
+    # harm: only cost above 0 counts (safety = -max(cost, 0)): every safe answer scores alike, so
+    # the constraint cannot be met by refusing benign requests (with `cost:` it was)
     return MoCANConfig(
-        out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
+        out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"harm:{cost_dir}"},
         margins={} if margin is None else {"harm": margin}, pairs=str(demo_path("train")),
         **_demo_settings(quick, beta, epochs))
 
@@ -56,6 +63,10 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
     settings = _demo_settings(quick, beta, epochs)
+    # PeCAN keeps the settings it was measured with (README): its implicit ĝ has no harm scale
+    # to clip, and the likelihood term has not been measured with its pre-aligned models yet
+    settings["margin_fraction"] = 0.5
+    settings["train"].pop("sft_weight")
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},

@@ -6,42 +6,68 @@ from pathlib import Path
 import numpy as np
 
 from ..data.scores import ScoreArrays
-from ..dual import bootstrap_dual
+from ..dual import (DualProblem, bootstrap_dual, min_unsafe_rate, unsafe_indicator, unsafe_rate,
+                    unsafe_rate_constraints)
+from ..errors import InputError
 from ..eval.report import sample_ceiling_note
 from ..runio import array_digest, write_json
 
 
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
                      level: float = 0.95, seed: int = 0, progress: bool = True,
-                     inputs: dict | None = None, signed: bool = True) -> dict:
+                     inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None) -> dict:
     """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
 
     `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
     β log π_g/π_ref): the record then has no reference unsafe rate.
 
+    `max_unsafe_rate` (one entry per constraint, None for a margin constraint) states
+    constraints as "unsafe rate ≤ r": the dual runs on g = −1{score < 0} with the margin
+    π_ref's rate − r (`dualign.dual.unsafe_rate`); `margins` entries of those constraints are
+    ignored, and their record has kind "max_unsafe_rate", the bound, the smallest reachable
+    rate, and reference_mean, gains, max_gain and slack in units of g (−unsafe rate); their
+    bootstrap holds the bound r fixed. Every signed constraint's record gets the unsafe rate
+    of π_λ* predicted from the same weights (`predicted_unsafe_rate`, also
+    `predicted.unsafe_rate`), next to π_ref's (`unsafe_rate_reference`).
+
     Raises
     ------
+    InputError
+        A rate outside [0, 1], or rates with `signed=False`.
     InfeasibleMarginError, ValueError
-        As `bootstrap_dual`.
+        As `bootstrap_dual`; an unreachable rate (with the smallest reachable one).
     """
     m = scores.safety.shape[2]
     margins = np.broadcast_to(np.asarray(margins, dtype=float), (m,)).copy()
-    bs = bootstrap_dual(scores.reward, scores.safety, beta, margins, n_boot=n_boot, level=level,
-                        seed=seed, names=scores.safety_names, progress=progress)
+    rates = list(max_unsafe_rate) if max_unsafe_rate is not None else [None] * m
+    if not signed and any(r is not None for r in rates):
+        raise InputError("these safety scores have no meaningful sign (e.g. PeCAN's implicit β·log π_g/π_ref), "
+                         "so no unsafe rate: state the constraint as a margin", field="max_unsafe_rate")
+    G, margins, is_rate = unsafe_rate_constraints(scores.safety, margins, rates, scores.safety_names)
+    bs = bootstrap_dual(scores.reward, G, beta, margins, n_boot=n_boot, level=level,
+                        seed=seed, names=scores.safety_names, progress=progress, absolute=is_rate)
     est = bs.estimate
     pred = est.predicted
     ci = bs.ci
+    # π_λ*'s unsafe rates from the weights the predictions use (one more pass over the scores)
+    pred_rates = unsafe_rate(scores.safety, DualProblem(scores.reward, G, beta, margins).weights(est.lam)) \
+        if signed else None
     constraints = []
     for j, name in enumerate(scores.safety_names):
         constraints.append({
-            "name": name, "margin": float(margins[j]), "lambda": float(est.lam[j]),
+            "name": name, "kind": "max_unsafe_rate" if is_rate[j] else "margin",
+            "margin": float(margins[j]), "lambda": float(est.lam[j]),
             "lambda_ci": ci["lambda"][j].tolist(), "active": bool(est.lam[j] > 0),
-            "reference_mean": float(scores.safety[:, :, j].mean()),
+            "reference_mean": float(G[:, :, j].mean()),
             "predicted_gain": float(pred.safety_gain[j]), "predicted_gain_ci": ci["safety_gain"][j].tolist(),
             "max_gain": float(est.max_gain[j]), "slack": float(est.slack[j]),
         })
         if signed:
-            constraints[-1]["unsafe_rate_reference"] = float(np.mean(scores.safety[:, :, j] < 0))
+            constraints[-1]["unsafe_rate_reference"] = unsafe_rate(scores.safety[:, :, j])
+            constraints[-1]["predicted_unsafe_rate"] = float(pred_rates[j])
+        if is_rate[j]:
+            constraints[-1].update(max_unsafe_rate=float(rates[j]), score="-1{" + name + " < 0}",
+                                   min_unsafe_rate=min_unsafe_rate(scores.safety[:, :, j]))
     return {
         "beta": float(beta), "margins": margins.tolist(), "lambda": est.lam.tolist(),
         "feasible": True, "converged": bool(est.converged), "iterations": est.iterations,
@@ -53,6 +79,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             "reward_gain": pred.reward_gain, "reward_gain_ci": ci["reward_gain"][0].tolist(),
             "kl": pred.kl, "kl_ci": ci["kl"][0].tolist(),
             "ess_mean": pred.ess_mean, "ess_min": pred.ess_min, "ess_fraction": pred.ess_fraction,
+            **({"unsafe_rate": {c["name"]: c["predicted_unsafe_rate"] for c in constraints}} if signed else {}),
         },
         "bootstrap": bs.to_dict(),
         "solver": est.options | {"n_evals": est.n_evals},
@@ -73,6 +100,7 @@ def format_dual_summary(d: dict) -> str:
         lines.append(f"  {c['name']:<22}{c['margin']:>9.4g}{c['lambda']:>10.4g}   [{lo:.4g}, {hi:.4g}]"
                      f"{'':<{max(1, 16 - len(f'[{lo:.4g}, {hi:.4g}]'))}}{c['predicted_gain']:>11.4g}"
                      f"{c['max_gain']:>10.4g}" + ("" if c["active"] else "   (inactive)"))
+    lines += _unsafe_rate_lines(d)
     p = d["predicted"]
     lo, hi = p["reward_gain_ci"]
     lines.append(f"  predicted reward gain {p['reward_gain']:+.4g}  [{lo:+.4g}, {hi:+.4g}]   "
@@ -88,6 +116,50 @@ def format_dual_summary(d: dict) -> str:
                  f"{d['bootstrap']['n_boot']} bootstrap replicates"
                  + (f", {d['bootstrap']['n_infeasible']} infeasible" if d["bootstrap"]["n_infeasible"] else ""))
     return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+def _unsafe_rate_lines(d: dict) -> list[str]:
+    """The unsafe-rate block of the summary: π_ref's and π_λ*'s predicted rate of every signed
+    constraint, the bound of rate constraints, and why an unsafe-rate bound is (in)active."""
+    rows = [c for c in d["constraints"] if "predicted_unsafe_rate" in c]
+    if not rows:
+        return []
+    lines = [f"  {'unsafe rate (score < 0)':<31}{'π_ref':>8}{'π_λ* (pred.)':>14}{'bound':>9}"]
+    for c in rows:
+        bound = f"≤ {_pct(c['max_unsafe_rate'])}" if c.get("kind") == "max_unsafe_rate" else ""
+        lines.append(f"  {c['name']:<31}{_pct(c['unsafe_rate_reference']):>8}"
+                     f"{_pct(c['predicted_unsafe_rate']):>14}{bound:>9}")
+    for c in rows:
+        if c.get("kind") != "max_unsafe_rate":
+            continue
+        ref, r = c["unsafe_rate_reference"], c["max_unsafe_rate"]
+        if ref == 0:
+            why = f"every sample is safe: π_ref and every π_λ meet ≤ {_pct(r)}; inactive (λ* = 0)"
+        elif not c["active"]:
+            why = (f"π_ref's {_pct(ref)} meets ≤ {_pct(r)}, and so does π_λ*: inactive (λ* = 0)" if ref <= r else
+                   f"π_ref's {_pct(ref)} exceeds {_pct(r)}, but tilting toward reward already meets it: "
+                   "inactive (λ* = 0)")
+        elif ref <= r:
+            why = (f"π_ref's {_pct(ref)} meets ≤ {_pct(r)}, but tilting toward reward alone would not: "
+                   "the bound binds")
+        else:
+            why = f"binds: π_λ* is predicted at the bound (smallest reachable {_pct(c['min_unsafe_rate'])})"
+        lines.append(f"  note: {c['name']}: {why}")
+    return lines
+
+
+def _dual_scores(scores: ScoreArrays, d: dict) -> np.ndarray:
+    """The (N, K, m) scores the dual of record `d` ran on: a rate constraint's column as
+    `unsafe_indicator` of it, the others as they are."""
+    G = scores.safety.copy()
+    for j, c in enumerate(d["constraints"]):
+        if c.get("kind") == "max_unsafe_rate":
+            G[:, :, j] = unsafe_indicator(G[:, :, j])
+    return G
 
 
 def write_dual_outputs(d: dict, scores: ScoreArrays, out_json=None, plot_dir=None) -> list[Path]:
@@ -111,7 +183,7 @@ def write_dual_outputs(d: dict, scores: ScoreArrays, out_json=None, plot_dir=Non
         written += [
             plot_safety_histogram(scores.safety, scores.safety_names, plot_dir / "safety_histogram.png",
                                   signed=all("unsafe_rate_reference" in c for c in d["constraints"])),
-            plot_dual_curves(scores.reward, scores.safety, d["beta"], sweep, lam, scores.safety_names,
+            plot_dual_curves(scores.reward, _dual_scores(scores, d), d["beta"], sweep, lam, scores.safety_names,
                              plot_dir / "dual_function.png"),
             plot_convergence(d["history"], lam, plot_dir / "solver_convergence.png"),
         ]

@@ -44,7 +44,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
         return run
     log("[3/7 dual] λ* and what π_λ* will do, before any training")
     dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
-                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log)
+                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log, max_unsafe_rate=cfg.max_unsafe_rate)
     if not todo("pairs"):
         return run
     log(f"[4/7 pairs] pseudo-preference labels σ(r_λ(y1) − r_λ(y0)) on pairs from {cfg.pairs}")
@@ -55,12 +55,16 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
         write_parquet(dataset_as_samples(prefs), run / "pairs_source" / "samples.parquet")
         pair_scores = S.score_stage(run / "pairs_source" / "samples.parquet", jobs, force=force["pairs"], log=log)
         pairs, key = pairs_from_scored_dataset(pair_scores), file_digest(run / "pairs_source" / "scores.parquet")
-    pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"])
+    # dual.json's constraint kinds say which λ* multiply −1{unsafe} (rate constraints) in the labels
+    pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"], dual=dual)
     if not todo("train"):
         return run
     log(f"[5/7 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
     meta = {"method": "mocan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
             "beta": cfg.beta, "data": cfg.pairs, "scores": {c: s for c, s, _ in jobs}}
+    if cfg.max_unsafe_rate:  # the model card says which λ* weigh −1{unsafe} rather than the score
+        meta.update(max_unsafe_rate=dict(cfg.max_unsafe_rate),
+                    lambda_scores={c["name"]: c.get("score", c["name"]) for c in dual["constraints"]})
     result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
     if not todo("evaluate"):
         return run

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..dual.unsafe_rate import unsafe_indicator
 from ..train.losses import pseudo_preference_labels
 
 
@@ -49,25 +50,51 @@ def pairs_from_samples(scores: pd.DataFrame, pairs_per_prompt: int = 2, seed: in
     return pd.DataFrame(rows)
 
 
-def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str], lam) -> np.ndarray:
-    """r_λ = r + λᵀg of response `side` (0 or 1) of every pair, shape (n,)."""
+def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str], lam,
+                   indicator=None) -> np.ndarray:
+    """r_λ = r + λᵀg of response `side` (0 or 1) of every pair, shape (n,).
+
+    `indicator` (one bool per safety column, default all False) marks the constraints stated
+    as a maximum unsafe rate: their g is `unsafe_indicator` of the column, −1{unsafe}, the
+    score their λ* was solved for, not the raw safety score."""
+    flags = [False] * len(safety) if indicator is None else list(indicator)
+    if len(flags) != len(safety):
+        raise ValueError(f"{len(flags)} indicator flags for {len(safety)} safety scores")
     out = pairs[f"{reward}_{side}"].to_numpy(np.float64).copy()
-    for l, name in zip(np.atleast_1d(lam), safety):
-        out += float(l) * pairs[f"{name}_{side}"].to_numpy(np.float64)
+    for l, name, ind in zip(np.atleast_1d(lam), safety, flags):
+        g = pairs[f"{name}_{side}"].to_numpy(np.float64)
+        out += float(l) * (unsafe_indicator(g) if ind else g)
     return out
 
 
+def rate_constraints(dual: dict, safety: list[str]) -> list[bool]:
+    """Which of the `safety` columns the dual record `dual` (dual.json) states as a maximum
+    unsafe rate (constraint `kind` "max_unsafe_rate"): the `indicator` of `label_pairs`.
+
+    Raises
+    ------
+    ValueError
+        A column the record has no constraint for (labels would weigh it with no λ*)."""
+    kinds = {c["name"]: c.get("kind", "margin") for c in dual["constraints"]}
+    missing = [c for c in safety if c not in kinds]
+    if missing:
+        raise ValueError(f"the dual record has no constraint {', '.join(missing)} "
+                         f"(its constraints: {', '.join(kinds)})")
+    return [kinds[c] == "max_unsafe_rate" for c in safety]
+
+
 def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None,
-                scale: float = 1.0) -> pd.DataFrame:
+                scale: float = 1.0, indicator=None) -> pd.DataFrame:
     """Add `score_0`, `score_1` (r_λ of each response) and the soft label
     `label` = σ(scale · (r_λ(y1) − r_λ(y0))) (DESIGN.md §3; `scale` = 1 is the label whose
-    DPO optimum is π_λ; PeCAN's paper-code variant uses 1/β); returns a new DataFrame."""
+    DPO optimum is π_λ; PeCAN's paper-code variant uses 1/β); returns a new DataFrame.
+    `indicator` marks rate constraints, whose g is −1{unsafe} (`combined_score`)."""
     safety = list(safety or [])
     if len(np.atleast_1d(lam)) != len(safety):
         raise ValueError(f"{len(np.atleast_1d(lam))} multipliers for {len(safety)} safety scores")
     out = pairs.copy()
-    out["score_0"] = combined_score(pairs, 0, reward, safety, lam)
-    out["score_1"] = combined_score(pairs, 1, reward, safety, lam)
+    out["score_0"] = combined_score(pairs, 0, reward, safety, lam, indicator)
+    out["score_1"] = combined_score(pairs, 1, reward, safety, lam, indicator)
     out["label"] = pseudo_preference_labels(scale * out["score_1"], scale * out["score_0"])
     return out
 

@@ -103,58 +103,116 @@ def score_stage(samples_path: Path, jobs, *, force: bool = False, log=print):
     return score_samples(samples_path, jobs, out, log=log)
 
 
-def resolve_margins(arrays, beta: float, margins: dict, fraction: float) -> list[float]:
-    """Margins per constraint: given ones as is, the others `fraction` × largest achievable gain."""
-    from ..dual import DualProblem
+def resolve_margins(arrays, beta: float, margins: dict, fraction: float,
+                    max_unsafe_rate: dict | None = None) -> list[float]:
+    """Margins per constraint: given ones as is; a constraint with a maximum unsafe rate r gets
+    the margin on g = −1{unsafe} that states it, π_ref's unsafe rate − r
+    (`dualign.dual.margin_for_unsafe_rate`); the others `fraction` × largest achievable gain.
 
+    Raises
+    ------
+    InputError
+        A constraint with both a margin and a rate, or a rate outside [0, 1].
+    InfeasibleMarginError
+        A rate below the smallest reachable one (which the message gives).
+    """
+    from ..dual import DualProblem, margin_for_unsafe_rate
+    from ..errors import InputError
+
+    rates = max_unsafe_rate or {}
+    both = sorted(set(rates) & set(margins))
+    if both:
+        raise InputError(f"constraint(s) {', '.join(both)} have both a margin and a max_unsafe_rate: give one",
+                         field="max_unsafe_rate")
     mg = DualProblem(arrays.reward, arrays.safety, beta, 0.0).max_gain()
     out = []
     for j, col in enumerate(arrays.safety_names):
         name = col.split("/", 1)[-1]
-        out.append(float(margins[name]) if name in margins else float(np.round(fraction * mg[j], 4)))
+        if name in rates:
+            out.append(margin_for_unsafe_rate(arrays.safety[:, :, j], rates[name], col))
+        else:
+            out.append(float(margins[name]) if name in margins else float(np.round(fraction * mg[j], 4)))
     return out
 
 
 def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fraction: float,
-               n_boot: int, seed: int, *, force: bool = False, log=print, signed: bool = True) -> dict:
+               n_boot: int, seed: int, *, force: bool = False, log=print, signed: bool = True,
+               max_unsafe_rate: dict | None = None) -> dict:
     """Solve the dual on the scored samples → dual.json and figures/ (skipped when current).
-    `signed=False`: safety scores without a meaningful sign (as `solve_dual_stage`)."""
+    `signed=False`: safety scores without a meaningful sign (as `solve_dual_stage`).
+    `max_unsafe_rate`: constraint name → largest unsafe rate allowed, instead of a margin
+    (the dual then runs on −1{unsafe} for that constraint: λ* applies to that indicator).
+
+    Raises
+    ------
+    InputError
+        Rates with `signed=False`, or as `resolve_margins`.
+    InfeasibleMarginError
+        As `resolve_margins` and `solve_dual_stage`."""
     from ..data.scores import scores_to_arrays
+    from ..dual import unsafe_rate
+    from ..errors import InputError
     from ..runio import array_digest
     from .dual_stage import format_dual_summary, solve_dual_stage, write_dual_outputs
 
     run = Path(run)
+    rates = dict(max_unsafe_rate or {})
+    if rates and not signed:
+        raise InputError("these safety scores have no meaningful sign (PeCAN's implicit β·log π_g/π_ref), so no "
+                         "unsafe rate: state the constraint as a margin", field="max_unsafe_rate")
     arrays = scores_to_arrays(scores, "reward", safety_cols, source=str(run / "scores.parquet"))
-    resolved = resolve_margins(arrays, beta, margins, fraction)
-    key = stage_key(array_digest(arrays.reward, arrays.safety), beta, resolved, n_boot, seed)
+    resolved = resolve_margins(arrays, beta, margins, fraction, rates)
+    per_col = [rates.get(c.split("/", 1)[-1]) for c in arrays.safety_names]
+    # the rates join the key only when given, so runs without them keep their cached dual
+    key = stage_key(array_digest(arrays.reward, arrays.safety), beta, resolved, n_boot, seed,
+                    *([per_col] if rates else []))
     if not force and is_current(run, "dual", key):
         d = json.loads((run / "dual.json").read_text())
     else:
-        for name, m, c in zip(safety_cols, resolved, arrays.safety_names):
+        for j, (name, m, c) in enumerate(zip(safety_cols, resolved, arrays.safety_names)):
+            if per_col[j] is not None:
+                log(f"max unsafe rate for {name}: {per_col[j]:g} (π_ref's on the samples "
+                    f"{unsafe_rate(arrays.safety[:, :, j]):.4g}: margin {m:.4g} on −1{{unsafe}})")
+                continue
             src = "given" if c.split("/", 1)[-1] in margins else f"{fraction:g} × largest achievable gain"
             log(f"margin for {name}: {m:g} ({src})")
-        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed, signed=signed)
+        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed, signed=signed,
+                             max_unsafe_rate=per_col)
         write_dual_outputs(d, arrays, run / "dual.json", run / "figures")
         mark_done(run, "dual", key, ["dual.json"])
     log(format_dual_summary(d))
     return d
 
 
-def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, scale: float = 1.0, force: bool = False):
+def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, scale: float = 1.0, force: bool = False,
+                dual: dict | None = None):
     """Label pairs with λ* → pairs.parquet and the TRL export pairs_trl.jsonl.
 
     `scale` multiplies the score difference inside σ (1: the consistent label; PeCAN's
-    label_scale="paper" passes 1/β)."""
+    label_scale="paper" passes 1/β). `dual` is the dual.json record λ* comes from: a
+    constraint of kind "max_unsafe_rate" there was solved on g = −1{unsafe}, so its λ*
+    multiplies that indicator of the safety column, not the raw score (`rate_constraints`);
+    without `dual`, every λ* multiplies its raw score.
+
+    Raises
+    ------
+    ValueError
+        A safety column `dual` has no constraint for."""
     import pandas as pd
 
     from ..runio import atomic_path, write_parquet
-    from .pairs import label_pairs, trl_export
+    from .pairs import label_pairs, rate_constraints, trl_export
 
     run = Path(run)
-    key = stage_key(key, list(lam)) if scale == 1.0 else stage_key(key, list(lam), scale)
+    indicator = rate_constraints(dual, safety_cols) if dual is not None else [False] * len(safety_cols)
+    # which λ* multiply −1{unsafe} changes every label; it joins the key only when some do, so
+    # runs without rate constraints keep their cached pairs
+    parts = [list(lam)] + ([scale] if scale != 1.0 else []) + \
+        ([{"max_unsafe_rate": indicator}] if any(indicator) else [])
+    key = stage_key(key, *parts)
     if not force and is_current(run, "pairs", key):
         return pd.read_parquet(run / "pairs.parquet")
-    labeled = label_pairs(pairs, lam, "reward", safety_cols, scale=scale)
+    labeled = label_pairs(pairs, lam, "reward", safety_cols, scale=scale, indicator=indicator)
     write_parquet(labeled, run / "pairs.parquet")
     with atomic_path(run / "pairs_trl.jsonl") as tmp:
         trl_export(labeled).to_json(tmp, orient="records", lines=True, force_ascii=False)
@@ -188,7 +246,9 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
                    safety_cols=None, unsigned_cols=(), baselines: dict | None = None,
                    baseline_logps: dict | None = None) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
-    score both, compare → eval.json.
+    score both, compare → eval.json; and judge their behaviour (refusal of harmful prompts,
+    over-refusal of benign and borderline ones) with a detector independent of the scores →
+    eval.json["behaviour"] (`behaviour_plan`).
 
     Parameters
     ----------
@@ -223,16 +283,22 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     # the training record changes with every training, sharded weights or not
     trained_name = model_ident(result.model_dir, run, weights=result.output_dir / RESULT_FILE)
     model = result.model
+    plan = behaviour_plan(cfg, prompts)  # bad suites fail here, before any sampling
     with _reference_of(model, base_spec) as (ref_model, tok):
         ref_path = sample_stage(run, ref_model, tok, prompts, cfg, subdir="eval/reference",
                                 model_name=base_spec, num_samples=cfg.eval_num_samples, force=force)
+        behaviour_paths = {"reference": _behaviour_samples(run, ref_model, tok, plan, cfg, "reference", base_spec,
+                                                           force)}
     trained_path = sample_stage(run, model, result.tokenizer, prompts, cfg, subdir="eval/trained",
                                 model_name=trained_name, num_samples=cfg.eval_num_samples, force=force)
+    behaviour_paths["trained"] = _behaviour_samples(run, model, result.tokenizer, plan, cfg, "trained",
+                                                    trained_name, force)
     paths = {"reference": ref_path, "trained": trained_path}
     for name, load in (baselines or {}).items():
         bmodel, btok, bname = load()
         paths[name] = sample_stage(run, bmodel, btok, prompts, cfg, subdir=f"eval/{name}", model_name=bname,
                                    num_samples=cfg.eval_num_samples, force=force)
+        behaviour_paths[name] = _behaviour_samples(run, bmodel, btok, plan, cfg, name, bname, force)
         del bmodel
     tables = dict(zip(paths, score(list(paths.values()), force)))
     ref_scores, trained_scores = tables["reference"], tables["trained"]
@@ -254,6 +320,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     if baseline_logps:
         record["baselines_kl"] = {name: kl_of_own_samples(tables[name], col, "logp/ref", cfg)
                                   for name, col in baseline_logps.items()}
+    if plan[0]:
+        record["behaviour"] = behaviour_section(paths, behaviour_paths, plan, cfg, force=force)
     write_json(record, run / "eval.json")
     log(f"Evaluation on {len(prompts)} held-out prompts × {cfg.eval_num_samples} samples:")
     log(format_eval_table(scores))
@@ -264,6 +332,10 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     if baselines:
         log("Gain over the reference, every model on the same prompts:")
         log(format_models_table(record))
+    if "behaviour" in record:
+        from ..eval.behaviour import format_behaviour_table
+
+        log(format_behaviour_table(record["behaviour"]))
     return record
 
 
@@ -386,3 +458,55 @@ def report_stage(run: Path, config: dict, dual: dict, record: dict, notes: list[
     trained = pd.read_parquet(run / "eval" / "trained" / "scores.parquet")
     plot_before_after(ref, trained, list(record["scores"]), run / "figures" / "before_after.png")
     return write_report(run, config, dual, record, notes)
+
+
+# ----------------------------------------------------------------------------- behaviour (evaluate)
+# The evaluation's `behaviour` section: refusal of harmful prompts and over-refusal of benign
+# ones, judged by a detector independent of the training's score models (eval/behaviour.py).
+
+def behaviour_plan(cfg, prompts) -> tuple[dict[str, str], dict[str, list[int]], list]:
+    """What the behaviour section covers: (suite → kind, eval-derived suite → prompt ids,
+    extra suites to sample).
+
+    The evaluation prompts whose file marks them `harmful` true/false (the demo prompts) form
+    the suites "harmful" and "benign" on the samples the evaluation draws anyway; the suites of
+    `cfg.behaviour_suites` (default: "borderline" for the demo prompts) are sampled on top,
+    except one named like an eval-derived suite (that one wins).
+
+    Raises
+    ------
+    InputError
+        A bad suite spec or file, or an unknown detector (`cfg.behaviour_detector`).
+    """
+    from ..eval.behaviour import eval_prompt_kinds, load_detector, parse_suite_specs, suite_specs_setting
+
+    source = cfg.eval_prompts or cfg.prompts
+    load_detector(getattr(cfg, "behaviour_detector", "phrases"))  # checked now, used after sampling
+    kinds = eval_prompt_kinds(source, cfg.prompt_column, prompts)
+    derived = {k: [i for i, x in enumerate(kinds) if x == k] for k in ("harmful", "benign")}
+    derived = {k: ids for k, ids in derived.items() if ids}
+    specs = suite_specs_setting(getattr(cfg, "behaviour_suites", None), source)
+    extra = [s for s in parse_suite_specs(specs, field="behaviour_suites") if s.name not in derived]
+    return {**{k: k for k in derived}, **{s.name: s.kind for s in extra}}, derived, extra
+
+
+def _behaviour_samples(run: Path, model, tokenizer, plan, cfg, key: str, model_name: str, force: bool) -> dict:
+    """One model's samples of the plan's extra suites, in run/eval/behaviour/<suite>/<key>/, with
+    the evaluation's generation settings, samples per prompt and `max_eval_prompts`."""
+    from ..eval.behaviour import sample_suites
+
+    return sample_suites(Path(run) / "eval" / "behaviour", model, tokenizer, plan[2], cfg, model_key=key,
+                         model_name=model_name, num_samples=cfg.eval_num_samples,
+                         limit=cfg.max_eval_prompts or None, force=force)
+
+
+def behaviour_section(eval_paths: dict, behaviour_paths: dict, plan, cfg, *, force: bool = False) -> dict:
+    """eval.json's `behaviour`: every model (`eval_paths`: name → its eval samples) on the
+    eval-derived suites and on the extra ones (`behaviour_paths`: name → suite → samples)."""
+    from ..eval.behaviour import behaviour_from_samples, load_detector
+
+    suite_kinds, derived, _ = plan
+    paths = {(suite, m): p for suite in derived for m, p in eval_paths.items()}
+    paths.update({(suite, m): p for m, d in behaviour_paths.items() for suite, p in d.items()})
+    return behaviour_from_samples(paths, suite_kinds, load_detector(getattr(cfg, "behaviour_detector", "phrases")),
+                                  subsets=derived, seed=cfg.seed, force=force)

@@ -60,6 +60,14 @@ class PreferenceConfig:
     label_mode : {"soft", "hard"}
         "soft": train on p directly (default: same optimum, less variance). "hard": draw
         Bernoulli(p) labels once with `seed` and run ordinary DPO, as the paper's code does.
+    sft_weight : float
+        Weight α of a label-weighted likelihood term added to the loss,
+        α · [p · NLL(y1) + (1 − p) · NLL(y0)] with NLL the mean negative log-likelihood per
+        response token (as in RPO, Pang et al. 2024). 0 (default): the pure pseudo-preference
+        loss, whose optimum is exactly π_λ*. Off-policy pairs (text π_ref did not write) move
+        the relative log-ratio but can leave the likely generations unchanged; α > 0 pulls the
+        policy toward the preferred texts themselves, at the price of an optimum that is no
+        longer π_λ* (the dual's predictions then describe the target, not the trained model).
     use_lora : bool
         Train a LoRA adapter (default; the only practical choice on CPU) or all weights.
     lora_r, lora_alpha, lora_dropout : int, int, float
@@ -114,6 +122,7 @@ class PreferenceConfig:
 
     beta: float = 0.1
     label_mode: str = "soft"
+    sft_weight: float = 0.0
     use_lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -154,6 +163,8 @@ class PreferenceConfig:
     def __post_init__(self):
         if not self.beta > 0:
             raise InputError(f"beta must be > 0, got {self.beta}", field="beta")
+        if not self.sft_weight >= 0:
+            raise InputError(f"must be >= 0, got {self.sft_weight}", field="sft_weight")
         if self.label_mode not in ("soft", "hard"):
             raise InputError(f"must be 'soft' or 'hard', not {self.label_mode!r}", field="label_mode")
         if self.save_format not in ("adapter", "merged"):
@@ -503,6 +514,20 @@ def pair_logps(model, batch):
     return logp.chunk(2, dim=0)
 
 
+def response_lengths(batch):
+    """Response token counts (n_1, n_0) of a collated batch, each shape (B,), either layout:
+    shared-prompt rows alternate y1, y0; concatenated rows are all y1, then all y0."""
+    n = batch["response_mask"].sum(-1).float()
+    return (n[0::2], n[1::2]) if "prompt_input_ids" in batch else n.chunk(2, dim=0)
+
+
+def label_weighted_nll(logp_1, logp_0, n_1, n_0, labels):
+    """Mean over pairs of p · NLL(y1) + (1 − p) · NLL(y0), NLL = −log π(y|x) / |y| (nats per
+    token); all arguments shape (B,). The likelihood term of `PreferenceConfig.sft_weight`."""
+    p = labels.to(logp_1.dtype)
+    return (-(p * logp_1 / n_1.clamp(min=1)) - (1 - p) * logp_0 / n_0.clamp(min=1)).mean()
+
+
 def _shared_prompt_logps(model, batch):
     import torch
 
@@ -544,9 +569,10 @@ def _make_trainer_class():
             data_collator=PreferenceCollator, processing_class, callbacks).
         """
 
-        def __init__(self, *args, beta: float, **kwargs):
+        def __init__(self, *args, beta: float, sft_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.beta = float(beta)
+            self.sft_weight = float(sft_weight)
             # our loss is a mean over pairs; Trainer must divide it by the accumulation steps
             self.model_accepts_loss_kwargs = False
             self._pref_metrics: dict[str, list[float]] = {}
@@ -567,6 +593,10 @@ def _make_trainer_class():
             ref_0 = inputs["ref_logp_0"].to(logp_0.dtype)
             p = inputs["pref_label"]
             loss = pseudo_preference_loss(logp_1, logp_0, ref_1, ref_0, p, self.beta)
+            if self.sft_weight > 0:
+                nll = label_weighted_nll(logp_1, logp_0, *response_lengths(inputs), p)
+                loss = loss + self.sft_weight * nll
+                self._pref_metrics.setdefault("sft/nll", []).append(nll.item())
             with torch.no_grad():
                 margin = self.beta * ((logp_1 - ref_1) - (logp_0 - ref_0))
                 target = torch.logit(p.clamp(1e-6, 1 - 1e-6))
@@ -825,7 +855,7 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
                       data_collator=PreferenceCollator(
                           pad_id, share_prompt=_can_share_prompt(config, args) and _supports_shared_prompt(model)),
                       processing_class=tokenizer,
-                      callbacks=callbacks, beta=config.beta)
+                      callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight)
     trainer.group_by_length = config.group_by_length
     if config.use_lora and config.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs

@@ -69,11 +69,14 @@ def bradley_terry_loss(s_preferred, s_other):
     return F.softplus(-(s_preferred - s_other)).mean()
 
 
-def cost_loss(c_safer, c_unsafer, sign_safer=None, sign_unsafer=None, sign_weight: float = 1.0):
+def cost_loss(c_safer, c_unsafer, sign_safer=None, sign_unsafer=None, sign_weight: float = 1.0,
+              rank_both_safe: bool = True):
     """Safe-RLHF cost-model loss.
 
-    `mean(-log σ(c_unsafer - c_safer)) + sign_weight · mean over labeled answers of
-    -log σ(s · c)`, with `s = +1` (unsafe), `-1` (safe) or `0` (no label: left out).
+    `mean over ranked pairs of -log σ(c_unsafer - c_safer) + sign_weight · mean over labeled
+    answers of -log σ(s · c)`, with `s = +1` (unsafe), `-1` (safe) or `0` (no label: left out).
+    Every pair is ranked, except, with `rank_both_safe=False`, pairs whose two answers are both
+    labelled safe.
 
     Parameters
     ----------
@@ -82,6 +85,11 @@ def cost_loss(c_safer, c_unsafer, sign_safer=None, sign_unsafer=None, sign_weigh
     sign_safer, sign_unsafer : torch.Tensor, shape (n,), optional
         Safety signs of those answers; None: no classification term.
     sign_weight : float
+    rank_both_safe : bool
+        True (Safe RLHF): rank every pair by `safer_response_id`. False: a pair of two safe
+        answers feeds only the sign term. Ranking two safe answers teaches that the one saying
+        less is safer, so a refusal of a benign request wins, and a policy pushed up that cost
+        model learns to refuse everything (see `ScorerTrainConfig.rank_both_safe`).
 
     Returns
     -------
@@ -90,7 +98,12 @@ def cost_loss(c_safer, c_unsafer, sign_safer=None, sign_unsafer=None, sign_weigh
     import torch
     import torch.nn.functional as F
 
-    loss = F.softplus(-(c_unsafer - c_safer)).mean()
+    pair = F.softplus(-(c_unsafer - c_safer))
+    if rank_both_safe or sign_safer is None:
+        loss = pair.mean()
+    else:
+        ranked = ~((sign_safer < 0) & (sign_unsafer < 0))
+        loss = pair[ranked].mean() if ranked.any() else pair.sum() * 0
     if sign_safer is None or sign_weight == 0:
         return loss
     c = torch.cat([c_safer, c_unsafer])
@@ -104,7 +117,7 @@ def cost_loss(c_safer, c_unsafer, sign_safer=None, sign_unsafer=None, sign_weigh
 # ----------------------------------------------------------------------------- head fitting
 
 def fit_head(x_pref, x_other, *, kind: str, sign_pref=None, sign_other=None, l2: float = 0.1,
-             sign_weight: float = 1.0, max_iter: int = 500):
+             sign_weight: float = 1.0, rank_both_safe: bool = True, max_iter: int = 500):
     """Fit `score = w·x + b` on (already standardized) features by full-batch L-BFGS.
 
     Parameters
@@ -144,7 +157,7 @@ def fit_head(x_pref, x_other, *, kind: str, sign_pref=None, sign_other=None, l2:
         if kind == "reward":
             loss = bradley_terry_loss(sp_, so_)
         else:
-            loss = cost_loss(sp_, so_, sp, so, sign_weight)
+            loss = cost_loss(sp_, so_, sp, so, sign_weight, rank_both_safe)
         loss = loss + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
@@ -158,7 +171,7 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def choose_l2(x_pref, x_other, *, kind, sign_pref=None, sign_other=None, sign_weight=1.0,
-              grid=L2_GRID, k: int = 4, seed: int = 0) -> tuple[float, dict]:
+              rank_both_safe: bool = True, grid=L2_GRID, k: int = 4, seed: int = 0) -> tuple[float, dict]:
     """The L2 strength of `grid` with the lowest k-fold held-out loss on the training pairs.
 
     Returns
@@ -178,7 +191,7 @@ def choose_l2(x_pref, x_other, *, kind, sign_pref=None, sign_other=None, sign_we
             sgp = None if sign_pref is None else sign_pref[tr]
             sgo = None if sign_other is None else sign_other[tr]
             w, b = fit_head(x_pref[tr], x_other[tr], kind=kind, sign_pref=sgp, sign_other=sgo,
-                            l2=l2, sign_weight=sign_weight)
+                            l2=l2, sign_weight=sign_weight, rank_both_safe=rank_both_safe)
             sp_, so_ = x_pref[f] @ w + b, x_other[f] @ w + b
             t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
             if kind == "reward":
@@ -186,7 +199,7 @@ def choose_l2(x_pref, x_other, *, kind, sign_pref=None, sign_other=None, sign_we
                 accs.append(np.mean(sp_ > so_))
             else:
                 loss = cost_loss(t(sp_), t(so_), None if sign_pref is None else t(sign_pref[f]),
-                                 None if sign_other is None else t(sign_other[f]), sign_weight)
+                                 None if sign_other is None else t(sign_other[f]), sign_weight, rank_both_safe)
                 accs.append(np.mean(sp_ < so_))
             losses.append(float(loss))
         scores[l2] = {"accuracy": float(np.mean(accs)), "loss": float(np.mean(losses))}
@@ -248,6 +261,12 @@ class ScorerTrainConfig:
         Fixed L2 strength; None: chosen by 4-fold CV over `L2_GRID`.
     sign_weight : float
         Weight of the cost model's classification term (Safe RLHF uses 1).
+    rank_both_safe : bool
+        Cost only. False (default): a pair whose two answers are both labelled safe feeds only
+        the sign term (both cost < 0), not the pairwise ranking. True: Safe RLHF's loss, which
+        ranks every pair by `safer_response_id`. Between two safe answers that label usually
+        marks the one that says less, so a refusal of a benign request "wins", the cost model
+        prices helpfulness as risk, and a policy aligned to it refuses benign requests too.
     test_fraction : float
         Held-out share of prompts when no test set is given.
     seed : int
@@ -262,6 +281,7 @@ class ScorerTrainConfig:
     max_length: int = 512
     l2: float | None = None
     sign_weight: float = 1.0
+    rank_both_safe: bool = False
     test_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 16
@@ -386,9 +406,10 @@ def train_scorer(train_df: pd.DataFrame, config: ScorerTrainConfig, *, test_df: 
     cv = {}
     l2 = config.l2
     if l2 is None:
-        l2, cv = choose_l2(zp, zo, kind=kind, sign_pref=sgp, sign_other=sgo,
-                           sign_weight=config.sign_weight, seed=config.seed)
-    w, b = fit_head(zp, zo, kind=kind, sign_pref=sgp, sign_other=sgo, l2=l2, sign_weight=config.sign_weight)
+        l2, cv = choose_l2(zp, zo, kind=kind, sign_pref=sgp, sign_other=sgo, sign_weight=config.sign_weight,
+                           rank_both_safe=config.rank_both_safe, seed=config.seed)
+    w, b = fit_head(zp, zo, kind=kind, sign_pref=sgp, sign_other=sgo, l2=l2, sign_weight=config.sign_weight,
+                    rank_both_safe=config.rank_both_safe)
     t_fit = time.perf_counter() - t1
 
     head = HeadScorer(kind, config.backbone, w, b, mean, std, pooling=config.pooling,
@@ -416,7 +437,7 @@ def train_scorer(train_df: pd.DataFrame, config: ScorerTrainConfig, *, test_df: 
 
 # ----------------------------------------------------------------------------- demo scorers
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: pairs of two safe answers no longer ranked by the cost model
 
 
 def demo_scorers(cache_dir=None, *, log=print) -> tuple[Path, Path]:
