@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# a venv cut short (no pip yet) is made again
+	test -x $(BIN)/pip || $(PY) -m venv --clear $(VENV)
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[models,trl,dev]'
