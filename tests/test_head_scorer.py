@@ -89,6 +89,8 @@ def test_second_head_reuses_features_of_the_same_pairs(tiny_model_dir):
     x = a.features(PROMPTS, RESPONSES)
     np.testing.assert_array_equal(b.features(PROMPTS, RESPONSES), x)
     np.testing.assert_allclose(a.score_features(x), want)
-    # different pairs: computed afresh
+    # a subset of pairs already computed: read from the on-disk feature cache, no backbone run
+    np.testing.assert_allclose(b.features(PROMPTS[:2], RESPONSES[:2]), x[:2], rtol=0, atol=0)
+    # new pairs: computed afresh (here the disabled backbone fails)
     with pytest.raises(Exception):
-        b(PROMPTS[:2], RESPONSES[:2])
+        b(["a prompt never seen"], ["a response never seen"])

@@ -305,7 +305,7 @@ def cached_features(backbone: str, prompts: Sequence[str], responses: Sequence[s
         Default: `<dualign cache>/features`. Chunks are safetensors files (no pickle) under
         one sub-directory per settings, written atomically.
     loaded : (model, tokenizer), optional
-        An already loaded backbone; loaded on a cache miss otherwise.
+        An already loaded backbone; on a cache miss otherwise `shared_backbone(backbone)`.
 
     Returns
     -------
@@ -323,7 +323,7 @@ def cached_features(backbone: str, prompts: Sequence[str], responses: Sequence[s
             seen.add(k)
     if missing:
         if loaded is None:
-            loaded = load_backbone(backbone)
+            loaded = shared_backbone(backbone)
         model, tok = loaded
         mp, mr = [prompts[i] for i in missing], [responses[i] for i in missing]
         x = pooled_features(model, tok, mp, mr, pooling=pooling, template=template,

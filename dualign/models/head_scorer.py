@@ -86,24 +86,23 @@ class HeadScorer:
         x = (np.asarray(features, dtype=np.float64) - self.feature_mean) / self.feature_std
         return x @ self.weight.astype(np.float64) + self.bias
 
-    def features(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
+    def features(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = True) -> np.ndarray:
         """Backbone features of the pairs, shape (n, d), computed as at training time.
 
-        The features of the latest call are kept in memory, so a reward and a cost head on
-        the same backbone and settings scoring the same pairs one after the other (as the
-        pipeline does) run the backbone once."""
-        from .features import features_key, is_encoder_spec, pooled_features, shared_backbone
+        Through the on-disk feature cache (`cached_features`): pairs the head was trained on,
+        or that were scored before, are not run through the backbone again (a pipeline that
+        relabels the scorer's own training pairs, as the demo does, scores them for free). The
+        features of the latest call are also kept in memory, so a reward and a cost head on the
+        same backbone and settings scoring the same pairs one after the other run it once."""
+        from .features import cached_features, features_key
 
         key = features_key(self.backbone, self.pooling, self.template, self.max_length, prompts, responses)
         if key in _RECENT:
             return _RECENT[key]
-        if self._loaded is None:
-            self._loaded = shared_backbone(self.backbone)
-        model, tok = self._loaded
-        x = pooled_features(model, tok, list(prompts), list(responses), pooling=self.pooling,
-                            template=self.template, max_length=self.max_length,
-                            batch_size=self.batch_size, encoder=is_encoder_spec(self.backbone),
-                            progress=progress, desc=f"{self.kind} features")
+        x, loaded = cached_features(self.backbone, list(prompts), list(responses), pooling=self.pooling,
+                                    template=self.template, max_length=self.max_length, loaded=self._loaded,
+                                    batch_size=self.batch_size, progress=progress, desc=f"{self.kind} features")
+        self._loaded = loaded if loaded is not None else self._loaded
         if x.shape[1] != self.weight.shape[0]:
             raise InputError(f"backbone '{self.backbone}' gives {x.shape[1]} features but the head "
                              f"expects {self.weight.shape[0]}")
