@@ -169,6 +169,12 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def digest(obj, length: int = 16) -> str:
+    """sha256 hex digest (first `length` digits) of a JSON-serializable object, keys sorted,
+    other objects by `str`: the one digest of settings, keys and texts every cache uses."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def file_digest(path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes (hex, first 16 characters: enough to tell inputs apart)."""
     h = hashlib.sha256()

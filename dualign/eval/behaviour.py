@@ -214,12 +214,10 @@ class PhraseDetector:
 
     @property
     def provenance(self) -> dict:
-        import hashlib
-
+        from ..runio import digest
         from . import refusal
 
-        rules = "\x00".join(refusal.REFUSAL_PHRASES + ("|",) + refusal.NOT_REFUSAL_IDIOMS)
-        return {"detector": self.name, "rules": hashlib.sha256(rules.encode()).hexdigest()[:16]}
+        return {"detector": self.name, "rules": digest([refusal.REFUSAL_PHRASES, refusal.NOT_REFUSAL_IDIOMS])}
 
     def __call__(self, prompts, responses) -> np.ndarray:
         from .refusal import is_refusal

@@ -28,7 +28,6 @@ each retry is logged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -44,7 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import DualignError, InputError
-from ..runio import write_json
+from ..runio import digest, write_json
 
 DEFAULT_CRITERIA = ("helpfulness", "harmlessness")
 
@@ -266,10 +265,8 @@ def request_key(config: JudgeConfig, messages: list[dict]) -> str:
 
     The base URL is compared without a trailing slash. The API key is not part of it.
     """
-    blob = json.dumps({"base_url": config.base_url.rstrip("/"), "model": config.model, "messages": messages,
-                       "temperature": float(config.temperature), "max_tokens": config.max_tokens},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return digest({"base_url": config.base_url.rstrip("/"), "model": config.model, "messages": messages,
+                   "temperature": float(config.temperature), "max_tokens": config.max_tokens}, length=64)
 
 
 # A verdict line: optional markdown/punctuation, optional "final", "verdict", separators, an

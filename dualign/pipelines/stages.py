@@ -7,7 +7,6 @@ only what is missing or stale.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,8 +19,9 @@ STAGES = ("sample", "score", "dual", "pairs", "train", "evaluate", "report")
 
 def stage_key(*parts) -> str:
     """A digest of JSON-serializable parts (settings, upstream keys, file digests)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    from ..runio import digest
+
+    return digest(parts)
 
 
 def is_current(run: Path, name: str, key: str) -> bool:
