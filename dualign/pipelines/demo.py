@@ -14,17 +14,15 @@ from .config import MoCANConfig, PeCANConfig
 DEMO_PAIRS = 240
 
 
-def _demo_settings(quick: bool, beta: float, epochs: float | None) -> dict:
-    """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training."""
+def _demo_settings(quick: bool, beta: float, epochs: float | None, *, margin_fraction: float,
+                   train_extra: dict) -> dict:
+    """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training;
+    `margin_fraction` and `train_extra` (more training settings) are the method's own."""
     prompts = str(demo_path("prompts"))
-    # sft_weight: the built-in pairs are text π_ref did not write; the pure soft-label loss moved
-    # their log-ratios (KL 6 nats) but not what the model generates (refusal of held-out harmful
-    # prompts stayed at 0%); the label-weighted likelihood term makes it say the preferred texts.
     train = {"learning_rate": 1e-4, "num_train_epochs": epochs or (1 if quick else 2),
              "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
-             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0, "sft_weight": 1.0}
-    # margin_fraction 0.95: at 0.5 the constraint barely binds (λ* small, labels = reward's)
-    return dict(policy=EMBEDDED_DEFAULT, margin_fraction=0.95, prompts=prompts, prompt_split="train",
+             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0, **train_extra}
+    return dict(policy=EMBEDDED_DEFAULT, margin_fraction=margin_fraction, prompts=prompts, prompt_split="train",
                 eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
                 max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
                 temperature=1.0, top_p=0.9, seed=0, sample_batch_size=32, beta=beta,
@@ -45,7 +43,11 @@ def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: 
     return MoCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"harm:{cost_dir}"},
         margins={} if margin is None else {"harm": margin}, pairs=str(demo_path("train")),
-        **_demo_settings(quick, beta, epochs))
+        # margin 0.95 × the largest gain: at 0.5 the constraint barely binds (labels = the reward's).
+        # sft_weight: the built-in pairs are text π_ref did not write; the pure soft-label loss moved
+        # their log-ratios (KL 6 nats) but not what the model generates (refusal of held-out harmful
+        # prompts stayed at 0%); the label-weighted likelihood term makes it say the preferred texts.
+        **_demo_settings(quick, beta, epochs, margin_fraction=0.95, train_extra={"sft_weight": 1.0}))
 
 
 def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,
@@ -62,11 +64,9 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
-    settings = _demo_settings(quick, beta, epochs)
     # PeCAN keeps the settings it was measured with (README): its implicit ĝ has no harm scale
     # to clip, and the likelihood term has not been measured with its pre-aligned models yet
-    settings["margin_fraction"] = 0.5
-    settings["train"].pop("sft_weight")
+    settings = _demo_settings(quick, beta, epochs, margin_fraction=0.5, train_extra={})
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
