@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/scorers.py
+	$(BIN)/python bench/stages.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -44,6 +44,21 @@ def test_categories_and_labels():
     assert Counter(r["pair_kind"] for r in benign)["helpful_vs_refuse"] >= 30
 
 
+def test_every_benign_prompt_has_a_losing_refusal():
+    """Refusing is not preferred everywhere: each benign prompt has a pair in which a needless
+    refusal loses on helpfulness, and pairs whose better answer refuses (harmful prompts) do
+    not outnumber those whose worse answer refuses by more than 2 to 1 (with 9 to 1 a policy
+    trained on the pairs learned to refuse benign requests)."""
+    recs = _raw("train") + _raw("test")
+    refuse_loses = {r["prompt"] for r in recs if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal"))}
+    assert {r["prompt"] for r in recs if not r["harmful"]} <= refuse_loses
+    for r in recs:
+        if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal")):
+            assert not r["harmful"] and r["better_response_id"] != r["safer_response_id"]
+    refusal_better = sum(r["harmful"] and r["better_response_id"] == r["safer_response_id"] for r in recs)
+    assert refusal_better <= 2 * len([r for r in recs if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal"))])
+
+
 def test_prompt_sets_disjoint_and_unique():
     pref = [r["prompt"] for r in _raw("train") + _raw("test")]
     train_p = {r["prompt"] for r in _raw("train")}

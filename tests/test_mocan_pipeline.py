@@ -55,6 +55,10 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
     assert (pairs["label"] - 1 / (1 + (-d).map(__import__("math").exp))).abs().max() < 1e-12
     trl = pd.read_json(run / "pairs_trl.jsonl", lines=True)
     assert list(trl.columns) == ["prompt", "chosen", "rejected", "label"] and (trl["label"] >= 0.5).all()
+    timings = json.loads((run / "timings.json").read_text())  # bench/stages.py reads it
+    assert list(timings["seconds"]) == ["sample", "score", "dual", "pairs", "train", "evaluate", "report"]
+    assert all(v >= 0 for v in timings["seconds"].values())
+    assert timings["total"] == pytest.approx(sum(timings["seconds"].values()), abs=0.05)
 
     # a rerun redoes nothing: every stage file and the samples keep their timestamps
     stamps = {p: p.stat().st_mtime_ns for p in [run / "samples.parquet", run / "dual.json", run / "pairs.parquet",
@@ -123,6 +127,8 @@ def test_a_changed_margin_reruns_the_stale_stages_including_training(tmp_path, t
 def test_until_stops_after_the_dual(tmp_path, tiny_model_dir):
     run = run_mocan(make_cfg(tmp_path, tiny_model_dir), stop="dual", log=lambda *a: None)
     assert (run / "dual.json").exists() and not (run / "pairs.parquet").exists()
+    # a pipeline that stops early still times the stages it ran
+    assert list(json.loads((run / "timings.json").read_text())["seconds"]) == ["sample", "score", "dual"]
 
 
 def test_infeasible_margin_stops_before_training(tmp_path, tiny_model_dir):

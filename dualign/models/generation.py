@@ -1,8 +1,8 @@
 """Sampling K responses per prompt from a policy, batched, reproducible and resumable.
 
 Reproducible: every (prompt_id, sample_id) row draws its tokens from its own uniform stream,
-seeded by (seed, prompt_id, sample_id) and consumed by inverse-CDF sampling inside
-`model.generate`. So a row's response depends on the seed and the row only, not on which
+seeded by (seed, prompt_id, sample_id) and consumed by inverse-CDF sampling in our own
+decode loop (`generate_batch`). So a row's response depends on the seed and the row only, not on which
 other rows share its batch (up to float rounding of the padded forward pass).
 
 Resumable: rows are sorted by prompt length into a fixed list of batches; each finished
@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..runio import read_table, write_json, write_parquet
+from .loading import cache_kwarg, forward_params
 from .text import encode_prompt
 
 SAMPLES_FILE = "samples.parquet"
@@ -255,23 +256,6 @@ def sample_tokens(logits, u, temperature: float, top_p: float = 1.0, top_k: int 
     return chosen
 
 
-def _sampler_processor(uniforms, prompt_len: int, temperature: float, top_p: float,
-                       top_k: int | None):
-    """A logits processor that samples each row's next token with that row's own uniform
-    (`sample_tokens`) and leaves only that token finite, so greedy decoding emits it."""
-    import torch
-    from transformers import LogitsProcessor
-
-    class _RowSampler(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            step = input_ids.shape[1] - prompt_len
-            chosen = sample_tokens(scores, uniforms[:, step].to(scores.device), temperature, top_p, top_k)
-            out = torch.full_like(scores, float("-inf"))
-            return out.scatter_(1, chosen, 0.0)
-
-    return _RowSampler()
-
-
 def _stop_ids(model, tokenizer) -> list[int]:
     ids = []
     gc_eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
@@ -304,8 +288,11 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         removed), and whether it hit `max_new_tokens` without stopping.
     """
     import torch
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import DynamicCache
 
+    sampling = bool(temperature and temperature > 0)
+    if sampling and uniforms is None:
+        raise ValueError("sampling (temperature > 0) needs per-row uniforms")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     T = max(len(x) for x in prompt_ids)
@@ -315,30 +302,46 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         ids[i, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
         att[i, T - len(x):] = 1
     stops = _stop_ids(model, tokenizer)
-    # A fresh config: the checkpoint's sampling defaults must not leak into our sampler.
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                          pad_token_id=pad, eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
-    procs = LogitsProcessorList()
-    if temperature and temperature > 0:
-        if uniforms is None:
-            raise ValueError("sampling (temperature > 0) needs per-row uniforms")
-        procs.append(_sampler_processor(torch.as_tensor(uniforms, dtype=torch.float64), T,
-                                        float(temperature), float(top_p), top_k))
+    stop_t = torch.tensor(stops, dtype=torch.long)
+    u_all = torch.as_tensor(uniforms, dtype=torch.float64) if sampling else None
+    toks: list[list[int]] = [[] for _ in prompt_ids]
+    stopped = [False] * len(prompt_ids)
+    # Our own decode loop rather than `model.generate`: finished rows leave the batch (and the
+    # KV cache) at once, so a batch costs what its live rows cost, and no per-step logits
+    # processors run over the whole vocabulary. Each row's token is `sample_tokens` at the
+    # row's own uniform, so a row's output does not depend on its batch (up to float rounding).
+    live = torch.arange(len(prompt_ids))
+    att, ids = att.to(device), ids.to(device)
+    cache = DynamicCache()
+    kv = {cache_kwarg(model): cache}  # the cache travels under the model's own keyword
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
-                             generation_config=gc, logits_processor=procs)
-    gen = out[:, T:].cpu().tolist()
-    results = []
-    for row in gen:
-        toks = []
-        stopped = False
-        for t in row:
-            toks.append(t)
-            if t in stops:
-                stopped = True
+        out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, **kv, **keep_last)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            if sampling:
+                nxt = sample_tokens(logits, u_all[live, step].to(device), float(temperature), float(top_p), top_k)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            nxt = nxt.cpu()
+            done = torch.isin(nxt[:, 0], stop_t)
+            for r, t, d in zip(live.tolist(), nxt[:, 0].tolist(), done.tolist()):
+                toks[r].append(t)
+                stopped[r] = d
+            if step == max_new_tokens - 1:
                 break
-        results.append((toks, not stopped))
-    return results
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):  # drop finished rows from the batch and the cache
+                sel = keep.nonzero().squeeze(-1)
+                live, nxt, att = live[sel], nxt[sel], att[sel.to(device)]
+                cache.batch_select_indices(sel.to(device))
+            att = torch.cat([att, att.new_ones((len(live), 1))], dim=-1)
+            out = model(input_ids=nxt.to(device), attention_mask=att,
+                        position_ids=att.sum(-1, keepdim=True) - 1, use_cache=True, **kv)
+    return [(t, not s) for t, s in zip(toks, stopped)]
 
 
 def _decode(tokenizer, toks: list[int], stops: list[int]) -> str:

@@ -255,3 +255,26 @@ def load_policy(spec: str, dtype=None, device: str | None = None, trust_remote_c
         model.config.pad_token_id = tok.pad_token_id
     model.eval()
     return model, tok
+
+
+def forward_params(model) -> set:
+    """Parameter names of the forward of the model inside any wrappers (DDP, PEFT): wrappers
+    pass keyword arguments through, so the innermost signature is what counts."""
+    import inspect
+
+    for _ in range(4):
+        inner = (model.get_base_model() if hasattr(model, "get_base_model")
+                 else getattr(model, "module", None))
+        if inner is None or inner is model:
+            break
+        model = inner
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes its KV cache by: transformers 5 renamed
+    `past_key_values` to `cache` (the old name warns)."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"

@@ -23,58 +23,62 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
     cfg.validate()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.to_dict(), run / "config.json")
-    first, last = S.stage_window(start, stop)
-    force = {name: i >= first for i, name in enumerate(S.STAGES)}
-    todo = lambda name: S.STAGES.index(name) <= last  # noqa: E731
+    clock = S.StageClock(run, log)  # timings.json: wall time per stage
+    try:
+        write_json(cfg.to_dict(), run / "config.json")
+        first, last = S.stage_window(start, stop)
+        force = {name: i >= first for i, name in enumerate(S.STAGES)}
+        todo = lambda name: S.STAGES.index(name) <= last  # noqa: E731
 
-    jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
-    safety_cols = [c for c, _, role in jobs if role == "safety"]
-    prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
-    policy, tok = load_policy(cfg.policy)
+        jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
+        safety_cols = [c for c, _, role in jobs if role == "safety"]
+        prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
+        policy, tok = load_policy(cfg.policy)
 
-    log(f"[1/7 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
-    samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
-                             num_samples=cfg.num_samples, force=force["sample"])
-    if not todo("score"):
+        clock("sample", f"[1/7 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
+        samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
+                                 num_samples=cfg.num_samples, force=force["sample"])
+        if not todo("score"):
+            return run
+        clock("score", "[2/7 score] reward and safety of every sample")
+        scores = S.score_stage(samples, jobs, force=force["score"], log=log)
+        if not todo("dual"):
+            return run
+        clock("dual", "[3/7 dual] λ* and what π_λ* will do, before any training")
+        dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
+                            cfg.bootstrap, cfg.seed, force=force["dual"], log=log, max_unsafe_rate=cfg.max_unsafe_rate)
+        if not todo("pairs"):
+            return run
+        clock("pairs", f"[4/7 pairs] pseudo-preference labels σ(r_λ(y1) − r_λ(y0)) on pairs from {cfg.pairs}")
+        if cfg.pairs == "samples":
+            pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
+        else:
+            prefs = load_preferences(cfg.pairs, limit=cfg.max_pairs or None)
+            write_parquet(dataset_as_samples(prefs), run / "pairs_source" / "samples.parquet")
+            pair_scores = S.score_stage(run / "pairs_source" / "samples.parquet", jobs, force=force["pairs"], log=log)
+            pairs, key = pairs_from_scored_dataset(pair_scores), file_digest(run / "pairs_source" / "scores.parquet")
+        # dual.json's constraint kinds say which λ* multiply −1{unsafe} (rate constraints) in the labels
+        pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"], dual=dual)
+        if not todo("train"):
+            return run
+        clock("train", f"[5/7 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
+        meta = {"method": "mocan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
+                "beta": cfg.beta, "data": cfg.pairs, "scores": {c: s for c, s, _ in jobs}}
+        if cfg.max_unsafe_rate:  # the model card says which λ* weigh −1{unsafe} rather than the score
+            meta.update(max_unsafe_rate=dict(cfg.max_unsafe_rate),
+                        lambda_scores={c["name"]: c.get("score", c["name"]) for c in dual["constraints"]})
+        result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
+        if not todo("evaluate"):
+            return run
+        eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
+                                    cfg.max_eval_prompts or None)
+        clock("evaluate", f"[6/7 evaluate] π_ref vs trained on {len(eval_prompts)} held-out prompts")
+        record = S.evaluate_stage(run, result, cfg.policy, eval_prompts, jobs, cfg, method="mocan",
+                                  dual=dual, force=force["evaluate"], log=log)
+        if not todo("report"):
+            return run
+        clock("report", "[7/7 report]")
+        S.report_stage(run, cfg.to_dict(), dual, record)
         return run
-    log("[2/7 score] reward and safety of every sample")
-    scores = S.score_stage(samples, jobs, force=force["score"], log=log)
-    if not todo("dual"):
-        return run
-    log("[3/7 dual] λ* and what π_λ* will do, before any training")
-    dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
-                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log, max_unsafe_rate=cfg.max_unsafe_rate)
-    if not todo("pairs"):
-        return run
-    log(f"[4/7 pairs] pseudo-preference labels σ(r_λ(y1) − r_λ(y0)) on pairs from {cfg.pairs}")
-    if cfg.pairs == "samples":
-        pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
-    else:
-        prefs = load_preferences(cfg.pairs, limit=cfg.max_pairs or None)
-        write_parquet(dataset_as_samples(prefs), run / "pairs_source" / "samples.parquet")
-        pair_scores = S.score_stage(run / "pairs_source" / "samples.parquet", jobs, force=force["pairs"], log=log)
-        pairs, key = pairs_from_scored_dataset(pair_scores), file_digest(run / "pairs_source" / "scores.parquet")
-    # dual.json's constraint kinds say which λ* multiply −1{unsafe} (rate constraints) in the labels
-    pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"], dual=dual)
-    if not todo("train"):
-        return run
-    log(f"[5/7 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
-    meta = {"method": "mocan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
-            "beta": cfg.beta, "data": cfg.pairs, "scores": {c: s for c, s, _ in jobs}}
-    if cfg.max_unsafe_rate:  # the model card says which λ* weigh −1{unsafe} rather than the score
-        meta.update(max_unsafe_rate=dict(cfg.max_unsafe_rate),
-                    lambda_scores={c["name"]: c.get("score", c["name"]) for c in dual["constraints"]})
-    result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
-    if not todo("evaluate"):
-        return run
-    eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
-                                cfg.max_eval_prompts or None)
-    log(f"[6/7 evaluate] π_ref vs trained on {len(eval_prompts)} held-out prompts")
-    record = S.evaluate_stage(run, result, cfg.policy, eval_prompts, jobs, cfg, method="mocan",
-                              dual=dual, force=force["evaluate"], log=log)
-    if not todo("report"):
-        return run
-    log("[7/7 report]")
-    S.report_stage(run, cfg.to_dict(), dual, record)
-    return run
+    finally:
+        clock.stop()

@@ -41,95 +41,99 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     cfg.validate()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.to_dict(), run / "config.json")
-    first, last = S.stage_window(start, stop, STAGES)
-    force = {name: i >= first for i, name in enumerate(STAGES)}
-    todo = lambda name: STAGES.index(name) <= last  # noqa: E731
+    clock = S.StageClock(run, log)  # timings.json: wall time per stage
+    try:
+        write_json(cfg.to_dict(), run / "config.json")
+        first, last = S.stage_window(start, stop, STAGES)
+        force = {name: i >= first for i, name in enumerate(STAGES)}
+        todo = lambda name: STAGES.index(name) <= last  # noqa: E731
 
-    # every file is read and checked (and every scorer sign) before any model loads
-    jobs = [(f"scorer/{c}", spec, role) for c, spec, role in score_jobs(cfg.reward, cfg.safety)] \
-        if cfg.reward or cfg.safety else []
-    sets = preference_sets(cfg)
-    names = list(cfg.safety_sources())
-    safety_cols = [f"safety/{n}" for n in names]
-    roles = {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
-    prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
-    align = pre_align_config(cfg)
+        # every file is read and checked (and every scorer sign) before any model loads
+        jobs = [(f"scorer/{c}", spec, role) for c, spec, role in score_jobs(cfg.reward, cfg.safety)] \
+            if cfg.reward or cfg.safety else []
+        sets = preference_sets(cfg)
+        names = list(cfg.safety_sources())
+        safety_cols = [f"safety/{n}" for n in names]
+        roles = {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
+        prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
+        align = pre_align_config(cfg)
 
-    tokenization = dict(template=align.template, append_eos=align.append_eos, max_length=align.max_length,
-                        batch_size=align.ref_batch_size, log=log)
+        tokenization = dict(template=align.template, append_eos=align.append_eos, max_length=align.max_length,
+                            batch_size=align.ref_batch_size, log=log)
 
-    log(f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
-    source = reference_logps_of_pairs(run, cfg, sets, tokenization, force=force["pre_align"])
-    policies = pre_align_stage(run, cfg, sets, ref_logps=source, force=force["pre_align"], log=log)
-    if not todo("sample"):
-        return run
-    models = logprob_models(cfg.policy, policies, run)
+        clock("pre-align", f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
+        source = reference_logps_of_pairs(run, cfg, sets, tokenization, force=force["pre_align"])
+        policies = pre_align_stage(run, cfg, sets, ref_logps=source, force=force["pre_align"], log=log)
+        if not todo("sample"):
+            return run
+        models = logprob_models(cfg.policy, policies, run)
 
-    def implicit(paths, force_):
-        """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
-        logprob_columns(paths, models, force=force_, **tokenization)
-        return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
+        def implicit(paths, force_):
+            """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
+            logprob_columns(paths, models, force=force_, **tokenization)
+            return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
 
-    policy, tok = load_policy(cfg.policy)
-    log(f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
-    samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
-                             num_samples=cfg.num_samples, force=force["sample"])
-    if not todo("score"):
-        return run
-    log("[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
-    scores = implicit([samples], force["score"])[0]
-    if not todo("dual"):
-        return run
-    log("[4/8 dual] λ* and what π_λ* will do, before any training")
-    dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
-                        cfg.bootstrap, cfg.seed, force=force["dual"], log=log, signed=False)
-    if not todo("pairs"):
-        return run
-    scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
-    log(f"[5/8 pairs] pseudo-preference labels σ({'Δr̂ + λ*ᵀΔĝ' if scale == 1 else '(Δr̂ + λ*ᵀΔĝ)/β'}) on pairs "
-        f"from {cfg.pairs}")
-    if cfg.pairs == "samples":
-        pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
-    else:
-        if cfg.pairs != "preferences":  # another file to relabel (else: the pairs scored above)
-            source = run / "pairs_source" / "samples.parquet"
-            _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
-        pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
-        key = file_digest(source.with_name("scores.parquet"))
-        if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
-            # π_ref's log-probs of the pairs are already here: training needs no pass of its own
-            pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
-    pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, scale=scale, force=force["pairs"])
-    if not todo("train"):
-        return run
-    log(f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
-    meta = {"method": "pecan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
-            "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
-            "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles.items()}}
-    result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
-    if not todo("evaluate"):
-        return run
-    eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
-                                cfg.max_eval_prompts or None)
-    log(f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
+        policy, tok = load_policy(cfg.policy)
+        clock("sample", f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
+        samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
+                                 num_samples=cfg.num_samples, force=force["sample"])
+        if not todo("score"):
+            return run
+        clock("score", "[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
+        scores = implicit([samples], force["score"])[0]
+        if not todo("dual"):
+            return run
+        clock("dual", "[4/8 dual] λ* and what π_λ* will do, before any training")
+        dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
+                            cfg.bootstrap, cfg.seed, force=force["dual"], log=log, signed=False)
+        if not todo("pairs"):
+            return run
+        scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
+        clock("pairs", f"[5/8 pairs] pseudo-preference labels σ({'Δr̂ + λ*ᵀΔĝ' if scale == 1 else '(Δr̂ + λ*ᵀΔĝ)/β'}) on pairs "
+            f"from {cfg.pairs}")
+        if cfg.pairs == "samples":
+            pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
+        else:
+            if cfg.pairs != "preferences":  # another file to relabel (else: the pairs scored above)
+                source = run / "pairs_source" / "samples.parquet"
+                _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
+            pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
+            key = file_digest(source.with_name("scores.parquet"))
+            if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
+                # π_ref's log-probs of the pairs are already here: training needs no pass of its own
+                pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
+        pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, scale=scale, force=force["pairs"])
+        if not todo("train"):
+            return run
+        clock("train", f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
+        meta = {"method": "pecan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
+                "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
+                "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles.items()}}
+        result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
+        if not todo("evaluate"):
+            return run
+        eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
+                                    cfg.max_eval_prompts or None)
+        clock("evaluate", f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
 
-    def score(paths, force_):
-        tables = implicit(paths, force_)
-        return [S.score_stage(p, jobs, force=force_, log=log) for p in paths] if jobs else tables
+        def score(paths, force_):
+            tables = implicit(paths, force_)
+            return [S.score_stage(p, jobs, force=force_, log=log) for p in paths] if jobs else tables
 
-    scorer_cols = [c for c, _, _ in jobs]
-    record = S.evaluate_stage(
-        run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
-        log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
-        safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
-        baselines=baseline_loaders(cfg.policy, policies, names, run),
-        baseline_logps={"dpo_h": f"logp/{HELPFUL}", **{_dpo_s_name(n, names): f"logp/safety_{n}" for n in names}})
-    if not todo("report"):
+        scorer_cols = [c for c, _, _ in jobs]
+        record = S.evaluate_stage(
+            run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
+            log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
+            safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
+            baselines=baseline_loaders(cfg.policy, policies, names, run),
+            baseline_logps={"dpo_h": f"logp/{HELPFUL}", **{_dpo_s_name(n, names): f"logp/safety_{n}" for n in names}})
+        if not todo("report"):
+            return run
+        clock("report", "[8/8 report]")
+        S.report_stage(run, cfg.to_dict(), dual, record, notes=report_notes(cfg, policies, names))
         return run
-    log("[8/8 report]")
-    S.report_stage(run, cfg.to_dict(), dual, record, notes=report_notes(cfg, policies, names))
-    return run
+    finally:
+        clock.stop()
 
 
 # ----------------------------------------------------------------------------- preference sets

@@ -36,6 +36,35 @@ def mark_done(run: Path, name: str, key: str, outputs: list[str]) -> None:
     write_json({"stage": name, "key": key, "outputs": outputs}, Path(run) / "stages" / f"{name}.json")
 
 
+class StageClock:
+    """Wall time of each stage of one pipeline call, in seconds, kept in `timings.json` in the
+    run directory (rewritten atomically as each stage ends, so a killed run keeps the stages
+    it finished). A stage found current and skipped shows up with its (short) checking time.
+
+    Use: `clock = StageClock(run, log)`, then `clock("sample", "[1/7 sample] ...")` at the start
+    of each stage (it ends the previous one), `clock.stop()` at the end."""
+
+    FILE = "timings.json"
+
+    def __init__(self, run: Path, log=print):
+        import time
+
+        self._now, self._log, self._path = time.perf_counter, log, Path(run) / self.FILE
+        self.seconds: dict[str, float] = {}
+        self._current, self._t0 = None, self._now()
+
+    def __call__(self, name: str, message: str) -> None:
+        self.stop()
+        self._current, self._t0 = name, self._now()
+        self._log(message)
+
+    def stop(self) -> None:
+        if self._current is not None:
+            self.seconds[self._current] = round(self._now() - self._t0, 2)
+            self._current = None
+            write_json({"seconds": self.seconds, "total": round(sum(self.seconds.values()), 2)}, self._path)
+
+
 def stage_window(start: str | None, stop: str | None, stages: tuple[str, ...] = STAGES) -> tuple[int, int]:
     """Indices in `stages` of the first stage forced to rerun and the last stage to run.
 

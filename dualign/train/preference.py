@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..models.loading import cache_kwarg, forward_params
 from ..models.text import encode_pairs, response_logps
 from ..runio import array_digest, atomic_path, write_json, write_text
 from .losses import hard_labels, pseudo_preference_loss
@@ -506,7 +507,7 @@ def pair_logps(model, batch):
     first = int(resp.argmax(-1).min())
     keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
     kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
-    if keep < ids.shape[1] and "logits_to_keep" in _forward_params(model):
+    if keep < ids.shape[1] and "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
     T = logits.shape[1]
@@ -540,10 +541,8 @@ def _shared_prompt_logps(model, batch):
     cache.batch_repeat_interleave(2)  # rows 2i and 2i+1: pair i's y1 and y0
     rpos = pm.sum(-1).repeat_interleave(2)[:, None] + torch.arange(rid.shape[1], device=rid.device)[None]
     att = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)
-    # transformers 5 renamed `past_key_values` to `cache` (the old name warns)
-    key = "cache" if "cache" in _forward_params(model) else "past_key_values"
     logits = model(input_ids=rid, attention_mask=att, position_ids=rpos, use_cache=True,
-                   **{key: cache}).logits
+                   **{cache_kwarg(model): cache}).logits
     # the first response token is predicted by the prompt's last position
     first = out.logits[:, -1].float().repeat_interleave(2, dim=0)
     lp_first = first.gather(1, rid[:, :1]).squeeze(1) - torch.logsumexp(first, dim=-1)
@@ -622,23 +621,6 @@ def _make_trainer_class():
 _TRAINER_CLASS = None
 
 
-def _forward_params(model) -> set:
-    """Parameter names of the forward of the model inside any wrappers (DDP, PEFT): wrappers
-    pass keyword arguments through, so the innermost signature is what counts."""
-    import inspect
-
-    for _ in range(4):
-        inner = (model.get_base_model() if hasattr(model, "get_base_model")
-                 else getattr(model, "module", None))
-        if inner is None or inner is model:
-            break
-        model = inner
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def preference_trainer_class():
     """The `PreferenceTrainer` class (a `transformers.Trainer` subclass)."""
     global _TRAINER_CLASS
@@ -660,8 +642,8 @@ def _model_fingerprint(model) -> str:
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
-                    features: list[dict] | None = None, disable_adapter: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    features: list[dict] | None = None, disable_adapter: bool = False,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """log π_ref(y0|x) and log π_ref(y1|x) of every pair, with `model` as the reference.
 
     Computed by the very code that computes the policy's log-probs in training (same
@@ -680,6 +662,8 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
         `tokenize_pairs(tokenizer, pairs, config)`, when already computed.
     disable_adapter : bool
         Score a PEFT model with its adapters off (its base is the reference).
+    progress : bool
+        Show a tqdm bar (pairs).
 
     Returns
     -------
@@ -688,6 +672,7 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
     import contextlib
 
     import torch
+    from tqdm.auto import tqdm
 
     from ..models.logprobs import length_batches
 
@@ -704,13 +689,15 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
     was_training = model.training
     model.eval()
     try:
-        with ctx, torch.no_grad():
+        with ctx, torch.no_grad(), tqdm(total=len(feats), desc="reference log-probs", unit="pair",
+                                         disable=not progress) as bar:
             for idx in length_batches(lengths, config.ref_batch_size):
                 items = [{**feats[i], "label": 0.0, "ref_logp_0": 0.0, "ref_logp_1": 0.0}
                          for i in idx]
                 batch = {k: v.to(device) for k, v in collate(items).items()}
                 lp1, lp0 = pair_logps(model, batch)
                 r1[idx], r0[idx] = lp1.double().cpu().numpy(), lp0.double().cpu().numpy()
+                bar.update(len(idx))
     finally:
         model.train(was_training)
     return r0, r1
@@ -891,7 +878,7 @@ def _can_share_prompt(config: PreferenceConfig, args) -> bool:
 def _supports_shared_prompt(model) -> bool:
     """Whether the model's forward takes what the shared-prompt layout passes (a cache with
     batch repetition, position ids, `logits_to_keep`); otherwise the concatenated layout."""
-    params = _forward_params(model)
+    params = forward_params(model)
     has_cache_arg = "cache" in params or "past_key_values" in params
     return has_cache_arg and {"position_ids", "logits_to_keep", "use_cache"} <= params
 

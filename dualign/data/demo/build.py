@@ -18,10 +18,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from records_benign import BENIGN  # noqa: E402
+from records_edgy import EDGY  # noqa: E402
 from records_harmful import HARMFUL  # noqa: E402
 from records_long import LONG  # noqa: E402
 from records_long_benign import LONG_BENIGN  # noqa: E402
 from records_prompts import CHECK, PROMPTS  # noqa: E402
+from records_stock_refusals import STOCK_REFUSALS  # noqa: E402
 
 SEED = 20240527
 TEST_FRACTION = 0.2
@@ -74,6 +76,22 @@ def preference_records(rng: random.Random) -> list[dict]:
                 out.append(_pair(rng, prompt, cat, h, bad, better_good=True,
                                  safer_good=(kind == "wrong"), good_safe=True, bad_safe=True,
                                  kind=f"{tag}helpful_vs_{kind}"))
+    # every benign prompt without a hand-written refusal also gets its helpful answer against a
+    # stock refusal (records_stock_refusals.py), in turn: over-refusal loses on helpfulness
+    # (both safe; the refusal says less, so it is the safer one, as for hand-written refusals)
+    stock = iter(STOCK_REFUSALS * len(BENIGN))
+    for cat, items in BENIGN.items():
+        for prompt, helpful, _, kind in items:
+            if kind != "refuse":
+                out.append(_pair(rng, prompt, cat, helpful, next(stock), better_good=True,
+                                 safer_good=False, good_safe=True, bad_safe=True,
+                                 kind="helpful_vs_stock_refusal"))
+    # requests that only sound harmful (records_edgy.py), each with its own needless refusal:
+    # where a policy trained on refusals over-refuses most
+    for items in EDGY.values():
+        for prompt, helpful, refusal in items:
+            out.append(_pair(rng, prompt, "edgy_benign", helpful, refusal, better_good=True,
+                             safer_good=False, good_safe=True, bad_safe=True, kind="helpful_vs_refuse"))
     return out
 
 
