@@ -9,24 +9,28 @@ from ..train.scorer import demo_scorers
 from .config import MoCANConfig, PeCANConfig
 
 
-# Preference pairs the full demos relabel and train on (PeCAN also pre-aligns on them): training
-# time scales with them, and 240 keeps the MoCAN demo near 15 minutes on an idle 2-core CPU.
-DEMO_PAIRS = 240
+# Preference pairs the full PeCAN demo pre-aligns on, relabels and trains on (it trains three
+# times): 240 keeps it near 20 minutes on an idle 2-core CPU. The MoCAN demo trains on all.
+PECAN_DEMO_PAIRS = 240
 
 
 def _demo_settings(quick: bool, beta: float, epochs: float | None, *, margin_fraction: float,
-                   train_extra: dict) -> dict:
+                   max_pairs: int, default_epochs: float, train_extra: dict) -> dict:
     """What both demos share: prompts and splits, generation, β, bootstrap, LoRA training;
-    `margin_fraction` and `train_extra` (more training settings) are the method's own."""
+    `margin_fraction`, `max_pairs` (0: all), `default_epochs` (`epochs` overrides it) and
+    `train_extra` (more training settings) are the method's own. The quick demo uses 16
+    prompts, 48 pairs and one epoch."""
     prompts = str(demo_path("prompts"))
-    train = {"learning_rate": 1e-4, "num_train_epochs": epochs or (1 if quick else 2),
-             "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_length": 192,
-             "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0, **train_extra}
+    train = {"learning_rate": 1e-4, "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32,
+             "max_length": 192, "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0,
+             **train_extra, "num_train_epochs": epochs or (1 if quick else default_epochs)}
+    # sample_batch_size 128: decoding on the CPU is bound by reading the weights, so a step costs
+    # about the same for 32 rows or 128 (bench/sampling.py)
     return dict(policy=EMBEDDED_DEFAULT, margin_fraction=margin_fraction, prompts=prompts, prompt_split="train",
                 eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
                 max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
-                temperature=1.0, top_p=0.9, seed=0, sample_batch_size=32, beta=beta,
-                bootstrap=200 if quick else 1000, max_pairs=48 if quick else DEMO_PAIRS, eval_num_samples=2,
+                temperature=1.0, top_p=0.9, seed=0, sample_batch_size=128, beta=beta,
+                bootstrap=200 if quick else 1000, max_pairs=48 if quick else max_pairs, eval_num_samples=2,
                 train=train)
 
 
@@ -47,7 +51,10 @@ def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: 
         # sft_weight: the built-in pairs are text π_ref did not write; the pure soft-label loss moved
         # their log-ratios (KL 6 nats) but not what the model generates (refusal of held-out harmful
         # prompts stayed at 0%); the label-weighted likelihood term makes it say the preferred texts.
-        **_demo_settings(quick, beta, epochs, margin_fraction=0.95, train_extra={"sft_weight": 1.0}))
+        # All pairs once rather than 240 twice: at equal steps, fewer repeats over more requests
+        # refused benign ones less (README, "What we measured on the way").
+        **_demo_settings(quick, beta, epochs, margin_fraction=0.95, max_pairs=0, default_epochs=1,
+                         train_extra={"sft_weight": 1.0, "learning_rate": 3e-4}))
 
 
 def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,
@@ -60,13 +67,14 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
 
     Sized for ≤ 30 minutes on an idle 2-core CPU (19 min measured, scorers cached):
     PeCAN trains three times and scores every pair under three models, so it
-    uses at most `DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
+    uses at most `PECAN_DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
     # PeCAN keeps the settings it was measured with (README): its implicit ĝ has no harm scale
     # to clip, and the likelihood term has not been measured with its pre-aligned models yet
-    settings = _demo_settings(quick, beta, epochs, margin_fraction=0.5, train_extra={})
+    settings = _demo_settings(quick, beta, epochs, margin_fraction=0.5, max_pairs=PECAN_DEMO_PAIRS,
+                              default_epochs=2, train_extra={})
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
