@@ -210,6 +210,18 @@ def _dual_demo(args) -> int:
     return 0
 
 
+def _add_sampling_args(p, *, num_samples: int, max_new_tokens: int) -> None:
+    """The sampling flags `dualign sample` and `dualign evaluate` share, with each command's defaults."""
+    p.add_argument("--num-samples", "-k", type=int, default=num_samples, metavar="K",
+                   help=f"responses per prompt (default {num_samples})")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="T",
+                   help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
+
+
 def _add_sample(sub):
     from .models.loading import EMBEDDED_DEFAULT
 
@@ -223,13 +235,8 @@ def _add_sample(sub):
     p.add_argument("--column", default="prompt", help="prompt column (default: prompt)")
     p.add_argument("--split", default="train", help="split, for a HF dataset (default: train)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
-    p.add_argument("--num-samples", "-k", type=int, default=4, metavar="K", help="responses per prompt (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="T")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    _add_sampling_args(p, num_samples=4, max_new_tokens=128)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
     p.add_argument("--template", help="prompt template with {prompt} (default: chat template, else PKU)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -452,12 +459,7 @@ def _add_evaluate(sub):
                    help="refusal detector: phrases (default), hf-classifier:PATH_OR_ID[:LABEL] (a sequence "
                         "classifier, LABEL the refusal label's index or name) or guard:PATH_OR_ID (a "
                         "generative guard through its chat template)")
-    p.add_argument("--num-samples", "-k", type=int, default=2, metavar="K", help="responses per prompt (default 2)")
-    p.add_argument("--max-new-tokens", type=int, default=48, metavar="T", help="default 48")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
+    _add_sampling_args(p, num_samples=2, max_new_tokens=48)
     p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of each suite")
     p.add_argument("--out", required=True, metavar="DIR")
     # -- pairwise LLM judge (dualign.eval.judge), optional; kept apart from the refusal detector

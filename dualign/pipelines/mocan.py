@@ -26,9 +26,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
     clock = S.StageClock(run, log)  # timings.json: wall time per stage
     try:
         write_json(cfg.to_dict(), run / "config.json")
-        first, last = S.stage_window(start, stop)
-        force = {name: i >= first for i, name in enumerate(S.STAGES)}
-        todo = lambda name: S.STAGES.index(name) <= last  # noqa: E731
+        force, todo = S.stage_plan(start, stop)
 
         jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
         safety_cols = [c for c, _, role in jobs if role == "safety"]

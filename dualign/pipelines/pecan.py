@@ -44,9 +44,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     clock = S.StageClock(run, log)  # timings.json: wall time per stage
     try:
         write_json(cfg.to_dict(), run / "config.json")
-        first, last = S.stage_window(start, stop, STAGES)
-        force = {name: i >= first for i, name in enumerate(STAGES)}
-        todo = lambda name: STAGES.index(name) <= last  # noqa: E731
+        force, todo = S.stage_plan(start, stop, STAGES)
 
         # every file is read and checked (and every scorer sign) before any model loads
         jobs = [(f"scorer/{c}", spec, role) for c, spec, role in score_jobs(cfg.reward, cfg.safety)] \

@@ -81,6 +81,15 @@ def stage_window(start: str | None, stop: str | None, stages: tuple[str, ...] = 
     return first, last
 
 
+def stage_plan(start: str | None, stop: str | None, stages: tuple[str, ...] = STAGES):
+    """What a pipeline call runs: `force[name]` (rerun that stage even when current: `start`
+    and every stage after it) and `todo(name)` (whether the call reaches that stage: up to
+    `stop`). Raises ValueError for an unknown stage name (`stage_window`)."""
+    first, last = stage_window(start, stop, stages)
+    force = {name: i >= first for i, name in enumerate(stages)}
+    return force, lambda name: stages.index(name) <= last
+
+
 def model_ident(spec, run: Path | None = None, weights: Path | None = None) -> str:
     """A model's identity in cached provenance: `spec@digest` for a local folder, the digest
     of `weights` or else of the folder's weights file (retrained weights change it); else
