@@ -44,19 +44,41 @@ def test_categories_and_labels():
     assert Counter(r["pair_kind"] for r in benign)["helpful_vs_refuse"] >= 30
 
 
+# pair kinds whose worse answer is a needless refusal of a benign prompt
+REFUSAL_LOSES = ("_vs_refuse", "_vs_stock_refusal", "_vs_mirrored_refusal")
+
+
 def test_every_benign_prompt_has_a_losing_refusal():
     """Refusing is not preferred everywhere: each benign prompt has a pair in which a needless
     refusal loses on helpfulness, and pairs whose better answer refuses (harmful prompts) do
     not outnumber those whose worse answer refuses by more than 2 to 1 (with 9 to 1 a policy
     trained on the pairs learned to refuse benign requests)."""
     recs = _raw("train") + _raw("test")
-    refuse_loses = {r["prompt"] for r in recs if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal"))}
+    refuse_loses = {r["prompt"] for r in recs if r["pair_kind"].endswith(REFUSAL_LOSES)}
     assert {r["prompt"] for r in recs if not r["harmful"]} <= refuse_loses
     for r in recs:
-        if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal")):
+        if r["pair_kind"].endswith(REFUSAL_LOSES):
             assert not r["harmful"] and r["better_response_id"] != r["safer_response_id"]
     refusal_better = sum(r["harmful"] and r["better_response_id"] == r["safer_response_id"] for r in recs)
-    assert refusal_better <= 2 * len([r for r in recs if r["pair_kind"].endswith(("_vs_refuse", "_vs_stock_refusal"))])
+    assert refusal_better <= 2 * len([r for r in recs if r["pair_kind"].endswith(REFUSAL_LOSES)])
+
+
+def test_refusal_wording_does_not_tell_harmful_from_benign():
+    """Every opening (first two words) of 5% or more of the harmful prompts' chosen refusals
+    also opens benign prompts' rejected refusals at least half as often: with "I won't" at 100
+    chosen vs 5 rejected, the trained policy opened benign answers with "I won't help ..."."""
+    recs = _raw("train") + _raw("test")
+
+    def opener(r, rid):
+        return " ".join((r["response_0"], r["response_1"])[rid].split()[:2])
+
+    chosen = Counter(opener(r, r["safer_response_id"]) for r in recs if r["harmful"])
+    rejected = Counter(opener(r, 1 - r["better_response_id"]) for r in recs
+                       if r["pair_kind"].endswith(REFUSAL_LOSES))
+    common = [o for o, n in chosen.items() if n >= 0.05 * sum(chosen.values())]
+    assert {"I won't", "I can't"} <= set(common)
+    for o in common:
+        assert rejected[o] >= chosen[o] / 2, (o, chosen[o], rejected[o])
 
 
 def test_prompt_sets_disjoint_and_unique():

@@ -299,3 +299,39 @@ def test_sft_term_is_the_label_weighted_per_token_nll(tiny_tokenizer, tmp_path, 
     assert diff.item() == pytest.approx(0.5 * want, rel=1e-5)
     with pytest.raises(InputError, match="sft_weight"):
         PreferenceConfig(sft_weight=-1)
+
+
+def test_lora_last_layers_adapts_only_the_top_blocks_and_stops_backprop_there(tiny_tokenizer):
+    """An adapter on the last block only: no LoRA weight below it, and the lower block's
+    output is not part of the autograd graph (backward never runs through it)."""
+    model = make_tiny_llama(len(tiny_tokenizer))
+    adapted = preference._add_lora(model, PreferenceConfig(lora_last_layers=1))
+    lora = [n for n, p in adapted.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora)
+    tracked = {}
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda m, a, out, i=i: tracked.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    adapted(input_ids=ids).logits.sum().backward()
+    assert tracked == {0: False, 1: True}
+    assert all(p.grad is not None for n, p in adapted.named_parameters() if "lora_" in n)
+    with pytest.raises(InputError, match="2 transformer blocks"):
+        preference._add_lora(make_tiny_llama(len(tiny_tokenizer)), PreferenceConfig(lora_last_layers=3))
+    with pytest.raises(InputError, match="no module matching"):
+        preference._add_lora(make_tiny_llama(len(tiny_tokenizer)),
+                             PreferenceConfig(lora_last_layers=1, lora_target_modules=["nope"]))
+    with pytest.raises(InputError, match="lora_last_layers"):
+        PreferenceConfig(lora_last_layers=-1)
+
+
+def test_max_response_length_cuts_responses_not_prompts(tiny_tokenizer):
+    pairs = _pairs(6)
+    full = tokenize_pairs(tiny_tokenizer, pairs, PreferenceConfig())
+    cut = tokenize_pairs(tiny_tokenizer, pairs, PreferenceConfig(max_response_length=2))
+    for f, c in zip(full, cut):
+        for k in ("0", "1"):
+            assert c[f"prompt_ids_{k}"] == f[f"prompt_ids_{k}"]
+            assert c[f"response_ids_{k}"] == f[f"response_ids_{k}"][:2]
+    with pytest.raises(InputError, match="max_response_length"):
+        PreferenceConfig(max_response_length=-1)

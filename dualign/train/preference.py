@@ -75,9 +75,20 @@ class PreferenceConfig:
         LoRA rank, scaling numerator and dropout.
     lora_target_modules : str or list of str
         Module names (or "all-linear": every linear layer but the output head).
+    lora_last_layers : int
+        Adapt only the last N transformer blocks (0: all). Nothing below the lowest adapted
+        block needs a gradient, so backpropagation stops there: on SmolLM2-135M (30 blocks,
+        2 CPU cores) forward + backward of 16 × 75 tokens took 5.5 s with N = 10 against 9.5 s
+        with all blocks; a whole demo training step, about 3.0 s against 3.5–4 s.
     max_length : int
         Most tokens of prompt + response; the response is cut first, then the prompt from
         the left (`encode_pairs`).
+    max_response_length : int
+        Train on the first this many tokens of each response (0: whole responses, up to
+        `max_length`). The labels still come from the whole texts; a cut response loses its
+        EOS. Whether a model refuses or complies is decided in an answer's first tokens: a
+        prefix puts the loss where that decision is, at a fraction of the compute (the
+        optimum is no longer π_λ* over whole responses; dualign's demo uses 16).
     template : str or None
         Prompt template with a `{prompt}` slot; None: the tokenizer's chat template, else
         the PKU template.
@@ -129,7 +140,9 @@ class PreferenceConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: Any = "all-linear"
+    lora_last_layers: int = 0
     max_length: int = 512
+    max_response_length: int = 0
     template: str | None = None
     append_eos: bool = True
     learning_rate: float = 1e-4
@@ -175,6 +188,10 @@ class PreferenceConfig:
                      "save_steps", "logging_steps", "ref_batch_size", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if int(self.max_response_length) < 0:
+            raise InputError(f"must be >= 0, got {self.max_response_length}", field="max_response_length")
+        if int(self.lora_last_layers) < 0:
+            raise InputError(f"must be >= 0, got {self.lora_last_layers}", field="lora_last_layers")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise InputError("set max_steps > 0 or num_train_epochs > 0", field="num_train_epochs")
 
@@ -338,6 +355,9 @@ def tokenize_pairs(tokenizer, pairs: pd.DataFrame, config: PreferenceConfig) -> 
     kw = dict(template=config.template, append_eos=config.append_eos, max_length=config.max_length)
     enc0 = encode_pairs(tokenizer, prompts, pairs["response_0"].tolist(), **kw)
     enc1 = encode_pairs(tokenizer, prompts, pairs["response_1"].tolist(), **kw)
+    if config.max_response_length:
+        cut = config.max_response_length
+        enc0, enc1 = ([(p, r[:cut]) for p, r in enc] for enc in (enc0, enc1))
     return [{"prompt_ids_0": p0, "response_ids_0": r0, "prompt_ids_1": p1, "response_ids_1": r1}
             for (p0, r0), (p1, r1) in zip(enc0, enc1)]
 
@@ -895,11 +915,39 @@ def _add_lora(model, config: PreferenceConfig):
 
     tm = config.lora_target_modules
     tm = list(tm) if isinstance(tm, (list, tuple)) else tm
+    if config.lora_last_layers:
+        tm = _last_layer_modules(model, tm, config.lora_last_layers)
     lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=tm,
                       bias="none", task_type="CAUSAL_LM")
     with _quiet_peft():
         return get_peft_model(model, lcfg)
+
+
+def _last_layer_modules(model, target_modules, n_last: int) -> list[str]:
+    """Full names of the linear modules `target_modules` selects ("all-linear" or names
+    their last component must equal) inside the last `n_last` transformer blocks.
+
+    Raises InputError when the model has fewer blocks or no such module there."""
+    import torch
+
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not n_layers or n_last > n_layers:
+        raise InputError(f"the model has {n_layers} transformer blocks; cannot adapt the last {n_last}",
+                         field="lora_last_layers")
+    keep = {str(i) for i in range(n_layers - n_last, n_layers)}
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        block = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("layers", "h", "blocks")), None)
+        if block not in keep or not isinstance(module, torch.nn.Linear):
+            continue
+        if target_modules == "all-linear" or parts[-1] in target_modules:
+            names.append(name)
+    if not names:
+        raise InputError(f"no module matching {target_modules!r} in the last {n_last} blocks",
+                         field="lora_target_modules")
+    return names
 
 
 @contextlib.contextmanager

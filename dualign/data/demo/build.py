@@ -23,7 +23,7 @@ from records_harmful import HARMFUL  # noqa: E402
 from records_long import LONG  # noqa: E402
 from records_long_benign import LONG_BENIGN  # noqa: E402
 from records_prompts import CHECK, PROMPTS  # noqa: E402
-from records_stock_refusals import STOCK_REFUSALS  # noqa: E402
+from records_stock_refusals import MIRRORED_REFUSALS, STOCK_REFUSALS  # noqa: E402
 
 SEED = 20240527
 TEST_FRACTION = 0.2
@@ -92,6 +92,15 @@ def preference_records(rng: random.Random) -> list[dict]:
         for prompt, helpful, refusal in items:
             out.append(_pair(rng, prompt, "edgy_benign", helpful, refusal, better_good=True,
                              safer_good=False, good_safe=True, bad_safe=True, kind="helpful_vs_refuse"))
+    # every benign prompt, edgy ones included, also gets its helpful answer against a refusal
+    # worded like the harmful prompts' chosen refusals (records_stock_refusals.py), in turn: the
+    # same openers win on harmful prompts and lose on benign ones
+    mirrored = iter(MIRRORED_REFUSALS * (len(out) + 1))
+    benign = [(cat, prompt, helpful) for cat, items in BENIGN.items() for prompt, helpful, _, _ in items]
+    benign += [("edgy_benign", prompt, helpful) for items in EDGY.values() for prompt, helpful, _ in items]
+    for cat, prompt, helpful in benign:
+        out.append(_pair(rng, prompt, cat, helpful, next(mirrored), better_good=True,
+                         safer_good=False, good_safe=True, bad_safe=True, kind="helpful_vs_mirrored_refusal"))
     return out
 
 

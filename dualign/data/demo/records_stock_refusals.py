@@ -34,3 +34,36 @@ STOCK_REFUSALS = [
     "I cannot help you with this, as it goes against my guidelines.",
     "I'm sorry, but I can't give specific advice here. Please talk to a professional.",
 ]
+
+# Refusals worded the way the harmful prompts' chosen refusals are (records_harmful.py opens
+# four in five with "I won't ..." or "I can't ..."). `build.py` pairs every benign prompt with
+# one of these, in turn, against its helpful answer (pair kind `helpful_vs_mirrored_refusal`).
+# Without them a refusal's wording told harmful from benign: "I won't help ..." was the chosen
+# answer 100 times and a rejected one 5 times, and a policy trained on the pairs learned to
+# open benign answers with it too ("How do I cure my own bacon at home?" -> "I won't help
+# cheat anyone"). With them every opener wins on harmful prompts and loses on benign ones, so
+# only the request can decide whether to refuse.
+MIRRORED_REFUSALS = [
+    "I won't help with that.",
+    "I can't help with that.",
+    "I won't help with that. If there's something else you need, I'm glad to help.",
+    "I can't help with that. If you have another question, I'm happy to help.",
+    "I won't answer that. Please ask a professional instead.",
+    "I can't write that.",
+    "I won't give instructions for this.",
+    "I can't give advice on this; please talk to an expert.",
+    "I won't write that.",
+    "I can't answer that, since it could be risky.",
+    "I won't help with this request; it could be misused.",
+    "I can't help you with this one.",
+    "Sorry, I can't help with that.",
+    "I won't go into that. If you're curious about something else, ask away.",
+    "I can't go into that. Someone qualified can help you better.",
+    "No, I won't help with this.",
+    "I won't help you do that.",
+    "I can't help with this request.",
+    "I'm not going to help with that.",
+    "No, I can't help with that.",
+    "I won't get into this topic.",
+    "Sorry, I won't answer that.",
+]
