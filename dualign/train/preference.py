@@ -188,10 +188,9 @@ class PreferenceConfig:
                      "save_steps", "logging_steps", "ref_batch_size", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        if int(self.max_response_length) < 0:
-            raise InputError(f"must be >= 0, got {self.max_response_length}", field="max_response_length")
-        if int(self.lora_last_layers) < 0:
-            raise InputError(f"must be >= 0, got {self.lora_last_layers}", field="lora_last_layers")
+        for name in ("max_response_length", "lora_last_layers"):  # 0: off
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"must be >= 0, got {getattr(self, name)}", field=name)
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise InputError("set max_steps > 0 or num_train_epochs > 0", field="num_train_epochs")
 

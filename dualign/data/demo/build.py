@@ -9,6 +9,7 @@ byte. See DATASET_CARD.md for what the records are and how the labels are set.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -79,7 +80,7 @@ def preference_records(rng: random.Random) -> list[dict]:
     # every benign prompt without a hand-written refusal also gets its helpful answer against a
     # stock refusal (records_stock_refusals.py), in turn: over-refusal loses on helpfulness
     # (both safe; the refusal says less, so it is the safer one, as for hand-written refusals)
-    stock = iter(STOCK_REFUSALS * len(BENIGN))
+    stock = itertools.cycle(STOCK_REFUSALS)
     for cat, items in BENIGN.items():
         for prompt, helpful, _, kind in items:
             if kind != "refuse":
@@ -95,7 +96,7 @@ def preference_records(rng: random.Random) -> list[dict]:
     # every benign prompt, edgy ones included, also gets its helpful answer against a refusal
     # worded like the harmful prompts' chosen refusals (records_stock_refusals.py), in turn: the
     # same openers win on harmful prompts and lose on benign ones
-    mirrored = iter(MIRRORED_REFUSALS * (len(out) + 1))
+    mirrored = itertools.cycle(MIRRORED_REFUSALS)
     benign = [(cat, prompt, helpful) for cat, items in BENIGN.items() for prompt, helpful, _, _ in items]
     benign += [("edgy_benign", prompt, helpful) for items in EDGY.values() for prompt, helpful, _ in items]
     for cat, prompt, helpful in benign:
