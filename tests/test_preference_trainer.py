@@ -335,3 +335,59 @@ def test_max_response_length_cuts_responses_not_prompts(tiny_tokenizer):
             assert c[f"response_ids_{k}"] == f[f"response_ids_{k}"][:2]
     with pytest.raises(InputError, match="max_response_length"):
         PreferenceConfig(max_response_length=-1)
+
+
+@pytest.mark.parametrize("max_length", [512, 40], ids=["shared-prompt", "truncated-concatenated"])
+def test_cache_frozen_blocks_trains_the_same_model_and_runs_lower_blocks_once(tiny_tokenizer, tmp_path,
+                                                                              max_length):
+    """Training from the recorded output of the frozen lower block gives the weights and losses
+    of the full forward (both batch layouts: max_length 40 truncates some prompts differently
+    for y0 and y1, so their batches are concatenated), and the frozen block runs in the
+    reference pass only."""
+    tok = tiny_tokenizer
+    pairs = _pairs(10)
+    common = dict(max_steps=5, save_steps=2, per_device_train_batch_size=2, learning_rate=5e-3,
+                  lora_last_layers=1, max_length=max_length, seed=3, template="Q: {prompt}\nA:")
+    plain = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs,
+                              PreferenceConfig(output_dir=str(tmp_path / "plain"), **common), resume=False)
+    model = make_tiny_llama(len(tok), seed=0)
+    grad_modes = []  # one entry per forward of the frozen block 0: grad enabled?
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
+    cached = train_preferences(model, tok, pairs, PreferenceConfig(
+        output_dir=str(tmp_path / "cached"), cache_frozen_blocks=True, **common), resume=False)
+    assert grad_modes and not any(grad_modes)  # reference pass (no grad) only, never in a training step
+    np.testing.assert_allclose(cached.ref_logp_1, plain.ref_logp_1, atol=1e-5)
+    losses = lambda r: [h["loss"] for h in r.log_history if "loss" in h]  # noqa: E731
+    np.testing.assert_allclose(losses(cached), losses(plain), rtol=1e-4)
+    a, b = _state(plain.model), _state(cached.model)
+    assert any("lora_B" in k and a[k].abs().max() > 0 for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # the block list and cache indices are the model's own again after training
+    assert len(cached.model.get_base_model().model.layers) == 2
+    assert cached.model.get_base_model().model.layers[1].self_attn.layer_idx == 1
+
+
+def test_cache_frozen_blocks_falls_back_where_the_model_does_not_run_from_a_block(tiny_tokenizer, tmp_path):
+    """GPT-2 adds learned positions to `inputs_embeds`: running it from a block's recorded
+    input is not exact, the first batch shows it, and training goes on without the cache."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    cfg = PreferenceConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                           lora_last_layers=1, cache_frozen_blocks=True, lora_target_modules=["c_attn"])
+    with pytest.warns(UserWarning, match="does not run exactly from a block"):
+        res = train_preferences(model, tok, _pairs(4), cfg, resume=False)
+    assert res.global_step == 2
+
+
+def test_cache_frozen_blocks_needs_frozen_blocks():
+    with pytest.raises(InputError, match="cache_frozen_blocks"):
+        PreferenceConfig(cache_frozen_blocks=True)
+    with pytest.raises(InputError, match="cache_frozen_blocks"):
+        PreferenceConfig(cache_frozen_blocks=True, lora_last_layers=1, use_lora=False)
+    with pytest.raises(InputError, match="cache_frozen_blocks"):
+        PreferenceConfig(cache_frozen_blocks=True, lora_last_layers=1, gradient_checkpointing=True)

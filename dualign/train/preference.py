@@ -41,6 +41,7 @@ from ..errors import InputError
 from ..models.loading import cache_kwarg, forward_params
 from ..models.text import encode_pairs, response_logps
 from ..runio import array_digest, atomic_path, write_json, write_text
+from .frozen_blocks import capture_block_inputs, from_block
 from .losses import hard_labels, pseudo_preference_loss
 
 PAIR_COLUMNS = ("prompt", "response_0", "response_1", "label")
@@ -80,6 +81,14 @@ class PreferenceConfig:
         block needs a gradient, so backpropagation stops there: on SmolLM2-135M (30 blocks,
         2 CPU cores) forward + backward of 16 × 75 tokens took 5.5 s with N = 10 against 9.5 s
         with all blocks; a whole demo training step, about 3.0 s against 3.5–4 s.
+    cache_frozen_blocks : bool
+        With `lora_last_layers`: keep, from the reference pass, what enters the lowest
+        adapted block for every pair, and train from it, so the frozen blocks below run once
+        per pair instead of once per step and epoch (`dualign.train.frozen_blocks`; same
+        losses up to float rounding). Memory: about pairs × (prompt + 2 responses) tokens ×
+        hidden size × 4 bytes (the demo: 748 × 74 × 576 × 4 ≈ 130 MB). A model whose
+        forward does not run exactly from a block's input is detected on the first batch
+        and trained without the cache. Not with gradient checkpointing.
     max_length : int
         Most tokens of prompt + response; the response is cut first, then the prompt from
         the left (`encode_pairs`).
@@ -141,6 +150,7 @@ class PreferenceConfig:
     lora_dropout: float = 0.0
     lora_target_modules: Any = "all-linear"
     lora_last_layers: int = 0
+    cache_frozen_blocks: bool = False
     max_length: int = 512
     max_response_length: int = 0
     template: str | None = None
@@ -172,7 +182,7 @@ class PreferenceConfig:
 
     # Fields that do not change the trained weights: a resumed run may change them.
     _NON_TRAINING = ("output_dir", "save_steps", "save_total_limit", "logging_steps",
-                     "report_to", "save_format", "ref_batch_size")
+                     "report_to", "save_format", "ref_batch_size", "cache_frozen_blocks")
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -191,6 +201,12 @@ class PreferenceConfig:
         for name in ("max_response_length", "lora_last_layers"):  # 0: off
             if int(getattr(self, name)) < 0:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", field=name)
+        if self.cache_frozen_blocks and not (self.use_lora and self.lora_last_layers):
+            raise InputError("needs use_lora and lora_last_layers > 0 (only blocks below the "
+                             "adapted ones are frozen)", field="cache_frozen_blocks")
+        if self.cache_frozen_blocks and self.gradient_checkpointing:
+            raise InputError("cannot be combined with gradient_checkpointing (the top blocks would "
+                             "be recomputed from the full model)", field="cache_frozen_blocks")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise InputError("set max_steps > 0 or num_train_epochs > 0", field="num_train_epochs")
 
@@ -420,6 +436,10 @@ class PreferenceCollator:
         prompt_input_ids, prompt_attention_mask : torch.LongTensor, shape (B, P), left-padded
         input_ids, attention_mask, response_mask : torch.LongTensor, shape (2B, R)
             Responses only, right-padded, interleaved: row 2i is y1 of pair i, row 2i+1 its y0.
+    Items that carry the frozen blocks' output (`block_input_prompt_1`, `block_input_response_1`,
+    ..._0: float tensors (n_tokens, hidden), `cache_frozen_blocks`) add, padded like the ids:
+    `inputs_embeds` (2B, T or R, hidden) and, shared-prompt layout, `prompt_inputs_embeds`
+    (B, P, hidden).
     Both:
         pref_label : torch.FloatTensor, shape (B,)
             p = P(y1 preferred). (Not called `labels`: `Trainer` would treat it as token labels.)
@@ -446,11 +466,21 @@ class PreferenceCollator:
                 pm[i, P - len(p):] = 1
             ids, att, _ = self._pad([([], r) for it in items
                                      for r in (it["response_ids_1"], it["response_ids_0"])])
-            return {**out, "prompt_input_ids": pid, "prompt_attention_mask": pm,
-                    "input_ids": ids, "attention_mask": att, "response_mask": att.clone()}
+            out.update(prompt_input_ids=pid, prompt_attention_mask=pm, input_ids=ids,
+                       attention_mask=att, response_mask=att.clone())
+            if "block_input_response_1" in items[0]:
+                out["prompt_inputs_embeds"] = _pad_states([it["block_input_prompt_1"] for it in items], P, left=True)
+                out["inputs_embeds"] = _pad_states([it[f"block_input_response_{j}"] for it in items for j in (1, 0)],
+                                                   ids.shape[1])
+            return out
         ids, att, resp = self._pad([(it["prompt_ids_1"], it["response_ids_1"]) for it in items]
                                    + [(it["prompt_ids_0"], it["response_ids_0"]) for it in items])
-        return {**out, "input_ids": ids, "attention_mask": att, "response_mask": resp}
+        out.update(input_ids=ids, attention_mask=att, response_mask=resp)
+        if "block_input_response_1" in items[0]:
+            seqs = [torch.cat([it[f"block_input_prompt_{j}"], it[f"block_input_response_{j}"]])
+                    for j in (1, 0) for it in items]
+            out["inputs_embeds"] = _pad_states(seqs, ids.shape[1])
+        return out
 
     def _pad(self, seqs):
         import torch
@@ -465,6 +495,18 @@ class PreferenceCollator:
             att[i, :n] = 1
             resp[i, len(p):n] = 1
         return ids, att, resp
+
+
+def _pad_states(seqs, T: int, left: bool = False):
+    """Stack hidden-state sequences (each (n_i, hidden)) into (len(seqs), T, hidden), zeros
+    in the padding (masked out wherever it is used), on the left or the right."""
+    out = seqs[0].new_zeros((len(seqs), T, seqs[0].shape[-1]))
+    for i, h in enumerate(seqs):
+        if left:
+            out[i, T - len(h):] = h
+        else:
+            out[i, :len(h)] = h
+    return out
 
 
 class EpochSeededLengthSampler:
@@ -514,7 +556,8 @@ def pair_logps(model, batch):
     ----------
     model : causal LM (or a PEFT/DDP wrapper of one)
     batch : dict of torch.Tensor
-        From `PreferenceCollator`, on the model's device.
+        From `PreferenceCollator`, on the model's device. A batch with `inputs_embeds` (the
+        frozen blocks' recorded output) must be run inside `frozen_blocks.from_block`.
 
     Returns
     -------
@@ -525,13 +568,21 @@ def pair_logps(model, batch):
     ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     first = int(resp.argmax(-1).min())
     keep = ids.shape[1] - first + 1 if first > 0 else ids.shape[1]
-    kwargs = {"input_ids": ids, "attention_mask": att, "use_cache": False}
+    kwargs = {**_model_inputs(batch, "input_ids", "inputs_embeds"), "attention_mask": att, "use_cache": False}
     if keep < ids.shape[1] and "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
     T = logits.shape[1]
     logp = response_logps(logits, ids[:, -T:], resp[:, -T:])
     return logp.chunk(2, dim=0)
+
+
+def _model_inputs(batch, ids_key: str, embeds_key: str) -> dict:
+    """The model's input: the frozen blocks' recorded output when the batch carries it (the
+    caller runs the model `from_block`), else the token ids."""
+    if embeds_key in batch:
+        return {"inputs_embeds": batch[embeds_key]}
+    return {"input_ids": batch[ids_key]}
 
 
 def response_lengths(batch):
@@ -554,14 +605,14 @@ def _shared_prompt_logps(model, batch):
     pid, pm = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     rid, rm = batch["input_ids"], batch["attention_mask"]
     ppos = (pm.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=pid, attention_mask=pm, position_ids=ppos, use_cache=True,
-                logits_to_keep=1)
+    out = model(**_model_inputs(batch, "prompt_input_ids", "prompt_inputs_embeds"), attention_mask=pm,
+                position_ids=ppos, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
     cache.batch_repeat_interleave(2)  # rows 2i and 2i+1: pair i's y1 and y0
     rpos = pm.sum(-1).repeat_interleave(2)[:, None] + torch.arange(rid.shape[1], device=rid.device)[None]
     att = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)
-    logits = model(input_ids=rid, attention_mask=att, position_ids=rpos, use_cache=True,
-                   **{cache_kwarg(model): cache}).logits
+    logits = model(**_model_inputs(batch, "input_ids", "inputs_embeds"), attention_mask=att, position_ids=rpos,
+                   use_cache=True, **{cache_kwarg(model): cache}).logits
     # the first response token is predicted by the prompt's last position
     first = out.logits[:, -1].float().repeat_interleave(2, dim=0)
     lp_first = first.gather(1, rid[:, :1]).squeeze(1) - torch.logsumexp(first, dim=-1)
@@ -587,10 +638,12 @@ def _make_trainer_class():
             data_collator=PreferenceCollator, processing_class, callbacks).
         """
 
-        def __init__(self, *args, beta: float, sft_weight: float = 0.0, **kwargs):
+        def __init__(self, *args, beta: float, sft_weight: float = 0.0, frozen_blocks: int = 0, **kwargs):
             super().__init__(*args, **kwargs)
             self.beta = float(beta)
             self.sft_weight = float(sft_weight)
+            # > 0: the dataset carries the output of the frozen blocks below this one
+            self.frozen_blocks = int(frozen_blocks)
             # our loss is a mean over pairs; Trainer must divide it by the accumulation steps
             self.model_accepts_loss_kwargs = False
             self._pref_metrics: dict[str, list[float]] = {}
@@ -603,6 +656,9 @@ def _make_trainer_class():
 
         def policy_logps(self, model, inputs):
             """log π_θ(y1|x), log π_θ(y0|x), each shape (B,) (see `pair_logps`)."""
+            if self.frozen_blocks and "inputs_embeds" in inputs:
+                with from_block(model, self.frozen_blocks):
+                    return pair_logps(model, inputs)
             return pair_logps(model, inputs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -662,7 +718,7 @@ def _model_fingerprint(model) -> str:
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
                     features: list[dict] | None = None, disable_adapter: bool = False,
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = True, record_block: int = 0):
     """log π_ref(y0|x) and log π_ref(y1|x) of every pair, with `model` as the reference.
 
     Computed by the very code that computes the policy's log-probs in training (same
@@ -683,10 +739,19 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
         Score a PEFT model with its adapters off (its base is the reference).
     progress : bool
         Show a tqdm bar (pairs).
+    record_block : int
+        > 0: also record what enters this transformer block for every pair
+        (`cache_frozen_blocks`), and check on the first batch that the model run
+        `from_block` on it gives the same log-probs (within 1e-3 nats).
 
     Returns
     -------
     ref_logp_0, ref_logp_1 : numpy.ndarray, shape (n,), float64, in input order
+    block_inputs : list of dict or None
+        Only with `record_block`: per pair, float32 CPU tensors (n_tokens, hidden) under
+        `block_input_prompt_1`, `block_input_response_1`, `block_input_prompt_0`,
+        `block_input_response_0` (what `PreferenceCollator` pads into `inputs_embeds`);
+        None when the check failed (the model does not run exactly from a block's input).
     """
     import contextlib
 
@@ -703,23 +768,75 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
     device = next(model.parameters()).device
     r0 = np.zeros(len(feats))
     r1 = np.zeros(len(feats))
+    records: list | None = [None] * len(feats) if record_block else None
+    captured: list = []
+    checked = False
     ctx = (model.disable_adapter() if disable_adapter and hasattr(model, "disable_adapter")
            else contextlib.nullcontext())
+    capture = (capture_block_inputs(model, record_block, captured) if record_block
+               else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     try:
-        with ctx, torch.no_grad(), tqdm(total=len(feats), desc="reference log-probs", unit="pair",
-                                         disable=not progress) as bar:
+        with ctx, capture, torch.no_grad(), tqdm(total=len(feats), desc="reference log-probs", unit="pair",
+                                                 disable=not progress) as bar:
             for idx in length_batches(lengths, config.ref_batch_size):
                 items = [{**feats[i], "label": 0.0, "ref_logp_0": 0.0, "ref_logp_1": 0.0}
                          for i in idx]
                 batch = {k: v.to(device) for k, v in collate(items).items()}
+                captured.clear()
                 lp1, lp0 = pair_logps(model, batch)
                 r1[idx], r0[idx] = lp1.double().cpu().numpy(), lp0.double().cpu().numpy()
                 bar.update(len(idx))
+                if records is not None:
+                    recs = _split_block_inputs(batch, captured, items)
+                    if not checked and not _runs_from_block(model, record_block, collate, items, recs, lp1, lp0):
+                        warnings.warn(f"{type(model).__name__} does not run exactly from a block's "
+                                      "input; training without cache_frozen_blocks")
+                        records = None
+                        continue
+                    checked = True
+                    for i, r in zip(idx, recs):
+                        records[i] = r
     finally:
         model.train(was_training)
-    return r0, r1
+    return (r0, r1, records) if record_block else (r0, r1)
+
+
+def _split_block_inputs(batch, captured: list, items: list[dict]) -> list[dict]:
+    """Per pair, the recorded inputs of the lowest adapted block (unpadded, CPU), from the
+    one (concatenated layout) or two (shared prompt: prompts, then responses) tensors one
+    `pair_logps` call recorded."""
+    keep = lambda h: h.detach().cpu().clone()  # noqa: E731  (a slice would pin the batch)
+    out = []
+    if "prompt_input_ids" in batch:
+        prompts, responses = captured
+        P = prompts.shape[1]
+        for i, it in enumerate(items):
+            prompt = keep(prompts[i, P - len(it["prompt_ids_1"]):])
+            out.append({"block_input_prompt_1": prompt, "block_input_prompt_0": prompt,
+                        "block_input_response_1": keep(responses[2 * i, :len(it["response_ids_1"])]),
+                        "block_input_response_0": keep(responses[2 * i + 1, :len(it["response_ids_0"])])})
+        return out
+    (seqs,) = captured
+    for i, it in enumerate(items):
+        rec = {}
+        for j, row in ((1, i), (0, len(items) + i)):
+            n_p, n_r = len(it[f"prompt_ids_{j}"]), len(it[f"response_ids_{j}"])
+            rec[f"block_input_prompt_{j}"] = keep(seqs[row, :n_p])
+            rec[f"block_input_response_{j}"] = keep(seqs[row, n_p:n_p + n_r])
+        out.append(rec)
+    return out
+
+
+def _runs_from_block(model, block: int, collate, items, recs, lp1, lp0, atol: float = 1e-3) -> bool:
+    """Whether `model` run `from_block(block)` on the recorded inputs gives the log-probs
+    `lp1`, `lp0` of the full forward (shape (B,)) for this batch."""
+    device = lp1.device
+    batch = {k: v.to(device) for k, v in collate([{**it, **r} for it, r in zip(items, recs)]).items()}
+    with from_block(model, block):
+        c1, c0 = pair_logps(model, batch)
+    return bool(max((c1 - lp1).abs().max(), (c0 - lp0).abs().max()) <= atol)
 
 
 def _pad_id(tokenizer) -> int:
@@ -728,28 +845,39 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_digest, out: Path):
+def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_digest, out: Path,
+                            record_block: int = 0):
     """Reference log-probs from the pairs' columns, the output dir's cache, or computed (and
-    cached). Returns (ref_logp_0, ref_logp_1, seconds spent computing)."""
+    cached). With `record_block` (`cache_frozen_blocks`) the reference pass always runs, for
+    the block inputs it records (they are not kept on disk: a resumed run records them
+    again), but given or cached log-probs still win, so a resumed run trains on the values
+    it started with. Returns (ref_logp_0, ref_logp_1, block inputs or None, seconds spent
+    computing)."""
+    known = None
     if "ref_logp_0" in pairs.columns and "ref_logp_1" in pairs.columns:
         r0 = pairs["ref_logp_0"].to_numpy(np.float64)
         r1 = pairs["ref_logp_1"].to_numpy(np.float64)
         if np.all(np.isfinite(r0)) and np.all(np.isfinite(r1)):
-            return r0, r1, 0.0
+            known = (r0, r1)
     key = f"{tokens_digest}:{_model_fingerprint(model)}"
     cache = out / REF_CACHE_FILE
-    if cache.exists():
+    if known is None and cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
-                return z["ref_logp_0"], z["ref_logp_1"], 0.0
+                known = (z["ref_logp_0"], z["ref_logp_1"])
+    if known is not None and not record_block:
+        return *known, None, 0.0
     t0 = time.perf_counter()
-    r0, r1 = reference_logps(model, tokenizer, pairs, config, features=features)
+    r0, r1, *blocks = reference_logps(model, tokenizer, pairs, config, features=features,
+                                      record_block=record_block)
     seconds = time.perf_counter() - t0
+    if known is not None:
+        return *known, blocks[0], seconds
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), ref_logp_0=r0, ref_logp_1=r1)
-    return r0, r1, seconds
+    return r0, r1, (blocks[0] if blocks else None), seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -846,8 +974,13 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     write_json({"run_digest": run_digest, "config": config.to_dict()}, out / RUN_FILE)
 
     # Reference log-probs before any adapter exists: the model as given *is* π_ref.
-    ref0, ref1, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, feats,
-                                                      tdig, out)
+    block = _first_adapted_block(model, config.lora_last_layers) if config.cache_frozen_blocks else 0
+    ref0, ref1, block_inputs, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, feats,
+                                                                    tdig, out, record_block=block)
+    if block_inputs is not None:  # train from the frozen blocks' output (`cache_frozen_blocks`)
+        feats = [{**f, **b} for f, b in zip(feats, block_inputs)]
+    else:
+        block = 0
 
     set_seed(config.seed)  # LoRA init draws from the global RNG
     if config.use_lora:
@@ -861,7 +994,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
                       data_collator=PreferenceCollator(
                           pad_id, share_prompt=_can_share_prompt(config, args) and _supports_shared_prompt(model)),
                       processing_class=tokenizer,
-                      callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight)
+                      callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight,
+                      frozen_blocks=block)
     trainer.group_by_length = config.group_by_length
     if config.use_lora and config.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs
@@ -923,23 +1057,31 @@ def _add_lora(model, config: PreferenceConfig):
         return get_peft_model(model, lcfg)
 
 
-def _last_layer_modules(model, target_modules, n_last: int) -> list[str]:
-    """Full names of the linear modules `target_modules` selects ("all-linear" or names
-    their last component must equal) inside the last `n_last` transformer blocks.
-
-    Raises InputError when the model has fewer blocks or no such module there."""
-    import torch
-
+def _first_adapted_block(model, n_last: int) -> int:
+    """Index of the lowest of the last `n_last` blocks (`lora_last_layers`; those below stay
+    frozen). Raises InputError when the model has fewer blocks."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not n_layers or n_last > n_layers:
         raise InputError(f"the model has {n_layers} transformer blocks; cannot adapt the last {n_last}",
                          field="lora_last_layers")
-    keep = {str(i) for i in range(n_layers - n_last, n_layers)}
+    return n_layers - n_last
+
+
+def _last_layer_modules(model, target_modules, n_last: int) -> list[str]:
+    """Full names of the linear (or GPT-2 Conv1D) modules `target_modules` selects ("all-linear"
+    or names their last component must equal) inside the last `n_last` transformer blocks.
+
+    Raises InputError when the model has fewer blocks or no such module there."""
+    import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    first = _first_adapted_block(model, n_last)
+    keep = {str(i) for i in range(first, first + n_last)}
     names = []
     for name, module in model.named_modules():
         parts = name.split(".")
         block = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("layers", "h", "blocks")), None)
-        if block not in keep or not isinstance(module, torch.nn.Linear):
+        if block not in keep or not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
         if target_modules == "all-linear" or parts[-1] in target_modules:
             names.append(name)
