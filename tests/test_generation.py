@@ -37,6 +37,21 @@ def test_same_seed_same_samples_any_batch_size(tiny_model, tiny_tokenizer):
     assert set(a.columns) >= {"prompt_id", "prompt", "sample_id", "response", "n_tokens", "seed", "model"}
 
 
+def test_a_prompt_runs_once_for_all_its_samples(tiny_model, tiny_tokenizer):
+    """The K rows of a prompt share one prefill (its cache is copied to each row), and give
+    the samples each row gives alone (batch size 1: no sharing at all)."""
+    rows_per_forward = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda m, a, k: rows_per_forward.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        shared = sample(tiny_model, tiny_tokenizer, PROMPTS[:2], seed=5, batch_size=6, **KW)
+    finally:
+        hook.remove()
+    assert rows_per_forward[0] == 2 and rows_per_forward[1] == 6  # prefill of 2 prompts, then 6 rows
+    alone = sample(tiny_model, tiny_tokenizer, PROMPTS[:2], seed=5, batch_size=1, **KW)
+    assert shared["response"].tolist() == alone["response"].tolist()
+
+
 def test_sampler_is_inverse_cdf_of_the_nucleus(tiny_model, tiny_tokenizer):
     """Each row's first token is the inverse CDF of the top-p distribution (computed by hand
     in float64) at that row's uniform; nothing outside the nucleus is ever drawn."""
