@@ -210,6 +210,54 @@ def _dual_demo(args) -> int:
     return 0
 
 
+def _add_sweep(sub):
+    from .pipelines import config
+
+    p = sub.add_parser("sweep", help="the paper's table: MoCAN at several margins (or λ), predicted vs achieved",
+                       description="One MoCAN training per margin on shared samples and scores; every model "
+                                   "evaluated on the same held-out prompts. Writes sweep.json, sweep.md (the "
+                                   "table: the dual's predicted gains and KL against the achieved ones with 95% "
+                                   "CIs) and figures/frontier.png. Settings come from --config FILE (YAML) or "
+                                   "--demo, and flags; a rerun resumes.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of MoCANConfig fields (without margins)")
+    p.add_argument("--demo", action="store_true", help="the demo's settings on the embedded default")
+    p.add_argument("--quick", action="store_true", help="with --demo: the quick demo's settings")
+    p.add_argument("--margins", metavar="LIST", help="comma-separated fractions of the largest achievable "
+                   "safety gain, e.g. 0.25,0.5,0.75,0.9 (with --absolute: margins in score units)")
+    p.add_argument("--absolute", action="store_true", help="--margins are in score units, not fractions")
+    p.add_argument("--lambdas", metavar="LIST", help="instead of margins: comma-separated multipliers λ")
+    config.add_config_flags(p, config.MoCANConfig, exclude=("margins", "max_unsafe_rate", "margin_fraction"))
+    p.set_defaults(func=cmd_sweep, allow_extra=True)
+    return p
+
+
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    from .errors import InputError
+    from .pipelines.config import MoCANConfig, load_config, overrides_from_args
+    from .pipelines.demo import demo_config
+    from .pipelines.sweep import parse_points, run_sweep
+    from .runio import new_run_dir
+
+    if bool(args.margins) == bool(args.lambdas):
+        raise InputError("give --margins or --lambdas (one of them)", field="--margins")
+    if args.demo == bool(args.config):
+        raise InputError("give --config FILE or --demo (one of them)", field="--config")
+    kind = "lambda" if args.lambdas else ("margin" if args.absolute else "fraction")
+    values = parse_points(args.lambdas or args.margins, kind)
+    overrides = overrides_from_args(args, args.extra, MoCANConfig.NESTED)
+    if args.demo:
+        cfg = demo_config(new_run_dir(overrides.pop("out", None), "sweep-demo"), quick=args.quick)
+        train = {**cfg.train, **overrides.pop("train", {})}
+        cfg = dataclasses.replace(cfg, **overrides, train=train)
+    else:
+        cfg = load_config(MoCANConfig, args.config, overrides)
+    run = run_sweep(cfg, kind, values)
+    print(f"\nartifacts in {run}/: sweep.md, sweep.json, figures/frontier.png, points/*/ (one MoCAN run each)")
+    return 0
+
+
 def _add_sampling_args(p, *, num_samples: int, max_new_tokens: int) -> None:
     """The sampling flags `dualign sample` and `dualign evaluate` share, with each command's defaults."""
     p.add_argument("--num-samples", "-k", type=int, default=num_samples, metavar="K",
@@ -583,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
+    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sweep, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
                 _add_evaluate):
         add(sub)
     return parser

@@ -21,8 +21,11 @@ from conftest import make_tiny_llama
 from dualign.train import PreferenceConfig, train_preferences
 
 
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_trained_policy_is_the_tilted_policy(tiny_tokenizer, tmp_path, use_lora):
+# a sweep of three margins (fractions of the largest achievable gain) with full weights, and
+# LoRA at the middle one: at every point the trained policy is that point's π_λ*
+@pytest.mark.parametrize("use_lora, fraction", [(False, 0.25), (False, 0.5), (False, 0.75), (True, 0.5)],
+                         ids=["full-0.25", "full-0.5", "full-0.75", "lora-0.5"])
+def test_trained_policy_is_the_tilted_policy(tiny_tokenizer, tmp_path, use_lora, fraction):
     from dualign.dual import solve_dual  # written alongside; the test needs it
 
     tok = tiny_tokenizer
@@ -31,7 +34,7 @@ def test_trained_policy_is_the_tilted_policy(tiny_tokenizer, tmp_path, use_lora)
 
     r_dual = reward_for_dual(REWARD, pi_ref)  # (see there: the candidates are not π_ref draws)
     mg = solve_dual(r_dual, SAFETY, beta=BETA, margins=0.0).max_gain[0]
-    dual = solve_dual(r_dual, SAFETY, beta=BETA, margins=0.5 * mg)
+    dual = solve_dual(r_dual, SAFETY, beta=BETA, margins=fraction * mg)
     lam = float(dual.lam[0])
     print(f"λ* = {lam:.4f}")
     assert lam > 0.1  # the constraint binds: safety really reshapes the target

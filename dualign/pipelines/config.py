@@ -315,16 +315,17 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def add_config_flags(parser, cls) -> None:
-    """One flag per dataclass field (`--num-samples`), plus `--NAME.FIELD` for the entries of
-    the nested mappings in `cls.NESTED` (`--train.learning_rate 5e-5`)."""
+def add_config_flags(parser, cls, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (`--num-samples`) but those in `exclude`, plus
+    `--NAME.FIELD` for the entries of the nested mappings in `cls.NESTED`
+    (`--train.learning_rate 5e-5`)."""
     hints = typing.get_type_hints(cls)
     nested = getattr(cls, "NESTED", ("train",))
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
-        if f.name in nested:
+        if f.name in nested or f.name in exclude:
             continue
         if t is dict or typing.get_origin(t) is dict:
             parser.add_argument(flag, action="append", metavar="NAME=VALUE", dest=f"cfg_{f.name}",

@@ -1,0 +1,285 @@
+"""`dualign sweep`: the paper's table. Several margins (or multipliers λ), one MoCAN training
+each, the dual's prediction next to what every trained model achieves on held-out prompts.
+
+    once, in <out>/:          sample π_ref → score
+    per point, <out>/points/<name>/:
+                              dual at the point's margin → pairs → train → evaluate → report
+    at the end, in <out>/:    sweep.json, sweep.md (the table), figures/frontier.png
+
+Every point is a complete MoCAN run directory (report, eval.json, model). Before a point runs it
+gets copies of the shared stage outputs (π_ref's samples and scores, and, once the first point
+has made them, the scored preference pairs and π_ref's evaluation samples), which its stages
+find current: a point computes only what depends on its margin. Copies keep their timestamps
+(`shutil.copy2`), and a point never writes into the shared folder. A killed sweep, rerun with
+the same settings, finds its finished points current (each skips every stage) and goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..runio import write_json, write_text
+from .config import MoCANConfig
+
+KINDS = ("fraction", "margin", "lambda")
+POINTS_DIR = "points"
+# what a point reuses from the sweep folder; the reference's evaluation samples are made by the
+# first point and shared from then on (glob patterns relative to a run directory)
+SHARED = ("samples.parquet", "scores.parquet", "pairs_source/*", "eval/reference/*",
+          "eval/behaviour/*/reference/*")
+KL_TOLERANCE = 0.35  # the issue's bar: achieved KL within ±35% of the predicted one
+
+
+def point_name(kind: str, value: float) -> str:
+    """Folder name of a point: `fraction-0.5`, `margin-1.25`, `lambda-2` (made from the number,
+    never from user text)."""
+    return f"{kind}-{float(value):g}"
+
+
+def parse_points(text: str, kind: str) -> list[float]:
+    """Comma-separated numbers → list of floats (`--margins 0.25,0.5,0.9`).
+
+    Raises
+    ------
+    InputError
+        A value that is not a number, a repeated value, no value, a fraction outside (0, 1),
+        or a negative margin or λ.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    flag = {"fraction": "--margins", "margin": "--margins", "lambda": "--lambdas"}[kind]
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"must be comma-separated numbers, got {text!r}", field=flag) from None
+    if not values:
+        raise InputError("no values given", field=flag)
+    if len(set(values)) != len(values):
+        raise InputError(f"repeated value in {text!r}", field=flag)
+    if kind == "fraction" and not all(0 < v < 1 for v in values):
+        raise InputError("fractions of the largest achievable gain must lie in (0, 1) "
+                         "(use --absolute for margins in score units)", field=flag)
+    if not all(np.isfinite(v) and v >= 0 for v in values):
+        raise InputError("values must be finite and >= 0", field=flag)
+    return values
+
+
+def point_configs(cfg: MoCANConfig, kind: str, values, scores=None) -> list[tuple[str, MoCANConfig]]:
+    """One MoCAN config per point, each in its own folder under `<cfg.out>/points/`.
+
+    `fraction`: `margin_fraction` = the value (every constraint); `margin`: that margin for the
+    single safety constraint; `lambda`: the margin that λ is optimal for on the shared samples
+    (`margin_for_lambda` on `scores`, the score table; one safety constraint), so the dual
+    gives back λ.
+
+    Raises
+    ------
+    InputError
+        `margin` or `lambda` with several safety constraints, or a config with
+        `max_unsafe_rate` or fixed `margins` (a sweep sets the margins itself).
+    """
+    check_sweep(cfg, kind)
+    names = list(cfg.safety)
+    root = Path(cfg.out) / POINTS_DIR
+    out = []
+    for v in values:
+        if kind == "fraction":
+            change = {"margin_fraction": float(v)}
+        elif kind == "margin":
+            change = {"margins": {names[0]: float(v)}}
+        else:
+            change = {"margins": {names[0]: _margin_for_lambda(scores, cfg.beta, float(v))}}
+        name = point_name(kind, v)
+        out.append((name, dataclasses.replace(cfg, out=str(root / name), **change)))
+    return out
+
+
+def check_sweep(cfg: MoCANConfig, kind: str) -> None:
+    """The settings errors of `point_configs`, raised before anything runs."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if cfg.max_unsafe_rate or cfg.margins:
+        field = "max_unsafe_rate" if cfg.max_unsafe_rate else "margins"
+        raise InputError("a sweep sets the margins itself: remove this setting from the config", field=field)
+    if kind != "fraction" and len(cfg.safety) != 1:
+        raise InputError(f"absolute margins and λ sweep one safety constraint; this config has {len(cfg.safety)} "
+                         "(sweep fractions instead)", field="safety")
+
+
+def _margin_for_lambda(scores, beta: float, lam: float) -> float:
+    from ..data.scores import scores_to_arrays
+    from ..dual import margin_for_lambda
+
+    safety_cols = [c for c in scores.columns if c.startswith("safety/")]
+    arrays = scores_to_arrays(scores, "reward", safety_cols)
+    # the dual solved at this margin gives back λ (to the solver's tolerance and the rounding)
+    return float(np.round(margin_for_lambda(arrays.reward, arrays.safety, beta, lam)[0], 6))
+
+
+def copy_shared(src: Path, dst: Path) -> list[Path]:
+    """Copy the shared stage outputs (`SHARED`) that `src` has and `dst` lacks, keeping their
+    timestamps; returns the files copied (paths under `dst`)."""
+    copied = []
+    for pattern in SHARED:
+        for f in sorted(Path(src).glob(pattern)):
+            target = Path(dst) / f.relative_to(src)
+            if f.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".part")
+                shutil.copy2(f, tmp)
+                tmp.replace(target)  # atomic: a killed copy leaves no half file under the real name
+                copied.append(target)
+    return copied
+
+
+def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
+    """Run the sweep; returns the sweep folder (`cfg.out`). See the module docstring.
+
+    Parameters
+    ----------
+    cfg : MoCANConfig
+        Everything but the margins; `out` is the sweep folder.
+    kind : "fraction", "margin" or "lambda"
+        What `values` are: fractions of the largest achievable gain, margins in score units,
+        or multipliers λ.
+    values : sequence of float
+        One point each, in this order.
+
+    Raises
+    ------
+    InputError
+        As `point_configs`, and whatever a MoCAN run raises (before its first expensive step).
+    """
+    import pandas as pd
+
+    from .mocan import run_mocan
+
+    cfg.validate()
+    check_sweep(cfg, kind)
+    root = Path(cfg.out)
+    log(f"[sweep] shared stages in {root}/: π_ref's samples and their scores")
+    run_mocan(cfg, stop="score", log=log)
+    scores = pd.read_parquet(root / "scores.parquet") if kind == "lambda" else None
+    points = point_configs(cfg, kind, values, scores)
+    for i, (name, pcfg) in enumerate(points, 1):
+        log(f"\n[sweep {i}/{len(points)}] {name}")
+        point = Path(pcfg.out)
+        copy_shared(root, point)
+        run_mocan(pcfg, log=log)
+        copy_shared(point, root)  # the pairs' scores and π_ref's evaluation, for the next points
+    summary = summarize(root, [(name, Path(p.out)) for name, p in points], kind)
+    write_json(summary, root / "sweep.json")
+    write_text(format_sweep_table(summary), root / "sweep.md")
+    plot_frontier(summary, scores if scores is not None else pd.read_parquet(root / "scores.parquet"),
+                  cfg.beta, root / "figures" / "frontier.png")
+    log("\n" + format_sweep_table(summary))
+    return root
+
+
+def _within(pred: float, lo: float, hi: float) -> bool:
+    return bool(lo <= pred <= hi)
+
+
+def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
+    """sweep.json's content: per point λ*, margins, and for reward, each safety score, KL and
+    the unsafe rate the predicted value, the achieved one with its 95% CI, and whether the
+    prediction holds (inside the CI; KL within ±35% of the prediction or inside the CI);
+    the behavioural rates where the run has them."""
+    rows = []
+    for name, run in points:
+        dual = json.loads((run / "dual.json").read_text())
+        ev = json.loads((run / "eval.json").read_text())
+        row = {"point": name, "run": str(run.relative_to(root)), "lambda": dual["lambda"],
+               "margins": dual["margins"], "ess_fraction": dual["predicted"]["ess_fraction"], "scores": {}}
+        for col, s in ev["scores"].items():
+            lo, hi = s["achieved_gain_ci"]
+            row["scores"][col] = {"predicted": s["predicted_gain"], "achieved": s["achieved_gain"],
+                                  "achieved_ci": [lo, hi], "holds": _within(s["predicted_gain"], lo, hi)}
+            if "unsafe_rate_trained" in s:
+                c = next(c for c in dual["constraints"] if c["name"] == col)
+                row["scores"][col].update(unsafe_rate_reference=s["unsafe_rate_reference"],
+                                          unsafe_rate_trained=s["unsafe_rate_trained"],
+                                          unsafe_rate_predicted=c.get("predicted_unsafe_rate"))
+        kl = ev["kl"]
+        lo, hi = kl["achieved_ci"]
+        row["kl"] = {"predicted": kl["predicted"], "achieved": kl["achieved"], "achieved_ci": [lo, hi],
+                     "holds": _within(kl["predicted"], lo, hi)
+                     or abs(kl["achieved"] - kl["predicted"]) <= KL_TOLERANCE * kl["predicted"]}
+        if "behaviour" in ev:
+            row["behaviour"] = {suite: {"metric": s["metric"], **{m: s["models"][m] for m in s["models"]}}
+                                for suite, s in ev["behaviour"]["suites"].items()}
+        rows.append(row)
+    return {"kind": kind, "points": rows,
+            "holds": {"all": all(r["kl"]["holds"] and all(s["holds"] for s in r["scores"].values()) for r in rows)}}
+
+
+def _ci(v: float, ci) -> str:
+    return f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def format_sweep_table(summary: dict) -> str:
+    """The paper's table in Markdown: one row per point and score, predicted next to achieved."""
+    lines = ["| point | λ* | score | predicted | achieved [95% CI] | holds |", "|---|---:|---|---:|---|---|"]
+    for r in summary["points"]:
+        lam = ", ".join(f"{x:.3g}" for x in r["lambda"])
+        for col, s in r["scores"].items():
+            lines.append(f"| {r['point']} | {lam} | {col} gain | {s['predicted']:+.3f} | "
+                         f"{_ci(s['achieved'], s['achieved_ci'])} | {'yes' if s['holds'] else '**no**'} |")
+        k = r["kl"]
+        lines.append(f"| {r['point']} | {lam} | KL, nats | {k['predicted']:.3f} | "
+                     f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | "
+                     f"{'yes' if k['holds'] else '**no**'} |")
+    out = ["# dualign sweep", "", "Predicted by the dual before training (on the training prompts' π_ref samples) "
+           "against what each trained model achieved on the held-out prompts (95% bootstrap CI over prompts). "
+           f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI.", "", *lines]
+    beh = [r for r in summary["points"] if r.get("behaviour")]
+    if beh:
+        suites = list(beh[0]["behaviour"])
+        out += ["", "Behaviour (refusal-phrase detector; harmful: refusal, benign/borderline: over-refusal):", "",
+                "| point | " + " | ".join(suites) + " |", "|---|" + "---:|" * len(suites)]
+        ref = beh[0]["behaviour"]
+        out.append("| π_ref | " + " | ".join(f"{ref[s]['reference']['rate']:.0%}" for s in suites) + " |")
+        for r in beh:
+            out.append(f"| {r['point']} | " + " | ".join(
+                f"{r['behaviour'][s]['trained']['rate']:.0%} [{r['behaviour'][s]['trained']['ci'][0]:.0%}, "
+                f"{r['behaviour'][s]['trained']['ci'][1]:.0%}]" for s in suites) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_frontier(summary: dict, scores, beta: float, path) -> Path:
+    """Reward gain against the first safety score's gain: the dual's predicted curve
+    (π_λ for λ from 0 to twice the largest swept λ*, on the shared samples), each trained
+    model's achieved point with 95% CI bars, the reference at the origin."""
+    from ..data.scores import scores_to_arrays
+    from ..dual import DualProblem
+    from ..eval.figures import _pyplot, _save
+
+    safety_cols = [c for c in scores.columns if c.startswith("safety/")]
+    arrays = scores_to_arrays(scores, "reward", safety_cols)
+    problem = DualProblem(arrays.reward, arrays.safety, beta, 0.0)
+    top = 2 * max(max(r["lambda"]) for r in summary["points"]) or 1.0
+    lams = np.linspace(0, top, 60)
+    preds = [problem.predict(np.full(problem.m, l)) for l in lams]
+    col = safety_cols[0]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([p.safety_gain[0] for p in preds], [p.reward_gain for p in preds], "-", color="0.5", lw=1.2,
+            label="predicted (π_λ, dual)")
+    for r in summary["points"]:
+        s, w = r["scores"][col], r["scores"]["reward"]
+        ax.errorbar(s["achieved"], w["achieved"],
+                    xerr=[[s["achieved"] - s["achieved_ci"][0]], [s["achieved_ci"][1] - s["achieved"]]],
+                    yerr=[[w["achieved"] - w["achieved_ci"][0]], [w["achieved_ci"][1] - w["achieved"]]],
+                    fmt="o", capsize=3, label=f"{r['point']}: achieved")
+        ax.plot(s["predicted"], w["predicted"], "x", color="k", ms=6)
+    ax.plot(0, 0, "s", color="k", label="π_ref")
+    ax.set_xlabel(f"{col} gain over π_ref")
+    ax.set_ylabel("reward gain over π_ref")
+    ax.set_title("Predicted (x, curve) vs achieved (dots, 95% CI)", fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
