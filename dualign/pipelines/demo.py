@@ -51,15 +51,16 @@ def demo_config(out, *, quick: bool = False, margin: float | None = None, beta: 
         # sft_weight: the built-in pairs are text π_ref did not write; the pure soft-label loss moved
         # their log-ratios (KL 6 nats) but not what the model generates (refusal of held-out harmful
         # prompts stayed at 0%); the label-weighted likelihood term makes it say the preferred texts.
-        # max_response_length 16: whether to refuse is decided in an answer's first tokens; training
+        # max_response_length 40: whether to refuse is decided in an answer's first tokens; training
         # on whole answers spread the loss over their content and, after one epoch, the model still
-        # refused only 49% of its own training harmful prompts. On 16-token prefixes, 3 epochs cost
-        # what one cost before and held-out refusal rose to 73% with 2% benign over-refusal
-        # (README, "What we measured on the way"). lora_last_layers 10: backward stops at block 20
-        # of 30 (a training step about 3.0 s instead of 3.5-4 s on whole answers).
+        # refused only 49% of its own training harmful prompts. 16-token prefixes fixed that but cut
+        # the refusals (32 tokens at the median) before their end: the model said "I won't help"
+        # and went on to help. 40 tokens hold most refusals with their EOS (README, "What we
+        # measured on the way"). lora_last_layers 10: backward stops at block 20 of 30, and
+        # cache_frozen_blocks runs the 20 blocks below once per pair instead of once per step.
         **_demo_settings(quick, beta, epochs, margin_fraction=0.95, max_pairs=0, default_epochs=3,
-                         train_extra={"sft_weight": 1.0, "learning_rate": 3e-4, "max_response_length": 16,
-                                      "lora_last_layers": 10}))
+                         train_extra={"sft_weight": 1.0, "learning_rate": 3e-4, "max_response_length": 40,
+                                      "lora_last_layers": 10, "cache_frozen_blocks": True}))
 
 
 def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, beta: float = 0.1,

@@ -226,7 +226,7 @@ def format_sweep_table(summary: dict) -> str:
     """The paper's table in Markdown: one row per point and score, predicted next to achieved."""
     lines = ["| point | λ* | score | predicted | achieved [95% CI] | holds |", "|---|---:|---|---:|---|---|"]
     for r in summary["points"]:
-        lam = ", ".join(f"{x:.3g}" for x in r["lambda"])
+        lam = ", ".join(f"{x:.3g}" for x in r["lambda"]) + (" (not binding)" if not any(r["lambda"]) else "")
         for col, s in r["scores"].items():
             lines.append(f"| {r['point']} | {lam} | {col} gain | {s['predicted']:+.3f} | "
                          f"{_ci(s['achieved'], s['achieved_ci'])} | {'yes' if s['holds'] else '**no**'} |")
@@ -253,7 +253,7 @@ def format_sweep_table(summary: dict) -> str:
 
 def plot_frontier(summary: dict, scores, beta: float, path) -> Path:
     """Reward gain against the first safety score's gain: the dual's predicted curve
-    (π_λ for λ from 0 to twice the largest swept λ*, on the shared samples), each trained
+    (π_λ for λ from 0 to 1000, on the shared samples), each trained
     model's achieved point with 95% CI bars, the reference at the origin."""
     from ..data.scores import scores_to_arrays
     from ..dual import DualProblem
@@ -262,8 +262,8 @@ def plot_frontier(summary: dict, scores, beta: float, path) -> Path:
     safety_cols = [c for c in scores.columns if c.startswith("safety/")]
     arrays = scores_to_arrays(scores, "reward", safety_cols)
     problem = DualProblem(arrays.reward, arrays.safety, beta, 0.0)
-    top = 2 * max(max(r["lambda"]) for r in summary["points"]) or 1.0
-    lams = np.linspace(0, top, 60)
+    # λ from 0 (the reward alone) to where safety dominates any score scale: the whole frontier
+    lams = np.concatenate([[0.0], np.logspace(-3, 3, 80)])
     preds = [problem.predict(np.full(problem.m, l)) for l in lams]
     col = safety_cols[0]
     plt = _pyplot()
