@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/logprobs.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/frozen_blocks.py
 	$(BIN)/python bench/scorers.py
 	$(BIN)/python bench/stages.py --quick
 

@@ -86,7 +86,7 @@ class PreferenceConfig:
         adapted block for every pair, and train from it, so the frozen blocks below run once
         per pair instead of once per step and epoch (`dualign.train.frozen_blocks`; same
         losses up to float rounding). Memory: about pairs × (prompt + 2 responses) tokens ×
-        hidden size × 4 bytes (the demo: 748 × 74 × 576 × 4 ≈ 130 MB). A model whose
+        hidden size × 4 bytes (the demo: 748 × ~120 × 576 × 4 ≈ 210 MB). A model whose
         forward does not run exactly from a block's input is detected on the first batch
         and trained without the cache. Not with gradient checkpointing.
     max_length : int

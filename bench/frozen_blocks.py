@@ -1,0 +1,77 @@
+"""Training with the frozen blocks run once (`PreferenceConfig.cache_frozen_blocks`) against the
+full forward every step, side by side in one process on the embedded SmolLM2-135M-Instruct.
+
+The demo's training settings (LoRA r=16 on the last 10 of 30 blocks, batch 4, lr 3e-4,
+`sft_weight` 1, answer prefixes of `--response-tokens`), the first `--pairs` built-in demo
+pairs labeled by their `better_response_id`, `--epochs` epochs. Time counts the whole
+`train_preferences` call: tokenization, the reference pass (which also records the frozen
+blocks' output when the cache is on) and the training loop; not model loading.
+
+    python bench/frozen_blocks.py                       # 96 pairs, 1 epoch, 16-token prefixes
+    python bench/frozen_blocks.py --epochs 3 --response-tokens 40 --repeats 2
+
+Prints s/pair of each (per repeat, alternating order), the ratio, and the largest difference
+in the final training loss (same model up to float rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualign.data.demo_data import demo_path  # noqa: E402
+from dualign.models.loading import EMBEDDED_DEFAULT, load_policy  # noqa: E402
+from dualign.train import PreferenceConfig, train_preferences  # noqa: E402
+
+
+def demo_pairs(n: int) -> pd.DataFrame:
+    rows = [json.loads(line) for line in open(demo_path("train"), encoding="utf-8")][:n]
+    return pd.DataFrame({"prompt": [r["prompt"] for r in rows], "response_0": [r["response_0"] for r in rows],
+                         "response_1": [r["response_1"] for r in rows],
+                         "label": [0.95 if r["better_response_id"] == 1 else 0.05 for r in rows]})
+
+
+def one_run(pairs, args, cached: bool) -> tuple[float, float]:
+    model, tok = load_policy(EMBEDDED_DEFAULT)
+    cfg = PreferenceConfig(per_device_train_batch_size=4, learning_rate=3e-4, sft_weight=1.0,
+                           num_train_epochs=args.epochs, max_length=192, max_response_length=args.response_tokens,
+                           lora_last_layers=10, cache_frozen_blocks=cached, save_steps=100_000,
+                           logging_steps=100_000, output_dir=tempfile.mkdtemp(prefix="bench-frozen-"))
+    t0 = time.perf_counter()
+    res = train_preferences(model, tok, pairs, cfg, resume=False)
+    return (time.perf_counter() - t0) / len(pairs), res.train_loss
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=96)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--response-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args(argv)
+    pairs = demo_pairs(args.pairs)
+    times = {False: [], True: []}
+    losses = {False: [], True: []}
+    for r in range(args.repeats):
+        for cached in ((False, True) if r % 2 == 0 else (True, False)):
+            t, loss = one_run(pairs, args, cached)
+            times[cached].append(t)
+            losses[cached].append(loss)
+            print(f"repeat {r + 1}: {'frozen blocks cached' if cached else 'full forward       '} "
+                  f"{t:.3f} s/pair (loss {loss:.4f})", flush=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"\n{len(pairs)} pairs × {args.epochs:g} epoch(s), {args.response_tokens}-token prefixes: "
+          f"full forward {med[False]:.3f} s/pair, cached {med[True]:.3f} s/pair; "
+          f"ratio {med[False] / med[True]:.2f}×; final loss differs by at most "
+          f"{max(abs(a - b) for a, b in zip(losses[False], losses[True])):.2e}")
+
+
+if __name__ == "__main__":
+    main()
