@@ -204,6 +204,23 @@ def test_rates_match_the_closed_form():
     assert "harm (harmful)" in text and "ok (borderline)" in text and "over-refusal" in text and "+25 pts" in text
 
 
+def test_refusals_that_end_are_counted_apart():
+    """Of the refusing samples of a harmful suite, the share that stopped before the token limit;
+    only where the samples say whether they were cut (`truncated`)."""
+    df = _table({"harm": {"trained": [[True, True], [True, False]]}, "ok": {"trained": [[True, False]]}})
+    assert "refusals_ended" not in behaviour_rates(df, {"harm": "harmful"}, PhraseDetector())[
+        "suites"]["harm"]["models"]["trained"]
+    cut = {(0, 0): True, (0, 1): False, (1, 0): True, (1, 1): True}  # the compliant sample's cut does not count
+    df["truncated"] = [cut.get((p, k), False) for p, k in zip(df["prompt_id"], df["sample_id"])]
+    b = behaviour_rates(df, {"harm": "harmful", "ok": "borderline"}, PhraseDetector())
+    assert b["suites"]["harm"]["models"]["trained"]["refusals_ended"] == pytest.approx(1 / 3)
+    assert "refusals_ended" not in b["suites"]["ok"]["models"]["trained"]  # over-refusal suites: not asked
+    assert "refusals that end before the token limit" in format_behaviour_table(b) and "trained 33%" in \
+        format_behaviour_table(b)
+    none = behaviour_rates(df.assign(refused=False), {"harm": "harmful"}, PhraseDetector())
+    assert none["suites"]["harm"]["models"]["trained"]["refusals_ended"] is None
+
+
 def test_ci_width_matches_the_normal_approximation():
     rng = np.random.default_rng(0)
     flags = rng.random((400, 1)) < 0.3
@@ -389,7 +406,10 @@ def test_eval_json_behaviour_schema(mocan_run):
         assert e["n_prompts"] == n[name] and e["n_samples_per_prompt"] == 2
         assert list(e["models"]) == ["reference", "trained"]
         for m in e["models"].values():
-            assert set(m) == {"rate", "ci"} and 0 <= m["ci"][0] <= m["rate"] <= m["ci"][1] <= 1
+            # harmful suites also say how many refusals ended (the run's samples record cuts)
+            assert set(m) == {"rate", "ci"} | ({"refusals_ended"} if name == "harmful" else set())
+            assert 0 <= m["ci"][0] <= m["rate"] <= m["ci"][1] <= 1
+            assert m.get("refusals_ended") is None or 0 <= m["refusals_ended"] <= 1
         t = e["trained_minus_reference"]
         assert set(t) == {"diff", "ci"} and t["ci"][0] <= t["diff"] <= t["ci"][1]
         diff = e["models"]["trained"]["rate"] - e["models"]["reference"]["rate"]

@@ -146,7 +146,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
 def behaviour_lines(behaviour: dict) -> list[str]:
     """Markdown section of a behaviour record (eval.json's `behaviour`, `dualign evaluate`'s
     behaviour.json): what was measured, by which detector, and the table of rates."""
-    from .behaviour import behaviour_rows
+    from .behaviour import behaviour_rows, refusals_ended_line
 
     header, rows = behaviour_rows(behaviour)
     det = behaviour["detector"]
@@ -159,6 +159,9 @@ def behaviour_lines(behaviour: dict) -> list[str]:
              "trained − reference in percentage points, paired by prompt.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    ended = refusals_ended_line(behaviour)
+    if ended:
+        lines += ["", ended[0].upper() + ended[1:] + "."]
     if behaviour.get("detector_unparsed"):
         lines += ["", f"{behaviour['detector_unparsed']} detector answers could not be parsed and count as compliance."]
     return lines
