@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from dualign import InputError
+from dualign.data.scores import scores_to_arrays
 from dualign.cli import main
 from dualign.dual import solve_dual
 from dualign.pipelines import stages as S
@@ -72,7 +73,7 @@ def test_lambda_points_are_given_back_by_the_dual(tmp_path):
                            "reward": rng.normal(size=n * k), "safety/harm": rng.normal(size=n * k)})
     scores["reward"] -= 0.8 * scores["safety/harm"]  # safer answers earn less reward: the constraint binds
     cfg = make_cfg(tmp_path, "unused", safety={"harm": "harm:unused"})
-    points = point_configs(cfg, "lambda", [0.5, 2.0], scores)
+    points = point_configs(cfg, "lambda", [0.5, 2.0], scores_to_arrays(scores))
     assert [name for name, _ in points] == ["lambda-0.5", "lambda-2"]
     r = scores["reward"].to_numpy().reshape(n, k)
     g = scores["safety/harm"].to_numpy().reshape(n, k)

@@ -69,13 +69,13 @@ def parse_points(text: str, kind: str) -> list[float]:
     return values
 
 
-def point_configs(cfg: MoCANConfig, kind: str, values, scores=None) -> list[tuple[str, MoCANConfig]]:
+def point_configs(cfg: MoCANConfig, kind: str, values, arrays=None) -> list[tuple[str, MoCANConfig]]:
     """One MoCAN config per point, each in its own folder under `<cfg.out>/points/`.
 
     `fraction`: `margin_fraction` = the value (every constraint); `margin`: that margin for the
     single safety constraint; `lambda`: the margin that λ is optimal for on the shared samples
-    (`margin_for_lambda` on `scores`, the score table; one safety constraint), so the dual
-    gives back λ.
+    (`margin_for_lambda` on `arrays`, the shared samples' `ScoreArrays`; one safety
+    constraint), so the dual gives back λ.
 
     Raises
     ------
@@ -93,7 +93,7 @@ def point_configs(cfg: MoCANConfig, kind: str, values, scores=None) -> list[tupl
         elif kind == "margin":
             change = {"margins": {names[0]: float(v)}}
         else:
-            change = {"margins": {names[0]: _margin_for_lambda(scores, cfg.beta, float(v))}}
+            change = {"margins": {names[0]: _margin_for_lambda(arrays, cfg.beta, float(v))}}
         name = point_name(kind, v)
         out.append((name, dataclasses.replace(cfg, out=str(root / name), **change)))
     return out
@@ -111,12 +111,9 @@ def check_sweep(cfg: MoCANConfig, kind: str) -> None:
                          "(sweep fractions instead)", field="safety")
 
 
-def _margin_for_lambda(scores, beta: float, lam: float) -> float:
-    from ..data.scores import scores_to_arrays
+def _margin_for_lambda(arrays, beta: float, lam: float) -> float:
     from ..dual import margin_for_lambda
 
-    safety_cols = [c for c in scores.columns if c.startswith("safety/")]
-    arrays = scores_to_arrays(scores, "reward", safety_cols)
     # the dual solved at this margin gives back λ (to the solver's tolerance and the rounding)
     return float(np.round(margin_for_lambda(arrays.reward, arrays.safety, beta, lam)[0], 6))
 
@@ -155,8 +152,7 @@ def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
     InputError
         As `point_configs`, and whatever a MoCAN run raises (before its first expensive step).
     """
-    import pandas as pd
-
+    from ..data.scores import read_score_arrays
     from .mocan import run_mocan
 
     cfg.validate()
@@ -164,8 +160,8 @@ def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
     root = Path(cfg.out)
     log(f"[sweep] shared stages in {root}/: π_ref's samples and their scores")
     run_mocan(cfg, stop="score", log=log)
-    scores = pd.read_parquet(root / "scores.parquet") if kind == "lambda" else None
-    points = point_configs(cfg, kind, values, scores)
+    arrays = read_score_arrays(root / "scores.parquet")  # π_ref's scores: λ → margin, and the frontier
+    points = point_configs(cfg, kind, values, arrays)
     for i, (name, pcfg) in enumerate(points, 1):
         log(f"\n[sweep {i}/{len(points)}] {name}")
         point = Path(pcfg.out)
@@ -175,8 +171,7 @@ def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
     summary = summarize(root, [(name, Path(p.out)) for name, p in points], kind)
     write_json(summary, root / "sweep.json")
     write_text(format_sweep_table(summary), root / "sweep.md")
-    plot_frontier(summary, scores if scores is not None else pd.read_parquet(root / "scores.parquet"),
-                  cfg.beta, root / "figures" / "frontier.png")
+    plot_frontier(summary, arrays, cfg.beta, root / "figures" / "frontier.png")
     log("\n" + format_sweep_table(summary))
     return root
 
@@ -251,21 +246,19 @@ def format_sweep_table(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_frontier(summary: dict, scores, beta: float, path) -> Path:
+def plot_frontier(summary: dict, arrays, beta: float, path) -> Path:
     """Reward gain against the first safety score's gain: the dual's predicted curve
     (π_λ for λ from 0 to 1000, on the shared samples), each trained
-    model's achieved point with 95% CI bars, the reference at the origin."""
-    from ..data.scores import scores_to_arrays
+    model's achieved point with 95% CI bars, the reference at the origin. `arrays`: the shared
+    samples' `ScoreArrays`."""
     from ..dual import DualProblem
     from ..eval.figures import _pyplot, _save
 
-    safety_cols = [c for c in scores.columns if c.startswith("safety/")]
-    arrays = scores_to_arrays(scores, "reward", safety_cols)
     problem = DualProblem(arrays.reward, arrays.safety, beta, 0.0)
     # λ from 0 (the reward alone) to where safety dominates any score scale: the whole frontier
     lams = np.concatenate([[0.0], np.logspace(-3, 3, 80)])
     preds = [problem.predict(np.full(problem.m, l)) for l in lams]
-    col = safety_cols[0]
+    col = arrays.safety_names[0]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([p.safety_gain[0] for p in preds], [p.reward_gain for p in preds], "-", color="0.5", lw=1.2,

@@ -41,7 +41,7 @@ from ..errors import InputError
 from ..models.loading import cache_kwarg, forward_params
 from ..models.text import encode_pairs, response_logps
 from ..runio import array_digest, atomic_path, write_json, write_text
-from .frozen_blocks import capture_block_inputs, from_block
+from .frozen_blocks import capture_block_inputs, from_block, transformer_blocks
 from .losses import hard_labels, pseudo_preference_loss
 
 PAIR_COLUMNS = ("prompt", "response_0", "response_1", "label")
@@ -1069,22 +1069,22 @@ def _first_adapted_block(model, n_last: int) -> int:
 
 def _last_layer_modules(model, target_modules, n_last: int) -> list[str]:
     """Full names of the linear (or GPT-2 Conv1D) modules `target_modules` selects ("all-linear"
-    or names their last component must equal) inside the last `n_last` transformer blocks.
+    or names their last component must equal) inside the last `n_last` transformer blocks (the
+    block list `frozen_blocks.transformer_blocks` finds, the one `cache_frozen_blocks` cuts).
 
-    Raises InputError when the model has fewer blocks or no such module there."""
+    Raises InputError when the model has fewer blocks, no block list, or no such module there."""
     import torch
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
     first = _first_adapted_block(model, n_last)
-    keep = {str(i) for i in range(first, first + n_last)}
-    names = []
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        block = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("layers", "h", "blocks")), None)
-        if block not in keep or not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        if target_modules == "all-linear" or parts[-1] in target_modules:
-            names.append(name)
+    try:
+        owner, attr = transformer_blocks(model)
+    except ValueError as e:
+        raise InputError(str(e), field="lora_last_layers") from None
+    adapted = {id(m) for block in getattr(owner, attr)[first:] for m in block.modules()}
+    names = [name for name, module in model.named_modules()
+             if id(module) in adapted and isinstance(module, (torch.nn.Linear, Conv1D))
+             and (target_modules == "all-linear" or name.split(".")[-1] in target_modules)]
     if not names:
         raise InputError(f"no module matching {target_modules!r} in the last {n_last} blocks",
                          field="lora_target_modules")
