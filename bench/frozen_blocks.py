@@ -16,26 +16,26 @@ in the final training loss (same model up to float rounding).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualign.data.demo_data import demo_path  # noqa: E402
+from dualign.data.preferences import load_preferences  # noqa: E402
 from dualign.models.loading import EMBEDDED_DEFAULT, load_policy  # noqa: E402
 from dualign.train import PreferenceConfig, train_preferences  # noqa: E402
 
 
 def demo_pairs(n: int) -> pd.DataFrame:
-    rows = [json.loads(line) for line in open(demo_path("train"), encoding="utf-8")][:n]
-    return pd.DataFrame({"prompt": [r["prompt"] for r in rows], "response_0": [r["response_0"] for r in rows],
-                         "response_1": [r["response_1"] for r in rows],
-                         "label": [0.95 if r["better_response_id"] == 1 else 0.05 for r in rows]})
+    prefs = load_preferences(demo_path("train"), limit=n)
+    return prefs[["prompt", "response_0", "response_1"]].assign(
+        label=np.where(prefs["better_response_id"] == 1, 0.95, 0.05))
 
 
 def one_run(pairs, args, cached: bool) -> tuple[float, float]:
