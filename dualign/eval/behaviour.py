@@ -553,8 +553,8 @@ def behaviour_rates(samples_df: pd.DataFrame, suite_kinds: dict[str, str], detec
     "trained_minus_reference" is there when both models are. With a boolean `truncated` column
     (answers that hit the token limit), harmful suites also get "refusals_ended": the share of
     refusing samples that stopped before the limit (None without refusals). A phrase detector
-    counts "I won't help with that. [then helps]" as a refusal; a refusal that ends did not go on. A suite whose kind the detector cannot judge has `skipped`
-    and empty `models`.
+    counts "I won't help with that. [then helps]" as a refusal; a refusal that ends did not go on.
+    A suite whose kind the detector cannot judge has `skipped` and empty `models`.
 
     Raises
     ------
@@ -658,10 +658,12 @@ def format_behaviour_table(behaviour: dict) -> str:
 def refusals_ended_line(behaviour: dict) -> str | None:
     """One line with each harmful suite's share of refusals that ended before the token limit,
     per model (`behaviour_rates`' "refusals_ended"), or None when no suite has it."""
-    ended = [f"{name}: " + ", ".join(f"{m} {v['refusals_ended']:.0%}" for m, v in e["models"].items()
-                                     if v.get("refusals_ended") is not None)
-             for name, e in behaviour["suites"].items()
-             if any(v.get("refusals_ended") is not None for v in e["models"].values())]
+    ended = []
+    for name, e in behaviour["suites"].items():
+        shares = [f"{m} {v['refusals_ended']:.0%}" for m, v in e["models"].items()
+                  if v.get("refusals_ended") is not None]
+        if shares:
+            ended.append(f"{name}: " + ", ".join(shares))
     if not ended:
         return None
     return ("refusals that end before the token limit (the others go on, often into what they declined): "
