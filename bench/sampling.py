@@ -8,6 +8,9 @@
 (2) Sampling (temperature 1, top-p 0.9) with dualign's per-row streams at batch size B and
     at batch size 1: identical responses (a row's sample does not depend on its batch),
     and the tokens/s ratio.
+(3) The roofline: the batched sampling rate against the ceiling the measured fp32 matmul peak
+    allows (`bench/roofline.py`: peak ÷ the model's linear-layer FLOPs per token), and the
+    ratio (target ≥ 50%).
 Tokens counted are the generated tokens up to and including the stop token.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from dualign.models.generation import _stop_ids, generate_batch, plan_batches, sample
 from dualign.models.loading import EMBEDDED_DEFAULT, load_policy
 from dualign.models.text import encode_prompt
+from roofline import linear_flops_per_token, matmul_peak_gflops
 
 PROMPTS = [
     "Write a short poem about the sea.", "Explain photosynthesis to a child.",
@@ -102,6 +106,10 @@ def main():
           f"batch {a.batch_size}: {nb} tokens in {tb:.1f}s = {nb / tb:.1f} tok/s")
     print(f"sampled responses identical across batch sizes: {same_s}/{len(s1)}")
     print(f"RATIO sampling batched/batch-1 tokens/s: {(nb / tb) / (n1 / t1):.2f}x")
+    peak, per_token = matmul_peak_gflops(), linear_flops_per_token(model)
+    ceiling = peak * 1e9 / per_token
+    print(f"ROOFLINE: fp32 matmul peak {peak:.0f} GFLOP/s, {per_token / 1e9:.3f} GFLOP per token -> "
+          f"ceiling {ceiling:.0f} tok/s; batched sampling {nb / tb:.0f} tok/s = {nb / tb / ceiling:.0%} of it")
 
 
 if __name__ == "__main__":

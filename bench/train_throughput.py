@@ -17,7 +17,13 @@ model loading, which is the same for both).
     python bench/train_throughput.py --repeats 2    # alternating order, medians
     python bench/train_throughput.py --pairs 64 --epochs 2 --repeats 3 --trl-precompute
 
-Prints pairs/s for each and the ratio dualign / TRL (target ≥ 1.0×, goal 1.5×).
+Prints pairs/s for each and the ratio dualign / TRL (target ≥ 1.5× in the median of 3 runs),
+every run's time, and each trainer's utilization: executed matmul/attention FLOPs (counted
+once per trainer in an extra, untimed run under torch's FlopCounterMode) ÷ median wall time ÷
+the fp32 matmul peak measured in the same process (`bench/roofline.py`). TRL executes more
+FLOPs for the same pairs (its reference forward runs every step), so its utilization can be
+higher while its pairs/s is lower; pairs/s is the figure of merit, utilization says how much
+of the machine each one leaves unused.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from roofline import executed_flops, matmul_peak_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,6 +178,7 @@ def main(argv=None):
     # ratio swinging with whoever got preempted). Use --threads 2 on an idle machine.
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     ap.add_argument("--no-group", action="store_true", help="dualign without length grouping")
+    ap.add_argument("--no-mfu", action="store_true", help="skip the FLOP-counting runs")
     ap.add_argument("--trl-precompute", action="store_true",
                     help="also time TRL with precompute_ref_log_probs=True")
     args = ap.parse_args(argv)
@@ -189,6 +197,7 @@ def main(argv=None):
           f"{DATA.name if DATA.exists() else 'built-in fallback'}")
 
     runs = {"dualign": [], "trl": [], "trl_precompute": []}
+    flops = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         warm_up(args.model)
@@ -206,6 +215,11 @@ def main(argv=None):
                     r = run_trl(args.model, pairs, args, d, precompute=name == "trl_precompute")
                 runs[name].append(r)
                 print(f"  run {rep + 1}/{args.repeats} {name}: {r['total_s']:.1f} s", flush=True)
+        if not args.no_mfu:
+            for name in ("dualign", "trl"):
+                run = run_dualign if name == "dualign" else run_trl
+                _, flops[name] = executed_flops(lambda: run(args.model, pairs, args, tmp / f"{name}-flops"))
+        peak = matmul_peak_gflops()
 
     n = len(pairs) * args.epochs
     tok_d, tok_t = runs["dualign"][0]["tokens"], runs["trl"][0]["tokens"]
@@ -214,8 +228,12 @@ def main(argv=None):
     else:
         print(f"identical token sequences: {tok_d} tokens per epoch")
     med = {k: float(np.median([r["total_s"] for r in v])) for k, v in runs.items() if v}
+    print(f"fp32 matmul peak, {torch.get_num_threads()} thread(s): {peak:.0f} GFLOP/s")
     for name, t in med.items():
-        print(f"{name:>15}: {t:7.1f} s  {n / t:6.3f} pairs/s  (median of {len(runs[name])})")
+        every = ", ".join(f"{r['total_s']:.1f}" for r in runs[name])
+        mfu = (f"; {flops[name] / 1e9:.0f} GFLOP executed, {flops[name] / t / 1e9:.0f} GFLOP/s = "
+               f"{flops[name] / t / 1e9 / peak:.0%} of peak" if name in flops else "")
+        print(f"{name:>15}: {t:7.1f} s  {n / t:6.3f} pairs/s  (median of {len(runs[name])}: {every} s){mfu}")
     ratio = med["trl"] / med["dualign"]
     print(f"ratio dualign/TRL (pairs/s): {ratio:.2f}x")
     if "trl_precompute" in med:
