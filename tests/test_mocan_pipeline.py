@@ -213,3 +213,33 @@ def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
     note = sample_ceiling_note(dual(1.2, 4))
     assert "87% of its ceiling log K = 1.39" in note and "K = 4" in note
     assert sample_ceiling_note(dual(5.0, 1)) is None  # one sample: nothing to reweight
+
+
+@pytest.mark.parametrize("train, expected", [
+    ("{learning_rat: 0.0001}", "field 'train.learning_rat': unknown training setting (did you mean 'learning_rate'?)"),
+    ("[1, 2]", "field 'train': expected a mapping of training settings, got list"),
+    ("{num_train_epochs: three}", "field 'train': invalid training settings"),
+])
+def test_training_settings_fail_before_any_model_loads(tmp_path, capsys, train, expected):
+    # the policy does not exist and the prompts file is empty: a training-key error must come
+    # first, before anything is loaded, sampled or written
+    (tmp_path / "prompts.txt").write_text("How do I boil an egg?\nWhat is rain?\n")
+    y = tmp_path / "mocan.yaml"
+    y.write_text(f"policy: {tmp_path / 'no-such-model'}\nreward: '{TOY}:reward'\nsafety: {{harm: 'safety:{TOY}:safety'}}\n"
+                 f"prompts: {tmp_path / 'prompts.txt'}\nout: {tmp_path / 'run'}\ntrain: {train}\n")
+    assert main(["mocan", "--config", str(y)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pecan_pre_align_settings_fail_before_any_model_loads(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("How do I boil an egg?\nWhat is rain?\n")
+    y = tmp_path / "pecan.yaml"
+    y.write_text(f"policy: {tmp_path / 'no-such-model'}\npreferences: {tmp_path / 'prefs.jsonl'}\n"
+                 f"prompts: {tmp_path / 'prompts.txt'}\n"
+                 f"out: {tmp_path / 'run'}\npre_align: {{num_train_epoch: 1}}\n")
+    assert main(["pecan", "--config", str(y)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "field 'pre_align.num_train_epoch': unknown training setting (did you mean 'num_train_epochs'?)" in err
+    assert not (tmp_path / "run").exists()

@@ -108,6 +108,21 @@ class PipelineConfig:
         if self.num_samples < 2:
             raise InputError(f"the dual needs >= 2 samples per prompt, got {self.num_samples}",
                              field="num_samples")
+        self._validate_training("train")
+
+    def _validate_training(self, section: str) -> None:
+        """Training settings (`section`: "train", or PeCAN's "pre_align", which sits on top of
+        "train") are checked now, not at the training stage after sampling and scoring (hours
+        on a 7B model): a misspelled key gets the closest valid name."""
+        from ..train.preference import PreferenceConfig
+
+        settings = getattr(self, section)
+        if settings is not None and not isinstance(settings, dict):
+            raise InputError(f"expected a mapping of training settings, got {type(settings).__name__}",
+                             field=section)
+        base = self.train if section != "train" else {}
+        PreferenceConfig.from_dict({**base, **(settings or {}), "beta": self.beta,
+                                    "output_dir": str(Path(self.out) / "train")}, section=section)
 
     def _validate_max_unsafe_rate(self, constraints) -> None:
         """`max_unsafe_rate` is a mapping of known constraint names to rates in [0, 1], none of
@@ -260,6 +275,7 @@ class PeCANConfig(PipelineConfig):
             raise InputError("pairs 'preferences' needs preference files; with only pre-aligned models "
                              "set `pairs: samples` or a preference file", field="pairs")
         self._validate_common(list(self.safety_sources()))
+        self._validate_training("pre_align")
         return self
 
 

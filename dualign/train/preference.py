@@ -211,15 +211,26 @@ class PreferenceConfig:
             raise InputError("set max_steps > 0 or num_train_epochs > 0", field="num_train_epochs")
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "PreferenceConfig":
-        """Build from a YAML mapping; unknown keys raise InputError naming them."""
+    def from_dict(cls, d: dict | None, section: str = "train") -> "PreferenceConfig":
+        """Build from a YAML mapping (the config's `section`). Raises InputError naming
+        `section.key` and the closest valid name for an unknown key, and naming `section`
+        for a value of the wrong type."""
+        import difflib
+
+        if d is not None and not isinstance(d, dict):
+            raise InputError(f"expected a mapping of training settings, got {type(d).__name__}", field=section)
         d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"unknown training setting(s): {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
-        return cls(**d)
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        for key in sorted(map(str, set(d) - set(known))):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+            raise InputError(f"unknown training setting ({hint})", field=f"{section}.{key}")
+        try:
+            return cls(**d)
+        except InputError:
+            raise
+        except (TypeError, ValueError) as e:  # a wrong type deep in a check, e.g. epochs "three"
+            raise InputError(f"invalid training settings ({e})", field=section) from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
