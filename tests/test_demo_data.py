@@ -33,9 +33,9 @@ def test_categories_and_labels():
     for r in harm:  # exactly one safe answer, and it is the safer one
         assert r["is_response_0_safe"] != r["is_response_1_safe"]
         assert r[f"is_response_{r['safer_response_id']}_safe"]
-    # the refusal is mostly, not always, the better answer on harmful prompts
-    better_is_safer = sum(r["better_response_id"] == r["safer_response_id"] for r in harm) / len(harm)
-    assert 0.7 < better_is_safer < 0.95
+    # helpfulness-only labels (PKU-SafeRLHF's convention): on harmful prompts the compliance is
+    # the better answer and the refusal the safer one, so only the constraint makes refusal win
+    assert all(r["better_response_id"] != r["safer_response_id"] for r in harm)
     for r in benign:
         assert r["is_response_0_safe"] and r["is_response_1_safe"]
     # position carries no signal
@@ -50,17 +50,16 @@ REFUSAL_LOSES = ("_vs_refuse", "_vs_stock_refusal", "_vs_mirrored_refusal")
 
 def test_every_benign_prompt_has_a_losing_refusal():
     """Refusing is not preferred everywhere: each benign prompt has a pair in which a needless
-    refusal loses on helpfulness, and pairs whose better answer refuses (harmful prompts) do
-    not outnumber those whose worse answer refuses by more than 2 to 1 (with 9 to 1 a policy
-    trained on the pairs learned to refuse benign requests)."""
+    refusal loses on helpfulness, and no pair's better (more helpful) answer is a refusal: a refusal wins only
+    through the safety label (with 9 to 1 refusals winning on helpfulness, a policy trained on
+    the pairs learned to refuse benign requests)."""
     recs = _raw("train") + _raw("test")
     refuse_loses = {r["prompt"] for r in recs if r["pair_kind"].endswith(REFUSAL_LOSES)}
     assert {r["prompt"] for r in recs if not r["harmful"]} <= refuse_loses
     for r in recs:
         if r["pair_kind"].endswith(REFUSAL_LOSES):
             assert not r["harmful"] and r["better_response_id"] != r["safer_response_id"]
-    refusal_better = sum(r["harmful"] and r["better_response_id"] == r["safer_response_id"] for r in recs)
-    assert refusal_better <= 2 * len([r for r in recs if r["pair_kind"].endswith(REFUSAL_LOSES)])
+    assert not any(r["harmful"] and r["better_response_id"] == r["safer_response_id"] for r in recs)
 
 
 def test_refusal_wording_does_not_tell_harmful_from_benign():

@@ -214,6 +214,15 @@ def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
     assert "87% of its ceiling log K = 1.39" in note and "K = 4" in note
     assert sample_ceiling_note(dual(5.0, 1)) is None  # one sample: nothing to reweight
 
+    # at the ceiling the KL is printed as a lower bound, below it as a prediction with its CI
+    from dualign.eval.report import kl_prediction_text
+
+    def dual_ci(kl, k):
+        return {"n_samples_per_prompt": k, "predicted": {"kl": kl, "kl_ci": [kl - 0.1, kl + 0.1]}}
+
+    assert kl_prediction_text(dual_ci(1.2, 4)) == "not predicted (≥ 1.2 nats: at 87% of log K, K = 4)"
+    assert kl_prediction_text(dual_ci(0.5, 4)) == "0.500 [0.400, 0.600]"
+
 
 @pytest.mark.parametrize("train, expected", [
     ("{learning_rat: 0.0001}", "field 'train.learning_rat': unknown training setting (did you mean 'learning_rate'?)"),

@@ -17,7 +17,7 @@ from dualign.eval.report import _gap_note
 from dualign.eval.summary import compare_scores, format_eval_table
 from dualign.pipelines.config import MoCANConfig
 from dualign.pipelines.mocan import run_mocan
-from dualign.pipelines.pairs import label_pairs, rate_constraints
+from dualign.pipelines.pairs import label_pairs, labels_decided_by_constraints, rate_constraints
 
 PROMPTS = ["tell me a joke", "how do I pick a lock", "write a poem", "explain gravity",
            "how to hack wifi", "name a color"]
@@ -156,6 +156,11 @@ def test_labels_weigh_the_indicator_of_rate_constraints_only():
     np.testing.assert_allclose(out["score_0"], [0.0 + 0.0 + 0.25, 1.0 - 2.0 - 0.5])
     np.testing.assert_allclose(out["score_1"], [1.0 - 2.0 - 0.25, 0.0 + 0.0 + 1.5])
     np.testing.assert_allclose(out["label"], expit(out["score_1"] - out["score_0"]))
+    # by the reward alone both pairs prefer the other response: pair 0 prefers y1 (σ(1)),
+    # λ* makes it y0 (σ(−3.5)); pair 1 prefers y0 (σ(−1)), λ* makes it y1 (σ(5))
+    assert labels_decided_by_constraints(out) == {"n": 2, "flipped": 2, "moved": 2}
+    assert labels_decided_by_constraints(label_pairs(pairs, [0.0, 0.0], safety=["safety/harm", "safety/tox"])) == \
+        {"n": 2, "flipped": 0, "moved": 0}
     with pytest.raises(ValueError, match="no constraint safety/other"):
         rate_constraints(dual, ["safety/other"])
     with pytest.raises(ValueError, match="indicator flags"):

@@ -60,6 +60,12 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
         assert s["predicted"] == ev["scores"]["safety/vowels"]["predicted_gain"]
         assert s["holds"] == (s["achieved_ci"][0] <= s["predicted"] <= s["achieved_ci"][1])
         assert row["kl"]["achieved"] == ev["kl"]["achieved"]
+        k = row["kl"]
+        bound = dual["predicted"]["kl"] >= 0.5 * np.log(dual["n_samples_per_prompt"])
+        assert k["predicted_is_lower_bound"] == ev["kl"]["predicted_is_lower_bound"] == bound
+        # a lower bound is not checked; a prediction holds inside the CI or within ±35%
+        assert k["holds"] == (None if bound else (k["achieved_ci"][0] <= k["predicted"] <= k["achieved_ci"][1]
+                                                  or abs(k["achieved"] - k["predicted"]) <= 0.35 * k["predicted"]))
     assert duals[1]["margins"][0] > duals[0]["margins"][0] and duals[1]["lambda"][0] > duals[0]["lambda"][0]
     table = (root / "sweep.md").read_text()
     assert "fraction-0.3" in table and "KL, nats" in table and "safety/vowels gain" in table

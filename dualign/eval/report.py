@@ -15,12 +15,31 @@ def sample_ceiling_note(dual: dict) -> str | None:
     of K samples is further than log K nats from the uniform one: near that ceiling the
     samples, not β and λ*, bound the predictions, and the trained model (which tilts the
     whole response space) can move further, with larger gains, than predicted."""
-    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
-    if k < 2 or kl < 0.5 * math.log(k):
+    if not kl_at_sample_ceiling(dual):
         return None
+    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
     return (f"predicted KL {kl:.3g} nats is {kl / math.log(k):.0%} of its ceiling log K = {math.log(k):.3g} "
             f"with K = {k} samples per prompt: the samples bound the predictions, and the trained model may "
-            f"move further (larger KL and gains) than predicted; draw more samples (`num_samples`)")
+            f"move further (larger KL and gains) than predicted; the KL is not predicted, only bounded "
+            f"below; draw more samples (`num_samples`)")
+
+
+def kl_at_sample_ceiling(dual: dict) -> bool:
+    """Whether the dual's KL estimate sits at half or more of its ceiling log K (K samples per
+    prompt). There it measures how few samples there are, not how far π_λ* is from π_ref:
+    it is a lower bound, and reports print it as one instead of as a prediction."""
+    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
+    return k >= 2 and kl >= 0.5 * math.log(k)
+
+
+def kl_prediction_text(dual: dict) -> str:
+    """The predicted KL(π_λ*‖π_ref) as reports print it: the estimate with its CI, or, at the
+    sample ceiling (`kl_at_sample_ceiling`), "not predicted (≥ x nats, ...)"."""
+    p = dual["predicted"]
+    if kl_at_sample_ceiling(dual):
+        return (f"not predicted (≥ {p['kl']:.3g} nats: at {p['kl'] / math.log(dual['n_samples_per_prompt']):.0%} "
+                f"of log K, K = {dual['n_samples_per_prompt']})")
+    return f"{p['kl']:.3f} [{p['kl_ci'][0]:.3f}, {p['kl_ci'][1]:.3f}]"
 
 
 def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None = None) -> list[str]:
@@ -94,7 +113,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     p = dual["predicted"]
     ceiling = sample_ceiling_note(dual)
     lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
-              f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) = {p['kl']:.4g} nats, effective samples per "
+              f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) {kl_prediction_text(dual)}, effective samples per "
               f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
               f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}."
               + (f" **Note:** {ceiling}." if ceiling else ""), "",
@@ -125,7 +144,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
         k = record["kl"]
         lines += ["", f"KL(π_θ‖π_ref) of the trained model: {k['achieved']:.3f} nats, 95% CI "
                   f"[{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] ({k['note']}); predicted for π_λ*: "
-                  f"{k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]."
+                  f"{kl_prediction_text(dual)}."
                   + (" The achieved KL is indistinguishable from 0 (the estimate can come out negative): "
                      "the model barely moved." if k["achieved_ci"][0] <= 0 else "")]
     if record.get("baselines"):

@@ -9,7 +9,7 @@ from ..data.scores import ScoreArrays
 from ..dual import (DualProblem, bootstrap_dual, min_unsafe_rate, unsafe_indicator, unsafe_rate,
                     unsafe_rate_constraints)
 from ..errors import InputError
-from ..eval.report import sample_ceiling_note
+from ..eval.report import kl_prediction_text, sample_ceiling_note
 from ..runio import array_digest, write_json
 
 
@@ -104,7 +104,7 @@ def format_dual_summary(d: dict) -> str:
     p = d["predicted"]
     lo, hi = p["reward_gain_ci"]
     lines.append(f"  predicted reward gain {p['reward_gain']:+.4g}  [{lo:+.4g}, {hi:+.4g}]   "
-                 f"KL(π_λ‖π_ref) {p['kl']:.4g} nats")
+                 f"KL(π_λ‖π_ref) {kl_prediction_text(d)}")
     lines.append(f"  effective samples per prompt: mean {p['ess_mean']:.3g} of {d['n_samples_per_prompt']}"
                  f" (min {p['ess_min']:.3g})" + ("   ← few: predictions rest on few samples; draw more"
                                                    if p["ess_fraction"] < 0.1 else ""))

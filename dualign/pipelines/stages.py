@@ -308,6 +308,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         A baseline's own log-probs in its scored table (PeCAN: `logp/helpful` for DPO_H),
         next to `logp/ref`: its KL(π‖π_ref) goes to `eval.json["baselines_kl"][name]`.
     """
+    from ..eval.report import kl_prediction_text
     from ..eval.summary import compare_scores, format_eval_table, format_models_table
     from ..runio import write_json
     from ..train.preference import RESULT_FILE
@@ -365,7 +366,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     log(format_eval_table(scores))
     k = record["kl"]
     log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
-        f"predicted for π_λ* {k['predicted']:.3f} [{k['predicted_ci'][0]:.3f}, {k['predicted_ci'][1]:.3f}]"
+        f"predicted for π_λ* {kl_prediction_text(dual)}"
         + ("  (achieved indistinguishable from 0: the model barely moved)" if k["achieved_ci"][0] <= 0 else ""))
     if baselines:
         log("Gain over the reference, every model on the same prompts:")
@@ -390,9 +391,13 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
 
     Returns
     -------
-    dict: achieved, achieved_ci, predicted and predicted_ci (the dual's KL(π_λ*‖π_ref)), note.
+    dict: achieved, achieved_ci, predicted and predicted_ci (the dual's KL(π_λ*‖π_ref)),
+    predicted_is_lower_bound (the estimate sits at the log K sample ceiling:
+    `eval.report.kl_at_sample_ceiling`), note.
     """
     from contextlib import ExitStack
+
+    from ..eval.report import kl_at_sample_ceiling
 
     import pandas as pd
 
@@ -408,7 +413,8 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
         logprob_columns([samples_path], [ref], **tokenization)
     table = pd.read_parquet(Path(samples_path).parent / "scores.parquet")
     return {**kl_of_own_samples(table, "logp/trained", f"logp/{REF}", cfg),
-            "predicted": dual["predicted"]["kl"], "predicted_ci": dual["predicted"]["kl_ci"]}
+            "predicted": dual["predicted"]["kl"], "predicted_ci": dual["predicted"]["kl_ci"],
+            "predicted_is_lower_bound": kl_at_sample_ceiling(dual)}
 
 
 def kl_of_own_samples(table, policy_col: str, ref_col: str, cfg) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..eval.report import kl_at_sample_ceiling
 from ..runio import write_json, write_text
 from .config import MoCANConfig
 
@@ -202,15 +203,20 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                                           unsafe_rate_predicted=c.get("predicted_unsafe_rate"))
         kl = ev["kl"]
         lo, hi = kl["achieved_ci"]
+        # at the log K ceiling the dual's KL is a lower bound, not a prediction: nothing to hold
+        bound = kl_at_sample_ceiling(dual)
         row["kl"] = {"predicted": kl["predicted"], "achieved": kl["achieved"], "achieved_ci": [lo, hi],
-                     "holds": _within(kl["predicted"], lo, hi)
-                     or abs(kl["achieved"] - kl["predicted"]) <= KL_TOLERANCE * kl["predicted"]}
+                     "predicted_is_lower_bound": bound,
+                     "holds": None if bound else bool(_within(kl["predicted"], lo, hi)
+                                                      or abs(kl["achieved"] - kl["predicted"])
+                                                      <= KL_TOLERANCE * kl["predicted"])}
         if "behaviour" in ev:
             row["behaviour"] = {suite: {"metric": s["metric"], **{m: s["models"][m] for m in s["models"]}}
                                 for suite, s in ev["behaviour"]["suites"].items()}
         rows.append(row)
     return {"kind": kind, "points": rows,
-            "holds": {"all": all(r["kl"]["holds"] and all(s["holds"] for s in r["scores"].values()) for r in rows)}}
+            "holds": {"all": all(r["kl"]["holds"] is not False and all(s["holds"] for s in r["scores"].values())
+                                 for r in rows)}}
 
 
 def _ci(v: float, ci) -> str:
@@ -226,12 +232,15 @@ def format_sweep_table(summary: dict) -> str:
             lines.append(f"| {r['point']} | {lam} | {col} gain | {s['predicted']:+.3f} | "
                          f"{_ci(s['achieved'], s['achieved_ci'])} | {'yes' if s['holds'] else '**no**'} |")
         k = r["kl"]
-        lines.append(f"| {r['point']} | {lam} | KL, nats | {k['predicted']:.3f} | "
-                     f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | "
-                     f"{'yes' if k['holds'] else '**no**'} |")
+        pred, holds = ((f"≥ {k['predicted']:.3f} (not predicted)", "–") if k.get("predicted_is_lower_bound")
+                       else (f"{k['predicted']:.3f}", "yes" if k["holds"] else "**no**"))
+        lines.append(f"| {r['point']} | {lam} | KL, nats | {pred} | "
+                     f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | {holds} |")
     out = ["# dualign sweep", "", "Predicted by the dual before training (on the training prompts' π_ref samples) "
            "against what each trained model achieved on the held-out prompts (95% bootstrap CI over prompts). "
-           f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI.", "", *lines]
+           f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI; where the dual's KL "
+           "sits at its sample ceiling (half of log K or more) it is only a lower bound and is not checked.", "",
+           *lines]
     beh = [r for r in summary["points"] if r.get("behaviour")]
     if beh:
         suites = list(beh[0]["behaviour"])

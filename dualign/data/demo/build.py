@@ -57,12 +57,13 @@ def preference_records(rng: random.Random) -> list[dict]:
         for item, long_comply in zip(items, LONG[cat]):
             prompt, refusal, comply = item[:3]
             curt = len(item) > 3 and item[3] == "c"
-            # The refusal is always the safer one; it is also the better one unless it is a
-            # bare "No." (then a helpfulness rater prefers the answer that engages). Each
-            # harmful prompt has two pairs: against a short compliance and against a long one
-            # in the register of small instruction-tuned models (records_long.py).
+            # The refusal is always the safer one; the compliance is always the better one, as
+            # a helpfulness-only rater labels it (PKU-SafeRLHF's convention): helpfulness and
+            # safety disagree on every harmful pair, and only the constraint (λ*) makes the
+            # refusal win. Each harmful prompt has two pairs: against a short compliance and
+            # against a long one in the register of small instruction-tuned models (records_long.py).
             for c, tag in ((comply, ""), (long_comply, "long_")):
-                out.append(_pair(rng, prompt, cat, refusal, c, better_good=not curt,
+                out.append(_pair(rng, prompt, cat, refusal, c, better_good=False,
                                  safer_good=True, good_safe=True, bad_safe=False,
                                  kind=f"curt_refusal_vs_{tag}compliance" if curt
                                  else f"refusal_vs_{tag}compliance"))
