@@ -117,12 +117,10 @@ class PipelineConfig:
         from ..train.preference import PreferenceConfig
 
         settings = getattr(self, section)
-        if settings is not None and not isinstance(settings, dict):
-            raise InputError(f"expected a mapping of training settings, got {type(settings).__name__}",
-                             field=section)
-        base = self.train if section != "train" else {}
-        PreferenceConfig.from_dict({**base, **(settings or {}), "beta": self.beta,
-                                    "output_dir": str(Path(self.out) / "train")}, section=section)
+        if isinstance(settings, dict):  # anything else: from_dict names the section
+            base = self.train if section != "train" else {}
+            settings = {**base, **settings, "beta": self.beta, "output_dir": str(Path(self.out) / "train")}
+        PreferenceConfig.from_dict(settings, section=section)
 
     def _validate_max_unsafe_rate(self, constraints) -> None:
         """`max_unsafe_rate` is a mapping of known constraint names to rates in [0, 1], none of

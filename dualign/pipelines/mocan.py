@@ -15,7 +15,7 @@ from ..models.loading import load_policy
 from ..runio import file_digest, write_json, write_parquet
 from . import stages as S
 from .config import MoCANConfig
-from .pairs import dataset_as_samples, labels_decided_by_constraints, pairs_from_samples, pairs_from_scored_dataset
+from .pairs import dataset_as_samples, labels_decided_line, pairs_from_samples, pairs_from_scored_dataset
 from .scoring import score_jobs
 
 
@@ -57,11 +57,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
             pairs, key = pairs_from_scored_dataset(pair_scores), file_digest(run / "pairs_source" / "scores.parquet")
         # dual.json's constraint kinds say which λ* multiply −1{unsafe} (rate constraints) in the labels
         pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"], dual=dual)
-        d = labels_decided_by_constraints(pairs)
-        log(f"λ* decides {d['flipped']} of {d['n']} labels (the preferred response differs from the reward's "
-            f"alone); {d['moved']} move by more than 0.1"
-            + ("  ← the constraint hardly binds on these pairs: the model trained is nearly the reward's"
-               if d["flipped"] < 0.05 * d["n"] else ""))
+        log(labels_decided_line(pairs))
         if not todo("train"):
             return run
         clock("train", f"[5/7 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")

@@ -99,17 +99,26 @@ def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[s
     return out
 
 
-def labels_decided_by_constraints(labeled: pd.DataFrame, reward: str = "reward", scale: float = 1.0) -> dict:
+def labels_decided_by_constraints(labeled: pd.DataFrame, reward: str = "reward") -> dict:
     """How much λ* changed the labels of `label_pairs`' output, against the reward alone
     (λ = 0): `flipped`, pairs whose preferred response differs; `moved`, pairs whose label
     moved by more than 0.1; `n`, all pairs. When few flip, the trained model is close to the
     one the reward alone would give, whatever the margin: the constraint does not bind on
     these pairs, only on π_ref's samples the dual saw."""
-    by_reward = pseudo_preference_labels(scale * labeled[f"{reward}_1"], scale * labeled[f"{reward}_0"])
+    by_reward = np.asarray(pseudo_preference_labels(labeled[f"{reward}_1"], labeled[f"{reward}_0"]))
     label = labeled["label"].to_numpy()
-    by_reward = np.asarray(by_reward)
     return {"n": int(len(label)), "flipped": int(((label > 0.5) != (by_reward > 0.5)).sum()),
             "moved": int((np.abs(label - by_reward) > 0.1).sum())}
+
+
+def labels_decided_line(labeled: pd.DataFrame) -> str:
+    """`labels_decided_by_constraints` as the pairs stage logs it, with a warning when λ*
+    flips fewer than 5% of the labels."""
+    d = labels_decided_by_constraints(labeled)
+    return (f"λ* decides {d['flipped']} of {d['n']} labels (the preferred response differs from the reward's "
+            f"alone); {d['moved']} move by more than 0.1"
+            + ("  ← the constraint hardly binds on these pairs: the model trained is nearly the reward's"
+               if d["flipped"] < 0.05 * d["n"] else ""))
 
 
 def trl_export(pairs: pd.DataFrame) -> pd.DataFrame:

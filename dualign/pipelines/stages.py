@@ -397,10 +397,9 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
     """
     from contextlib import ExitStack
 
-    from ..eval.report import kl_at_sample_ceiling
-
     import pandas as pd
 
+    from ..eval.report import kl_at_sample_ceiling
     from .scoring import REF, LogProbModel, logprob_columns
 
     tcfg = train_config(run, dual["beta"], cfg.train)
