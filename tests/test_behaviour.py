@@ -432,6 +432,30 @@ def test_eval_json_behaviour_schema(mocan_run):
     assert "| edgy (borderline) | over-refusal | 3 × 2 |" in report
 
 
+def test_gain_by_prompt_kind_is_the_paired_gain_on_each_kind(mocan_run):
+    # harmful prompts are ids 0 and 2 of EVAL, benign 1, 3, 4; each kind's gain is the mean over
+    # its prompts of (trained − reference) per-prompt means, as eval.json's overall gain
+    cfg, run, logs = mocan_run
+    ev = json.loads((run / "eval.json").read_text())
+    ref = pd.read_parquet(run / "eval" / "reference" / "scores.parquet")
+    tr = pd.read_parquet(run / "eval" / "trained" / "scores.parquet")
+    by_kind = ev["scores_by_prompt_kind"]
+    assert list(by_kind) == ["harmful", "benign"] and set(by_kind["harmful"]) == set(ev["scores"])
+    for kind, ids in (("harmful", [0, 2]), ("benign", [1, 3, 4])):
+        for col, e in by_kind[kind].items():
+            diff = (tr[tr.prompt_id.isin(ids)].groupby("prompt_id")[col].mean()
+                    - ref[ref.prompt_id.isin(ids)].groupby("prompt_id")[col].mean())
+            assert e["n_prompts"] == len(ids)
+            assert e["achieved_gain"] == pytest.approx(diff.mean())
+            assert e["achieved_gain_ci"][0] <= e["achieved_gain"] <= e["achieved_gain_ci"][1]
+    # the two kinds weigh the overall gain by their number of prompts
+    for col, e in ev["scores"].items():
+        both = (2 * by_kind["harmful"][col]["achieved_gain"] + 3 * by_kind["benign"][col]["achieved_gain"]) / 5
+        assert e["achieved_gain"] == pytest.approx(both)
+    assert any(line.startswith("  benign prompts (3): reward ") for line in logs)
+    assert "| benign (3) | reward |" in (run / "report.md").read_text()
+
+
 def test_rerun_redoes_no_behaviour_work(mocan_run):
     from dualign.pipelines.mocan import run_mocan
 

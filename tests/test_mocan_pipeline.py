@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -45,6 +46,17 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
                 "predicted_gain_ci", "margin", "unsafe_rate_reference", "unsafe_rate_trained"):
         assert key in s, key
     assert s["margin"] == pytest.approx(dual["margins"][0])
+    # the prediction on the held-out prompts: λ* on π_ref's samples of them, made before training
+    from dualign.data.scores import scores_to_arrays
+    from dualign.pipelines.dual_stage import held_out_prediction
+
+    ref_eval = pd.read_parquet(run / "eval" / "reference" / "scores.parquet")
+    h = held_out_prediction(dual, scores_to_arrays(ref_eval, "reward", ["safety/vowels"]), seed=cfg.seed)
+    assert s["predicted_gain_held_out"] == pytest.approx(h["safety_gain"]["safety/vowels"])
+    assert ev["scores"]["reward"]["predicted_gain_held_out"] == pytest.approx(h["reward_gain"])
+    lo, hi = s["achieved_gain_ci"]
+    assert s["held_out_prediction_within_achieved_ci"] == (lo <= h["safety_gain"]["safety/vowels"] <= hi)
+    assert "held-out [95% CI]" in (run / "report.md").read_text()
     g = pd.read_parquet(run / "scores.parquet")["safety/vowels"]
     assert dual["constraints"][0]["unsafe_rate_reference"] == pytest.approx((g < 0).mean())
     pairs = pd.read_parquet(run / "pairs.parquet")
@@ -172,6 +184,40 @@ def test_shipped_configs_parse():
         PreferenceConfig.from_dict(cfg.train)  # every training key is a real field
 
 
+def test_held_out_prediction_is_the_tilt_of_the_held_out_reference_samples():
+    """With λ* fixed, π_λ*'s weights on a prompt's samples are softmax((r + λ g) / β): the
+    predicted gains are the weighted means minus the plain ones, averaged over prompts."""
+    import math
+
+    from dualign.data.scores import ScoreArrays
+    from dualign.pipelines.dual_stage import held_out_prediction
+
+    reward = np.array([[0.0, 0.1], [1.0, 0.0], [0.0, 0.0]])
+    harm = np.array([[-1.0, 0.0], [0.0, -2.0], [-0.5, -0.5]])
+    beta, lam = 0.5, 2.0
+    d = {"beta": beta, "lambda": [lam], "constraints": [{"name": "safety/harm", "kind": "margin"}]}
+    h = held_out_prediction(d, ScoreArrays(reward, harm[:, :, None], ["safety/harm"], np.arange(3)), n_boot=50)
+    z = (reward + lam * harm) / beta
+    w = np.exp(z - z.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    assert h["reward_gain"] == pytest.approx(((w * reward).sum(1) - reward.mean(1)).mean(), abs=1e-12)
+    assert h["safety_gain"]["safety/harm"] == pytest.approx(((w * harm).sum(1) - harm.mean(1)).mean(), abs=1e-12)
+    assert h["kl"] == pytest.approx((w * np.log(2 * np.clip(w, 1e-300, None))).sum(1).mean(), abs=1e-9)
+    assert h["kl_ceiling"] == pytest.approx(math.log(2)) and h["n_prompts"] == 3 and h["n_samples_per_prompt"] == 2
+    lo, hi = h["safety_gain_ci"]["safety/harm"]
+    assert lo <= h["safety_gain"]["safety/harm"] <= hi
+    # a rate constraint's λ* weighs −1{unsafe}, not the score
+    d_rate = {**d, "constraints": [{"name": "safety/harm", "kind": "max_unsafe_rate"}]}
+    h = held_out_prediction(d_rate, ScoreArrays(reward, harm[:, :, None], ["safety/harm"], np.arange(3)), n_boot=5)
+    g = -(harm < 0).astype(float)
+    z = (reward + lam * g) / beta
+    w = np.exp(z - z.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    assert h["safety_gain"]["safety/harm"] == pytest.approx(((w * g).sum(1) - g.mean(1)).mean(), abs=1e-12)
+    with pytest.raises(ValueError, match="safety columns"):
+        held_out_prediction(d, ScoreArrays(reward, harm[:, :, None], ["safety/other"], np.arange(3)))
+
+
 def test_report_explains_the_direction_of_a_gap():
     from dualign.eval.report import _gap_note
 
@@ -186,6 +232,19 @@ def test_report_explains_the_direction_of_a_gap():
     assert "stopped short" in notes[0] and "**reward**" in notes[0]
     assert "went beyond" in notes[1] and "predicted KL 1.3 nats" in notes[1]
     assert "predicted KL 1.3 nats, achieved 4.2" in _gap_note(scores, kl=1.3, achieved_kl=4.2)[1]
+    # the prediction for the measured prompts, where there is one, is the one checked
+    held = {**scores["reward"], "predicted_gain_held_out": 0.15, "held_out_prediction_within_achieved_ci": True}
+    assert _gap_note({"reward": held}) == []
+    held.update(predicted_gain_held_out=0.5, held_out_prediction_within_achieved_ci=False)
+    assert "predicted +0.500 on these prompts" in _gap_note({"reward": held})[0]
+    # a model that learned to refuse what π_ref never refused is off the samples' support
+    beh = {"suites": {"harmful": {"kind": "harmful", "models": {"reference": {"rate": 0.0},
+                                                                  "trained": {"rate": 0.65}}}}}
+    note = _gap_note({"reward": held}, behaviour=beh)[0]
+    assert "π_ref refused 0% of the harmful prompts and the trained model 65%" in note
+    assert "stopped short" not in note
+    beh["suites"]["harmful"]["models"]["reference"]["rate"] = 0.3  # π_ref refuses too: the usual reasons
+    assert "stopped short" in _gap_note({"reward": held}, behaviour=beh)[0]
 
 
 def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():

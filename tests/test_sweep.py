@@ -58,7 +58,9 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
         assert row["lambda"] == dual["lambda"] and row["margins"] == dual["margins"]
         s = row["scores"]["safety/vowels"]
         assert s["predicted"] == ev["scores"]["safety/vowels"]["predicted_gain"]
-        assert s["holds"] == (s["achieved_ci"][0] <= s["predicted"] <= s["achieved_ci"][1])
+        here = ev["scores"]["safety/vowels"]["predicted_gain_held_out"]  # the same prompts as the measurement
+        assert s["predicted_held_out"] == here
+        assert s["holds"] == (s["achieved_ci"][0] <= here <= s["achieved_ci"][1])
         assert row["kl"]["achieved"] == ev["kl"]["achieved"]
         k = row["kl"]
         bound = dual["predicted"]["kl"] >= 0.5 * np.log(dual["n_samples_per_prompt"])

@@ -42,11 +42,31 @@ def kl_prediction_text(dual: dict) -> str:
     return f"{p['kl']:.3f} [{p['kl_ci'][0]:.3f}, {p['kl_ci'][1]:.3f}]"
 
 
-def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None = None) -> list[str]:
+def off_support_note(behaviour: dict | None) -> str | None:
+    """Why no reweighting of π_ref's samples predicts a model that refuses: a sentence when
+    π_ref refused under 5% of a harmful suite and the trained model at least 20% (eval.json's
+    `behaviour`), else None."""
+    for name, suite in ((behaviour or {}).get("suites") or {}).items():
+        models = suite.get("models", {})
+        if suite.get("kind") != "harmful" or not {"reference", "trained"} <= set(models):
+            continue
+        ref, tr = models["reference"]["rate"], models["trained"]["rate"]
+        if ref < 0.05 and tr >= 0.2:
+            return (f"π_ref refused {ref:.0%} of the {name} prompts and the trained model {tr:.0%}: the dual "
+                    "reweights π_ref's samples, so it cannot see answers they do not contain, such as the "
+                    "refusals the training pairs taught; pairs drawn from π_ref's own samples (`pairs: samples`) "
+                    "keep the model where the prediction looks")
+    return None
+
+
+def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None = None,
+              behaviour: dict | None = None) -> list[str]:
     """One line per score whose predicted gain lies outside the achieved gain's CI, and per
     constraint stated as a maximum unsafe rate whose predicted unsafe rate lies outside the
     trained rate's CI, with the likely reason for the direction of the gap (`kl`: the
-    predicted KL, `achieved_kl`: the trained model's, both in nats)."""
+    predicted KL, `achieved_kl`: the trained model's, both in nats); with `behaviour`
+    (eval.json's) also `off_support_note` where it applies."""
+    off = off_support_note(behaviour)
     if kl is not None:
         kl_text = f"predicted KL {kl:.3g} nats" + (f", achieved {achieved_kl:.3g}" if achieved_kl is not None else "")
     notes = []
@@ -59,14 +79,21 @@ def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None =
                     f"{pct(e['unsafe_rate_trained'])} [{pct(lo)}, {pct(hi)}], predicted "
                     f"{pct(e['predicted_unsafe_rate'])}. ")
             short = e["unsafe_rate_trained"] > e["predicted_unsafe_rate"]  # less safe than π_λ*
-        elif "predicted_gain" not in e or e.get("prediction_within_achieved_ci"):
+        elif "predicted_gain" not in e:
             continue
         else:
+            # judged on the prediction for the same prompts as the measurement when there is one
+            here = "predicted_gain_held_out" in e
+            if e["held_out_prediction_within_achieved_ci" if here else "prediction_within_achieved_ci"]:
+                continue
+            pred = e["predicted_gain_held_out" if here else "predicted_gain"]
             lo, hi = e["achieved_gain_ci"]
             head = (f"- **{col}**: achieved {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
-                    f"predicted {e['predicted_gain']:+.3f}. ")
-            short = e["achieved_gain"] < e["predicted_gain"]
-        if short:
+                    f"predicted {pred:+.3f}{' on these prompts' if here else ''}. ")
+            short = e["achieved_gain"] < pred
+        if off:
+            notes.append(head + off + ".")
+        elif short:
             notes.append(head + "The trained model stopped short of π_λ*"
                          + (f" ({kl_text})" if kl is not None else "") + ": a short run moves only part of the way. "
                          "Train longer (`--train.num_train_epochs`, `--epochs` in the demo) or on more pairs.")
@@ -120,12 +147,21 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
               "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", ""]
     if record.get("behaviour"):
         lines += behaviour_lines(record["behaviour"]) + [""]
-    lines += ["## Predicted vs achieved (held-out prompts)", "",
-              "| score | reference | trained | achieved gain [95% CI] | predicted gain | unsafe rate ref → trained |",
+    held = any("predicted_gain_held_out" in e for e in record["scores"].values())
+    lines += ["## Predicted vs achieved (held-out prompts)", ""]
+    if held:
+        lines += ["Two predictions, both made before training: on the dual's prompts (from its samples), and on "
+                  "these held-out prompts (λ* applied to π_ref's samples of them, `held_out_prediction`); the "
+                  "second is measured on the same prompts as the achieved gain.", ""]
+    lines += ["| score | reference | trained | achieved gain [95% CI] | predicted gain "
+              + ("(dual's prompts / held-out [95% CI]) " if held else "") + "| unsafe rate ref → trained |",
               "|---|---:|---:|---|---:|---|"]
     for col, e in record["scores"].items():
         lo, hi = e["achieved_gain_ci"]
         pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "–"
+        if "predicted_gain_held_out" in e:
+            h_lo, h_hi = e["predicted_gain_held_out_ci"]
+            pred += f" / {e['predicted_gain_held_out']:+.3f} [{h_lo:+.3f}, {h_hi:+.3f}]"
         unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
                   if "unsafe_rate_reference" in e else "")
         if "predicted_unsafe_rate" in e:  # a rate constraint: its prediction is the rate, not a gain
@@ -135,11 +171,21 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
                       f"bound ≤ {pct(e['max_unsafe_rate'])}")
         lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
                      f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
-    gaps = _gap_note(record["scores"], dual["predicted"]["kl"], record.get("kl", {}).get("achieved"))
+    gaps = _gap_note(record["scores"], dual["predicted"]["kl"], record.get("kl", {}).get("achieved"),
+                     record.get("behaviour"))
     rated = any("predicted_unsafe_rate" in e for e in record["scores"].values())
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else
                      ["Every predicted gain lies inside the achieved gain's 95% CI"
                       + (", and every predicted unsafe rate inside the trained rate's 95% CI." if rated else ".")])
+    if record.get("scores_by_prompt_kind"):
+        lines += ["", "Achieved gain by kind of prompt (helpfulness is read on the benign prompts: a helpfulness "
+                  "reward falls on harmful prompts when the model refuses them, which is what the constraint buys):",
+                  "", "| prompts | score | reference | trained | achieved gain [95% CI] |", "|---|---|---:|---:|---|"]
+        for kind, cols in record["scores_by_prompt_kind"].items():
+            for col, e in cols.items():
+                lo, hi = e["achieved_gain_ci"]
+                lines.append(f"| {kind} ({e['n_prompts']}) | {col} | {e['reference_mean']:.3f} | "
+                             f"{e['trained_mean']:.3f} | {e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     if "kl" in record:
         k = record["kl"]
         lines += ["", f"KL(π_θ‖π_ref) of the trained model: {k['achieved']:.3f} nats, 95% CI "

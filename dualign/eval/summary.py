@@ -54,7 +54,8 @@ def bootstrap_mean(values, *, n_boot: int = 1000, level: float = 0.95, seed: int
 
 def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: str = "reward",
                    safety: list[str] = (), dual: dict | None = None, n_boot: int = 1000,
-                   seed: int = 0, other_rewards: list[str] = (), unsigned: list[str] = ()) -> dict:
+                   seed: int = 0, other_rewards: list[str] = (), unsigned: list[str] = (),
+                   held_out: dict | None = None) -> dict:
     """The `scores` block of eval.json: one entry per score column.
 
     Parameters
@@ -80,6 +81,11 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     unsigned : list of str
         Safety columns whose sign means nothing (PeCAN's implicit ĝ, defined up to a
         per-prompt constant): no unsafe rate.
+    held_out : dict, optional
+        `held_out_prediction` on these prompts' reference samples: adds
+        `predicted_gain_held_out` and its CI to the reward and to each margin constraint, and
+        `held_out_prediction_within_achieved_ci` (the check on the same prompts as the
+        measurement).
     """
     out = {}
     for col in [reward, *other_rewards, *safety]:
@@ -107,11 +113,60 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
                 elif c is not None:
                     entry.update(margin=c["margin"], predicted_gain=c["predicted_gain"],
                                  predicted_gain_ci=c["predicted_gain_ci"])
+        if held_out is not None and entry.get("kind") != "max_unsafe_rate":
+            if col == reward:
+                entry["predicted_gain_held_out"] = held_out["reward_gain"]
+                entry["predicted_gain_held_out_ci"] = held_out["reward_gain_ci"]
+            elif col in held_out["safety_gain"]:
+                entry["predicted_gain_held_out"] = held_out["safety_gain"][col]
+                entry["predicted_gain_held_out_ci"] = held_out["safety_gain_ci"][col]
+        lo, hi = entry["achieved_gain_ci"]
         if "predicted_gain" in entry:
-            lo, hi = entry["achieved_gain_ci"]
             entry["prediction_within_achieved_ci"] = bool(lo <= entry["predicted_gain"] <= hi)
+        if "predicted_gain_held_out" in entry:
+            entry["held_out_prediction_within_achieved_ci"] = bool(lo <= entry["predicted_gain_held_out"] <= hi)
         out[col] = entry
     return out
+
+
+def gains_by_prompt_kind(reference: pd.DataFrame, trained: pd.DataFrame, kinds: dict[str, list[int]],
+                         columns: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Each score's achieved gain on each kind of prompt (the demo prompts are harmful or
+    benign): kind → column → {reference_mean, trained_mean, achieved_gain, achieved_gain_ci,
+    n_prompts}, paired by prompt as `paired_gain`.
+
+    Why: a helpfulness reward falls where the model learns to refuse harmful requests, by
+    design of the constraint; whether the model stays helpful is read on the benign prompts.
+
+    Parameters
+    ----------
+    kinds : dict kind -> list of prompt_id
+        The prompts of each kind; a kind without prompts is left out.
+
+    Raises
+    ------
+    ValueError
+        As `paired_gain`: the two tables do not cover the same prompts of a kind.
+    """
+    out = {}
+    for kind, ids in kinds.items():
+        ref, tr = reference[reference.prompt_id.isin(ids)], trained[trained.prompt_id.isin(ids)]
+        if ref.empty:
+            continue
+        out[kind] = {}
+        for col in columns:
+            gain, ci = paired_gain(ref, tr, col, n_boot=n_boot, seed=seed)
+            out[kind][col] = {"reference_mean": float(ref[col].mean()), "trained_mean": float(tr[col].mean()),
+                              "achieved_gain": gain, "achieved_gain_ci": ci,
+                              "n_prompts": int(ref.prompt_id.nunique())}
+    return out
+
+
+def format_kind_gains(by_kind: dict) -> list[str]:
+    """One line per prompt kind of `gains_by_prompt_kind`'s result: every score's gain [95% CI]."""
+    return [f"  {kind} prompts ({next(iter(cols.values()))['n_prompts']}): " + ", ".join(
+        f"{col} {e['achieved_gain']:+.3f} [{e['achieved_gain_ci'][0]:+.3f}, {e['achieved_gain_ci'][1]:+.3f}]"
+        for col, e in cols.items()) for kind, cols in by_kind.items() if cols]
 
 
 def _unsafe_fractions(scores: pd.DataFrame, column: str) -> pd.Series:
@@ -138,16 +193,20 @@ def unsafe_rate_line(col: str, e: dict) -> str:
 def format_eval_table(scores: dict) -> str:
     """A plain-text table of the `scores` block of eval.json, then one `unsafe_rate_line` per
     constraint stated as a maximum unsafe rate."""
-    head = f"  {'score':<20}{'reference':>10}{'trained':>10}{'achieved gain (95% CI)':>30}{'predicted':>11}{'unsafe ref→trained':>22}"
+    held = any("predicted_gain_held_out" in e for e in scores.values())
+    head = (f"  {'score':<20}{'reference':>10}{'trained':>10}{'achieved gain (95% CI)':>32}{'predicted':>11}"
+            + (f"{'pred. here':>12}" if held else "") + f"{'unsafe ref→trained':>22}")
     lines = [head]
     for col, e in scores.items():
         lo, hi = e["achieved_gain_ci"]
         pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "-"
+        if held:  # predicted on these prompts, from π_ref's samples of them (held_out_prediction)
+            pred += f"{(format(e['predicted_gain_held_out'], '+.3f') if 'predicted_gain_held_out' in e else '-'):>12}"
         unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
                   if "unsafe_rate_reference" in e else "")
         gain = f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         lines.append(f"  {col:<20}{e['reference_mean']:>10.3f}{e['trained_mean']:>10.3f}"
-                     f"{gain:>30}{pred:>11}{unsafe:>22}")
+                     f"{gain:>32}{pred:>11}{unsafe:>22}")
     lines += [f"  {unsafe_rate_line(col, e)}" for col, e in scores.items() if "predicted_unsafe_rate" in e]
     return "\n".join(lines)
 

@@ -45,6 +45,16 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
         clock("dual", "[3/7 dual] λ* and what π_λ* will do, before any training")
         dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
                             cfg.bootstrap, cfg.seed, force=force["dual"], log=log, max_unsafe_rate=cfg.max_unsafe_rate)
+        eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
+                                    cfg.max_eval_prompts or None)
+        if cfg.eval_num_samples >= 2:
+            # π_ref on the held-out prompts, now: λ* predicts there before training (the evaluate
+            # stage finds these samples and scores current)
+            ref_eval = S.reference_eval_samples(run, policy, tok, eval_prompts, cfg, cfg.policy)
+            held_out = S.held_out_prediction_of(S.score_stage(ref_eval, jobs, log=log), dual,
+                                                "reward", safety_cols, seed=cfg.seed)
+            if held_out is not None:
+                log("  " + S.held_out_prediction_line(held_out))
         if not todo("pairs"):
             return run
         clock("pairs", f"[4/7 pairs] pseudo-preference labels σ(r_λ(y1) − r_λ(y0)) on pairs from {cfg.pairs}")
@@ -69,8 +79,6 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
         result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
         if not todo("evaluate"):
             return run
-        eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
-                                    cfg.max_eval_prompts or None)
         clock("evaluate", f"[6/7 evaluate] π_ref vs trained on {len(eval_prompts)} held-out prompts")
         record = S.evaluate_stage(run, result, cfg.policy, eval_prompts, jobs, cfg, method="mocan",
                                   dual=dual, force=force["evaluate"], log=log)

@@ -309,7 +309,8 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         next to `logp/ref`: its KL(π‖π_ref) goes to `eval.json["baselines_kl"][name]`.
     """
     from ..eval.report import kl_prediction_text
-    from ..eval.summary import compare_scores, format_eval_table, format_models_table
+    from ..eval.summary import (compare_scores, format_eval_table, format_kind_gains, format_models_table,
+                                 gains_by_prompt_kind)
     from ..runio import write_json
     from ..train.preference import RESULT_FILE
 
@@ -324,8 +325,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     model = result.model
     plan = behaviour_plan(cfg, prompts)  # bad suites fail here, before any sampling
     with _reference_of(model, base_spec) as (ref_model, tok):
-        ref_path = sample_stage(run, ref_model, tok, prompts, cfg, subdir="eval/reference",
-                                model_name=base_spec, num_samples=cfg.eval_num_samples, force=force)
+        ref_path = reference_eval_samples(run, ref_model, tok, prompts, cfg, base_spec, force=force)
         behaviour_paths = {"reference": _behaviour_samples(run, ref_model, tok, plan, cfg, "reference", base_spec,
                                                            force)}
     trained_path = sample_stage(run, model, result.tokenizer, prompts, cfg, subdir="eval/trained",
@@ -342,23 +342,27 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     tables = dict(zip(paths, score(list(paths.values()), force)))
     ref_scores, trained_scores = tables["reference"], tables["trained"]
 
-    def compare(other, with_dual):
+    def compare(other):
         return compare_scores(ref_scores, other, reward=reward_cols[0], safety=safety_cols,
-                              other_rewards=reward_cols[1:], unsigned=unsigned_cols,
-                              dual=dual if with_dual else None,
-                              seed=cfg.seed)
+                              other_rewards=reward_cols[1:], unsigned=unsigned_cols, seed=cfg.seed)
 
-    scores = compare(trained_scores, True)
+    held_out = held_out_prediction_of(ref_scores, dual, reward_cols[0], safety_cols, seed=cfg.seed)
+    scores = compare_scores(ref_scores, trained_scores, reward=reward_cols[0], safety=safety_cols,
+                            other_rewards=reward_cols[1:], unsigned=unsigned_cols, dual=dual, seed=cfg.seed,
+                            held_out=held_out)
     record = {"method": method, "beta": dual["beta"], "lambda": dual["lambda"],
               "n_eval_prompts": len(prompts), "n_samples_per_prompt": cfg.eval_num_samples,
               "scores": scores, "train": result.summary(),
               "examples": _examples(ref_scores, trained_scores, reward_cols + safety_cols)}
     if baselines:
-        record["baselines"] = {name: compare(tables[name], False) for name in baselines}
+        record["baselines"] = {name: compare(tables[name]) for name in baselines}
     record["kl"] = achieved_kl(run, result, base_spec, trained_path, trained_name, cfg, dual, force=force, log=log)
     if baseline_logps:
         record["baselines_kl"] = {name: kl_of_own_samples(tables[name], col, "logp/ref", cfg)
                                   for name, col in baseline_logps.items()}
+    if plan[1]:
+        record["scores_by_prompt_kind"] = gains_by_prompt_kind(ref_scores, trained_scores, plan[1],
+                                                               reward_cols + safety_cols, seed=cfg.seed)
     if plan[0]:
         record["behaviour"] = behaviour_section(paths, behaviour_paths, plan, cfg, force=force)
     write_json(record, run / "eval.json")
@@ -368,6 +372,10 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
         f"predicted for π_λ* {kl_prediction_text(dual)}"
         + ("  (achieved indistinguishable from 0: the model barely moved)" if k["achieved_ci"][0] <= 0 else ""))
+    if record.get("scores_by_prompt_kind"):
+        log("Gain by kind of prompt (a helpfulness reward falls where the model refuses harmful requests):")
+        for line in format_kind_gains(record["scores_by_prompt_kind"]):
+            log(line)
     if baselines:
         log("Gain over the reference, every model on the same prompts:")
         log(format_models_table(record))
@@ -448,6 +456,41 @@ class _reference_of:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
         return False
+
+
+def reference_eval_samples(run: Path, ref_model, tokenizer, prompts, cfg, base_spec: str, *, force: bool = False) -> Path:
+    """π_ref's samples of the evaluation prompts (run/eval/reference/samples.parquet), with the
+    evaluation's settings. Drawn before training for the held-out prediction, and found current
+    by the evaluate stage."""
+    return sample_stage(run, ref_model, tokenizer, prompts, cfg, subdir="eval/reference", model_name=base_spec,
+                        num_samples=cfg.eval_num_samples, force=force)
+
+
+def held_out_prediction_of(ref_scores, dual: dict, reward_col: str, safety_cols, *, seed: int = 0) -> dict | None:
+    """`held_out_prediction` of dual record `dual` on the scored reference samples of the
+    evaluation prompts; None where the dual's constraints are not these safety columns, or
+    the prompts have fewer than 2 samples each (a tilt needs two)."""
+    from ..data.scores import scores_to_arrays
+    from .dual_stage import held_out_prediction
+
+    if [c["name"] for c in dual["constraints"]] != list(safety_cols):
+        return None
+    arrays = scores_to_arrays(ref_scores, reward_col, list(safety_cols), source="eval/reference/scores.parquet")
+    if arrays.reward.shape[1] < 2:
+        return None
+    return held_out_prediction(dual, arrays, seed=seed)
+
+
+def held_out_prediction_line(h: dict) -> str:
+    """One line: the predicted gains on the held-out prompts, with CIs, and the KL (a lower
+    bound when at its log K ceiling)."""
+    gains = [f"reward {h['reward_gain']:+.3f} [{h['reward_gain_ci'][0]:+.3f}, {h['reward_gain_ci'][1]:+.3f}]"]
+    gains += [f"{c} {g:+.3f} [{h['safety_gain_ci'][c][0]:+.3f}, {h['safety_gain_ci'][c][1]:+.3f}]"
+              for c, g in h["safety_gain"].items()]
+    at_ceiling = h["kl"] >= 0.9 * h["kl_ceiling"]
+    return (f"predicted on the {h['n_prompts']} held-out prompts (λ* on π_ref's {h['n_samples_per_prompt']} samples "
+            f"of each): " + ", ".join(gains) + f"; KL {'≥ ' if at_ceiling else ''}{h['kl']:.3f} nats"
+            + (f" (at its ceiling log {h['n_samples_per_prompt']})" if at_ceiling else ""))
 
 
 def _examples(ref_scores, trained_scores, columns, n: int = 6) -> list[dict]:
