@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     peak = matmul_peak_tflops(device, dtype, 8192 if device.startswith("cuda") else 1024)
     print(f"device {name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')} matmul peak "
-          f"{peak:.1f} TFLOP/s")
+          f"{peak:.3g} TFLOP/s")
     prompts = [PROMPT.format(i=i) for i in range(args.prompts)]
     results = {"device": name, "dtype": str(dtype), "matmul_peak_tflops": peak, "shapes": {}}
     for shape in args.shapes.split(","):

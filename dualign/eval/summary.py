@@ -199,14 +199,14 @@ def format_eval_table(scores: dict) -> str:
     lines = [head]
     for col, e in scores.items():
         lo, hi = e["achieved_gain_ci"]
-        pred = f"{e['predicted_gain']:+.3f}" if "predicted_gain" in e else "-"
+        pred = f"{(format(e['predicted_gain'], '+.3f') if 'predicted_gain' in e else '-'):>11}"
         if held:  # predicted on these prompts, from π_ref's samples of them (held_out_prediction)
             pred += f"{(format(e['predicted_gain_held_out'], '+.3f') if 'predicted_gain_held_out' in e else '-'):>12}"
         unsafe = (f"{e['unsafe_rate_reference']:.0%} → {e['unsafe_rate_trained']:.0%}"
                   if "unsafe_rate_reference" in e else "")
         gain = f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         lines.append(f"  {col:<20}{e['reference_mean']:>10.3f}{e['trained_mean']:>10.3f}"
-                     f"{gain:>32}{pred:>11}{unsafe:>22}")
+                     f"{gain:>32}{pred}{unsafe:>22}")
     lines += [f"  {unsafe_rate_line(col, e)}" for col, e in scores.items() if "predicted_unsafe_rate" in e]
     return "\n".join(lines)
 

@@ -281,14 +281,19 @@ def plot_frontier(summary: dict, arrays, beta: float, path) -> Path:
             label="predicted (π_λ, dual)")
     for r in summary["points"]:
         s, w = r["scores"][col], r["scores"]["reward"]
-        ax.errorbar(s["achieved"], w["achieved"],
-                    xerr=[[s["achieved"] - s["achieved_ci"][0]], [s["achieved_ci"][1] - s["achieved"]]],
-                    yerr=[[w["achieved"] - w["achieved_ci"][0]], [w["achieved_ci"][1] - w["achieved"]]],
-                    fmt="o", capsize=3, label=f"{r['point']}: achieved")
+        bars = ax.errorbar(s["achieved"], w["achieved"],
+                           xerr=[[s["achieved"] - s["achieved_ci"][0]], [s["achieved_ci"][1] - s["achieved"]]],
+                           yerr=[[w["achieved"] - w["achieved_ci"][0]], [w["achieved_ci"][1] - w["achieved"]]],
+                           fmt="o", capsize=3, label=f"{r['point']}: achieved")
         ax.plot(s["predicted"], w["predicted"], "x", color="k", ms=6)
+        if s.get("predicted_held_out") is not None and w.get("predicted_held_out") is not None:
+            # the prediction for the held-out prompts, in the point's colour: what the dots are checked against
+            ax.plot(s["predicted_held_out"], w["predicted_held_out"], "D", mfc="none", ms=7,
+                    color=bars[0].get_color())
     ax.plot(0, 0, "s", color="k", label="π_ref")
     ax.set_xlabel(f"{col} gain over π_ref")
     ax.set_ylabel("reward gain over π_ref")
-    ax.set_title("Predicted (x, curve) vs achieved (dots, 95% CI)", fontsize=10)
+    ax.set_title("Predicted on the dual's prompts (x, curve) and on the held-out\nprompts (◇) vs achieved there "
+                 "(dots, 95% CI)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
