@@ -24,12 +24,16 @@ def sample_ceiling_note(dual: dict) -> str | None:
             f"below; draw more samples (`num_samples`)")
 
 
-def kl_at_sample_ceiling(dual: dict) -> bool:
-    """Whether the dual's KL estimate sits at half or more of its ceiling log K (K samples per
-    prompt). There it measures how few samples there are, not how far π_λ* is from π_ref:
-    it is a lower bound, and reports print it as one instead of as a prediction."""
-    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
+def at_sample_ceiling(kl: float, k: int) -> bool:
+    """Whether a KL estimated by reweighting K samples per prompt sits at half or more of its
+    ceiling log K. There it measures how few samples there are, not how far the tilted policy
+    is from π_ref: it is a lower bound, and reports print it as one instead of as a prediction."""
     return k >= 2 and kl >= 0.5 * math.log(k)
+
+
+def kl_at_sample_ceiling(dual: dict) -> bool:
+    """`at_sample_ceiling` of the dual's predicted KL (dual.json's record)."""
+    return at_sample_ceiling(dual["predicted"]["kl"], dual["n_samples_per_prompt"])
 
 
 def kl_prediction_text(dual: dict) -> str:

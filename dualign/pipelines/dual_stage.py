@@ -192,18 +192,17 @@ def held_out_prediction(d: dict, scores: ScoreArrays, *, n_boot: int = 1000, lev
     n, k = scores.reward.shape
 
     def predict(rows):
-        p = DualProblem(scores.reward[rows], G[rows], d["beta"]).predict(lam)
-        return p.reward_gain, p.safety_gain, p
+        return DualProblem(scores.reward[rows], G[rows], d["beta"]).predict(lam)
 
-    r, g, p = predict(np.arange(n))
+    p = predict(np.arange(n))
     rng = np.random.default_rng(seed)
-    boots = [predict(rng.integers(0, n, size=n))[:2] for _ in range(n_boot)]
-    br = np.array([b[0] for b in boots])
-    bg = np.array([b[1] for b in boots]).reshape(n_boot, len(names))
+    boots = [predict(rng.integers(0, n, size=n)) for _ in range(n_boot)]
+    br = np.array([b.reward_gain for b in boots])
+    bg = np.array([b.safety_gain for b in boots]).reshape(n_boot, len(names))
     q = [(1 - level) / 2, (1 + level) / 2]
-    return {"n_prompts": int(n), "n_samples_per_prompt": int(k), "reward_gain": float(r),
+    return {"n_prompts": int(n), "n_samples_per_prompt": int(k), "reward_gain": float(p.reward_gain),
             "reward_gain_ci": [float(v) for v in np.quantile(br, q)],
-            "safety_gain": {nm: float(v) for nm, v in zip(names, g)},
+            "safety_gain": {nm: float(v) for nm, v in zip(names, p.safety_gain)},
             "safety_gain_ci": {nm: [float(v) for v in np.quantile(bg[:, j], q)] for j, nm in enumerate(names)},
             "kl": p.kl, "kl_ceiling": float(np.log(k)), "ess_mean": p.ess_mean}
 

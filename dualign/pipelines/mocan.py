@@ -47,6 +47,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
                             cfg.bootstrap, cfg.seed, force=force["dual"], log=log, max_unsafe_rate=cfg.max_unsafe_rate)
         eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
                                     cfg.max_eval_prompts or None)
+        held_out = None
         if cfg.eval_num_samples >= 2:
             # π_ref on the held-out prompts, now: λ* predicts there before training (the evaluate
             # stage finds these samples and scores current)
@@ -81,7 +82,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
             return run
         clock("evaluate", f"[6/7 evaluate] π_ref vs trained on {len(eval_prompts)} held-out prompts")
         record = S.evaluate_stage(run, result, cfg.policy, eval_prompts, jobs, cfg, method="mocan",
-                                  dual=dual, force=force["evaluate"], log=log)
+                                  dual=dual, force=force["evaluate"], log=log, held_out=held_out)
         if not todo("report"):
             return run
         clock("report", "[7/7 report]")

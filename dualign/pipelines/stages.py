@@ -282,7 +282,7 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
                    dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
                    safety_cols=None, unsigned_cols=(), baselines: dict | None = None,
-                   baseline_logps: dict | None = None) -> dict:
+                   baseline_logps: dict | None = None, held_out: dict | None = None) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
     score both, compare → eval.json; and judge their behaviour (refusal of harmful prompts,
     over-refusal of benign and borderline ones) with a detector independent of the scores →
@@ -307,6 +307,9 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     baseline_logps : dict name -> column, optional
         A baseline's own log-probs in its scored table (PeCAN: `logp/helpful` for DPO_H),
         next to `logp/ref`: its KL(π‖π_ref) goes to `eval.json["baselines_kl"][name]`.
+    held_out : dict, optional
+        `held_out_prediction_of` the reference's evaluation samples, when the recipe already
+        made it before training; else it is made here.
     """
     from ..eval.report import kl_prediction_text
     from ..eval.summary import (compare_scores, format_eval_table, format_kind_gains, format_models_table,
@@ -342,14 +345,13 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     tables = dict(zip(paths, score(list(paths.values()), force)))
     ref_scores, trained_scores = tables["reference"], tables["trained"]
 
-    def compare(other):
+    def compare(other, **predictions):
         return compare_scores(ref_scores, other, reward=reward_cols[0], safety=safety_cols,
-                              other_rewards=reward_cols[1:], unsigned=unsigned_cols, seed=cfg.seed)
+                              other_rewards=reward_cols[1:], unsigned=unsigned_cols, seed=cfg.seed, **predictions)
 
-    held_out = held_out_prediction_of(ref_scores, dual, reward_cols[0], safety_cols, seed=cfg.seed)
-    scores = compare_scores(ref_scores, trained_scores, reward=reward_cols[0], safety=safety_cols,
-                            other_rewards=reward_cols[1:], unsigned=unsigned_cols, dual=dual, seed=cfg.seed,
-                            held_out=held_out)
+    if held_out is None:
+        held_out = held_out_prediction_of(ref_scores, dual, reward_cols[0], safety_cols, seed=cfg.seed)
+    scores = compare(trained_scores, dual=dual, held_out=held_out)
     record = {"method": method, "beta": dual["beta"], "lambda": dual["lambda"],
               "n_eval_prompts": len(prompts), "n_samples_per_prompt": cfg.eval_num_samples,
               "scores": scores, "train": result.summary(),
@@ -483,11 +485,13 @@ def held_out_prediction_of(ref_scores, dual: dict, reward_col: str, safety_cols,
 
 def held_out_prediction_line(h: dict) -> str:
     """One line: the predicted gains on the held-out prompts, with CIs, and the KL (a lower
-    bound when at its log K ceiling)."""
+    bound when at its log K ceiling, `at_sample_ceiling`)."""
+    from ..eval.report import at_sample_ceiling
+
     gains = [f"reward {h['reward_gain']:+.3f} [{h['reward_gain_ci'][0]:+.3f}, {h['reward_gain_ci'][1]:+.3f}]"]
     gains += [f"{c} {g:+.3f} [{h['safety_gain_ci'][c][0]:+.3f}, {h['safety_gain_ci'][c][1]:+.3f}]"
               for c, g in h["safety_gain"].items()]
-    at_ceiling = h["kl"] >= 0.9 * h["kl_ceiling"]
+    at_ceiling = at_sample_ceiling(h["kl"], h["n_samples_per_prompt"])
     return (f"predicted on the {h['n_prompts']} held-out prompts (λ* on π_ref's {h['n_samples_per_prompt']} samples "
             f"of each): " + ", ".join(gains) + f"; KL {'≥ ' if at_ceiling else ''}{h['kl']:.3f} nats"
             + (f" (at its ceiling log {h['n_samples_per_prompt']})" if at_ceiling else ""))
