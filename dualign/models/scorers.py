@@ -6,7 +6,8 @@ Four kinds, chosen from the spec by `load_scorer`:
   (`dualign.models.head_scorer.HeadScorer`);
 - a safe-rlhf score model (config architecture `LlamaForScore`, e.g. the beaver-7b reward and
   cost models): a LLaMA backbone plus a linear `score_head`, loaded onto a local module from
-  the safetensors weights, without the checkpoint's remote code;
+  its safetensors or `.bin` weights (the latter only through torch's restricted unpickler),
+  without the checkpoint's remote code;
 - any `AutoModelForSequenceClassification` with one output (OpenAssistant, Skywork, ...);
 - a Python callable `f(prompts, responses) -> list[float]` (`module:function`,
   `path/to/file.py:function`, or the callable itself).
@@ -122,6 +123,16 @@ class CallableScorer(Scorer):
 
 
 def _import_callable(spec: str) -> Callable:
+    """The function a `module:function` or `path/to/file.py:function` spec names.
+
+    Security: a `file.py:function` spec imports and runs that file's code, as `python file.py`
+    would; only use files you trust. (A `module:function` spec likewise imports that module.)
+
+    Raises
+    ------
+    InputError
+        No such file, a module that fails to import, or no callable of that name.
+    """
     target, _, attr = spec.rpartition(":")
     try:
         if target.endswith(".py"):
@@ -237,23 +248,15 @@ def _score_model_module(config, score_dim: int, bias: bool):
     return LlamaScoreModel()
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise InputError("no .safetensors weights (pickle checkpoints are not loaded)", file=str(directory))
-    return files
-
-
 class SafeRLHFScorer(_TorchScorer):
     """A safe-rlhf score model (`LlamaForScore`): LLaMA backbone + linear `score_head`, the
     score read at the last token of `template(prompt) + response + EOS`.
 
-    Loaded without remote code: config.json becomes a `LlamaConfig`, and the safetensors
-    weights (`model.*`, `score_head.*`) are loaded onto a local module of the same layout.
+    Loaded without remote code: config.json becomes a `LlamaConfig`, and the weights
+    (`model.*`, `score_head.*`) are loaded onto a local module of the same layout. The weights
+    are safetensors, or the `.bin` shards the beaver models were published with, read by
+    `loading.read_state_dict` through torch's restricted unpickler (a `.bin` that needs full
+    unpickling is refused; `dualign convert` rewrites it as safetensors once).
     With `do_normalize` in the config, the stored normalizer is applied as safe-rlhf does:
     `(score - mean) / sqrt(var)`.
     """
@@ -261,9 +264,9 @@ class SafeRLHFScorer(_TorchScorer):
     def __init__(self, directory, tokenizer=None, name: str = "", template: str | None = PKU_TEMPLATE,
                  batch_size: int = 8, dtype=None, device: str | None = None, kind: str | None = None,
                  max_length: int = 2048):
-        from safetensors import safe_open
         from transformers import AutoTokenizer, LlamaConfig
 
+        from .checkpoints import read_state_dict
         from .loading import prepare_tokenizer, resolve_device, resolve_dtype
 
         d = Path(directory)
@@ -277,11 +280,7 @@ class SafeRLHFScorer(_TorchScorer):
         self.name, self.template, self.batch_size, self.max_length = name or str(d), template, batch_size, max_length
         declared = raw.get("score_type")
         self.kind = kind if kind is not None else (declared if declared in ("reward", "cost") else None)
-        sd = {}
-        for f in _safetensors_files(d):
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    sd[k] = st.get_tensor(k)
+        sd = read_state_dict(d)  # safetensors, else .bin through torch's restricted unpickler
         head_w = sd.get("score_head.weight")
         if head_w is None:
             raise InputError("no score_head.weight in the weights: not a safe-rlhf score model", file=str(d))
@@ -355,8 +354,13 @@ def _local_dir(spec: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                            "*.txt", "*.jinja", "tokenizer*"]))
+        d = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                         "*.txt", "*.jinja", "tokenizer*"]))
+        if not any(d.glob("*.safetensors")):
+            # published as .bin only (the beaver-7b models): fetch the weights, never other
+            # pickles such as training_args.bin; they are read through the restricted unpickler
+            d = Path(snapshot_download(spec, allow_patterns=["pytorch_model*.bin"]))
+        return d
     except Exception as e:  # bad id, offline, gated: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"unknown scorer: not a directory, a module:function, or a reachable "
@@ -374,7 +378,8 @@ def load_scorer(spec, *, batch_size: int = 8, template: str | None = None, dtype
         over the model's own config). Then: a directory (or HF id) holding
         `dualign_scorer.json` (trained head), a `LlamaForScore` config (safe-rlhf), or a
         sequence-classification model; or `module:function` / `file.py:function`; or a
-        callable.
+        callable. Security: a `file.py:function` spec imports and runs that file's code, as
+        `python file.py` would; only use files you trust.
     batch_size : int
         Pairs per forward pass.
     template : str, optional
