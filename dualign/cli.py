@@ -28,6 +28,10 @@ def _add_dual(sub):
                         "(default: 'safety', else every 'safety/<name>' column)")
     p.add_argument("--prompt-id", default="prompt_id", metavar="COL")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
+    p.add_argument("--bootstrap-method", choices=("one-step", "full"), default="one-step",
+                   help="one-step (default): one Newton step per replicate from λ*, all replicates at once, "
+                        "re-solving only those it cannot trust; full: re-solve the dual on every replicate "
+                        "(exact, about 1,000 times slower on 30k prompts)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="FILE", help="write dual.json here")
@@ -62,7 +66,7 @@ def cmd_dual(args) -> int:
     d = solve_dual_stage(scores, args.beta, margins, n_boot=args.bootstrap, level=args.level,
                          seed=args.seed, inputs={"scores_file": str(args.scores),
                                                  "scores_file_digest": file_digest(args.scores)},
-                         max_unsafe_rate=rates)
+                         max_unsafe_rate=rates, bootstrap_method=args.bootstrap_method)
     print(format_dual_summary(d))
     for path in write_dual_outputs(d, scores, args.out, args.plot):
         print(f"wrote {path}")
@@ -258,6 +262,54 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _add_compare(sub):
+    from .pipelines import config
+    from .pipelines.compare import METHODS, CompareConfig
+
+    p = sub.add_parser("compare", help="MoCAN and its rivals (DPO_H, DPO_S, SafeDPO, SACPO, P-SACPO, primal–dual) "
+                       "on the same data, judged the same way, with their compute",
+                       description="Runs MoCAN and the chosen rivals over one or more seeds; every model is "
+                                   "evaluated on the same held-out prompts with the same seeds (scores, KL, "
+                                   "refusal and over-refusal). Writes compare.json, compare.md (one table with "
+                                   "wall time, tokens and estimated FLOPs) and figures/compare.png. Settings "
+                                   "come from --config FILE (YAML of CompareConfig fields) or --demo, and flags; "
+                                   "a rerun resumes.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of CompareConfig fields (a MoCAN config plus "
+                   f"methods: [{', '.join(METHODS)}], seeds, preferences, ...)")
+    p.add_argument("--demo", action="store_true", help="the demo's settings on the embedded default, sized for "
+                   "the 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="with --demo: a smoke run (minutes)")
+    config.add_config_flags(p, CompareConfig)
+    p.set_defaults(func=cmd_compare, allow_extra=True)
+    return p
+
+
+def cmd_compare(args) -> int:
+    import dataclasses
+
+    from .errors import InputError
+    from .pipelines.compare import CompareConfig, run_compare
+    from .pipelines.config import load_config, overrides_from_args
+    from .pipelines.demo import compare_demo_config
+    from .runio import new_run_dir
+
+    if args.demo == bool(args.config):
+        raise InputError("give --config FILE or --demo (one of them)", field="--config")
+    overrides = overrides_from_args(args, args.extra, CompareConfig.NESTED)
+    if args.demo:
+        cfg = compare_demo_config(new_run_dir(overrides.pop("out", None), "compare-demo"), quick=args.quick)
+        for k in list(overrides):  # `train.X`: one entry of a nested mapping
+            head, dot, key = k.partition(".")
+            if dot:
+                getattr(cfg, head)[key] = overrides.pop(k)
+        cfg = dataclasses.replace(cfg, **overrides)
+    else:
+        cfg = load_config(CompareConfig, args.config, overrides)
+    run = run_compare(cfg)
+    print(f"\nartifacts in {run}/: compare.md, compare.json, figures/compare.png, seed-*/ (MoCAN run and rivals)")
+    return 0
+
+
 def _add_sampling_args(p, *, num_samples: int, max_new_tokens: int) -> None:
     """The sampling flags `dualign sample` and `dualign evaluate` share, with each command's defaults."""
     p.add_argument("--num-samples", "-k", type=int, default=num_samples, metavar="K",
@@ -298,7 +350,7 @@ def _add_sample(sub):
 def cmd_sample(args) -> int:
     from .models.generation import (SAMPLES_FILE, check_device, check_sampling_args, read_prompts, sample,
                                     sample_vllm)
-    from .runio import check_output_dir, write_parquet
+    from .runio import check_output_dir, run_lock, write_parquet
 
     # every setting checked before the model loads or anything is written under --out
     check_sampling_args(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
@@ -311,15 +363,16 @@ def cmd_sample(args) -> int:
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
               template=args.template)
     out = Path(args.out) / SAMPLES_FILE
-    if args.backend == "vllm":
-        df = sample_vllm(args.model, prompts, dtype=args.dtype or "auto", **kw)
-        write_parquet(df, out)
-    else:
-        from .models.loading import load_policy
+    with run_lock(args.out):  # a second run into the same --out would mix its parts with ours
+        if args.backend == "vllm":
+            df = sample_vllm(args.model, prompts, dtype=args.dtype or "auto", **kw)
+            write_parquet(df, out)
+        else:
+            from .models.loading import load_policy
 
-        model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
-        df = sample(model, tok, prompts, batch_size=args.batch_size, model_name=args.model,
-                    out_dir=args.out, progress=not args.no_progress, **kw)
+            model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+            df = sample(model, tok, prompts, batch_size=args.batch_size, model_name=args.model,
+                        out_dir=args.out, progress=not args.no_progress, **kw)
     print(f"wrote {out}: {len(prompts)} prompts x {args.num_samples} samples, "
           f"{int(df['n_tokens'].sum())} tokens, {int(df['truncated'].sum())} truncated")
     return 0
@@ -348,12 +401,10 @@ def cmd_logprobs(args) -> int:
     from .errors import InputError
     from .models.generation import check_device
     from .models.scorers import column_is_current, read_samples, write_scores
-    from .runio import check_output_file, file_digest
+    from .runio import check_name, check_output_file, file_digest, run_lock
 
-    # every setting checked before the model loads
-    if not args.name.strip() or args.name != args.name.strip() or "/" in args.name:
-        raise InputError(f"must be a non-empty name without '/' or surrounding spaces (the column is "
-                         f"logp/NAME); got {args.name!r}", field="--name")
+    # every setting checked before the model loads; NAME (column logp/NAME) is a plain name
+    check_name(args.name, "--name")
     if args.batch_size < 1:
         raise InputError(f"must be >= 1; got {args.batch_size}", field="--batch-size")
     check_device(args.device)
@@ -371,30 +422,37 @@ def cmd_logprobs(args) -> int:
     from .models.loading import load_policy
     from .models.logprobs import logprobs, samples_append_eos
 
-    model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
-    # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
-    eos = samples_append_eos(samples)
-    lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                     batch_size=args.batch_size, template=template, append_eos=eos,
-                     progress=not args.no_progress)
-    write_scores(out, samples, {col: lp}, provenance={col: prov})
+    with run_lock(out.parent):  # another run adding a column to the same file would lose one
+        model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+        # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
+        eos = samples_append_eos(samples)
+        lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
+                         batch_size=args.batch_size, template=template, append_eos=eos,
+                         progress=not args.no_progress)
+        write_scores(out, samples, {col: lp}, provenance={col: prov})
     print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
     return 0
+
+
+# the help of every flag that takes scorer specs says it (scorers.load_scorer)
+_TRUST = ("a file.py:function spec imports and runs that file's code, as `python file.py` would; "
+          "only use files you trust")
 
 
 def _add_score(sub):
     p = sub.add_parser("score", help="score samples with reward and safety/cost models (scores.parquet)",
                        description="Writes scores.parquet: the samples' keys plus `reward` and "
                                    "`safety/NAME` (higher = safer; a cost model is negated, and must "
-                                   "say so: NAME=cost:SPEC, or kind/score_type in its own config).")
+                                   "say so: NAME=cost:SPEC, or kind/score_type in its own config). "
+                                   "Security: " + _TRUST + ".")
     p.add_argument("--samples", required=True, metavar="RUN_DIR/samples.parquet")
     p.add_argument("--reward", metavar="SPEC",
                    help="reward scorer: directory or HF id (sequence classifier, safe-rlhf LlamaForScore, "
-                        "trained head), or module:function")
+                        "trained head), or module:function / file.py:function (" + _TRUST + ")")
     p.add_argument("--safety", action="append", default=[], metavar="NAME=SPEC",
                    help="safety constraint; SPEC prefixed by cost: (negated), harm: (a cost model counted only "
                         "above 0: -max(cost, 0)) or safety: (as is) unless its config declares the kind; "
-                        "repeatable")
+                        "SPEC as for --reward (" + _TRUST + "); repeatable")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", help="prompt template for the score models")
     p.add_argument("--dtype")
@@ -406,11 +464,14 @@ def _add_score(sub):
 
 def cmd_score(args) -> int:
     from .pipelines.scoring import score_jobs, score_samples
+    from .runio import check_output_file, run_lock
 
     jobs = score_jobs(args.reward, args.safety)  # every sign checked before any model loads
     out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
-    score_samples(args.samples, jobs, out, batch_size=args.batch_size, template=args.template,
-                  dtype=args.dtype, device=args.device)
+    check_output_file(out)
+    with run_lock(out.parent):  # one run at a time writes scores.parquet and its parts there
+        score_samples(args.samples, jobs, out, batch_size=args.batch_size, template=args.template,
+                      dtype=args.dtype, device=args.device)
     print(f"wrote {out}")
     return 0
 
@@ -607,6 +668,37 @@ def _judge_config(args):
     return JudgeConfig(model=args.judge_model, api_key_env=args.judge_api_key_env, **kw)
 
 
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="rewrite a checkpoint's weights as safetensors (e.g. the paper's .bin models)",
+                       description="Copy a checkpoint directory (config, tokenizer, generation config, model "
+                                   "card) into DST_DIR with its weights rewritten as safetensors. A .bin is "
+                                   "read only through torch's restricted unpickler (weights_only=True): one "
+                                   "that needs full unpickling is refused. DST_DIR appears only when complete.")
+    p.add_argument("src", metavar="SRC_DIR", help="checkpoint directory (config.json + weights)")
+    p.add_argument("--out", required=True, metavar="DST_DIR", help="new directory (must not exist, or be empty)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB (10^9 bytes), 2GiB, 500MB (default 5GB)")
+    p.set_defaults(func=cmd_convert)
+    return p
+
+
+def cmd_convert(args) -> int:
+    from .models.checkpoints import convert_checkpoint
+
+    r = convert_checkpoint(args.src, args.out, max_shard_size=args.max_shard_size)
+    files = r["weights"] + ([r["index"]] if r["index"] else [])
+    size = f"{r['bytes'] / 1e9:.3g} GB" if r["bytes"] >= 1e8 else f"{r['bytes'] / 1e6:.3g} MB"
+    print(f"wrote {r['out']}: {r['tensors']} tensors, {size}, from {len(r['sources'])} "
+          f"{r['format']} file(s) into {', '.join(files)}")
+    if r["cloned"]:
+        print(f"cloned {len(r['cloned'])} tensor(s) that shared storage (tied weights): {', '.join(r['cloned'][:4])}"
+              + (", ..." if len(r["cloned"]) > 4 else ""))
+    print(f"copied: {', '.join(r['copied']) or 'nothing'}")
+    if r["skipped"]:
+        print(f"not copied: {', '.join(r['skipped'])}")
+    return 0
+
+
 def _judge_suites(paths: dict, suites, config, seed: int) -> dict:
     """suite → criterion → JudgeResult JSON: the model (A) against the baseline (B), sample 0 of
     each prompt."""
@@ -631,9 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sweep, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
+    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sweep, _add_compare, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
                 _add_evaluate):
         add(sub)
+    _add_convert(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -193,7 +194,8 @@ def array_digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str, ...] = (),
+               columns=None) -> pd.DataFrame:
     """Read a Parquet, CSV or JSON Lines (optionally gzipped) file into a DataFrame.
 
     Parameters
@@ -206,6 +208,12 @@ def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str,
         field or "NA", "null", "NaN", is taken as missing; a column whose every value is a
         canonical integer ("12", "-3"; not "007" or "+1") becomes int64, as pandas reads it,
         so ids 7 and "007" stay apart. Parquet and JSONL keep the types the file gives.
+    columns : callable, optional
+        Given the file's column names (a list, read from the Parquet schema or the CSV
+        header before any data), returns the names of the columns to read; it may raise
+        (e.g. InputError for a missing column, naming the others). Only those are read:
+        Parquet by column projection, CSV with `usecols`, so other columns (response text)
+        never reach memory; JSON Lines is parsed whole, then cut down. Default: all.
 
     Raises
     ------
@@ -217,16 +225,44 @@ def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str,
     if not p.exists():
         raise InputError("no such file", file=str(p))
     name = p.name.lower()
+
+    def pick(names, n_rows):
+        """The columns to read; with `columns`, the checks below run before any data is read."""
+        if columns is None:
+            return None
+        if n_rows == 0:
+            raise InputError("the table is empty", file=str(p))
+        for col in required:
+            if col not in names:
+                raise InputError(f"missing column (columns are: {', '.join(map(str, names))})",
+                                 file=str(p), field=col)
+        return list(columns(list(names)))
+
     try:
         if name.endswith(".parquet"):
-            df = pd.read_parquet(p)
+            want = None
+            if columns is not None:
+                import pyarrow.parquet as pq
+
+                meta = pq.ParquetFile(p).metadata
+                schema = meta.schema.to_arrow_schema()
+                # pandas' index columns come back as the index, not as columns
+                index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+                want = pick([c for c in schema.names if c not in index], meta.num_rows)
+            df = pd.read_parquet(p, columns=want)
         elif name.endswith(".csv"):
-            df = pd.read_csv(p)
+            want = None
+            if columns is not None:
+                head = pd.read_csv(p, nrows=1)
+                want = pick(list(head.columns), len(head))
+            df = pd.read_csv(p, usecols=want)
             for col in text_columns:
                 if col in df.columns:
                     df[col] = _csv_text_column(p, col, len(df))
         elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
             df = pd.DataFrame(read_jsonl(p))
+            if columns is not None:
+                df = df[pick(list(df.columns), len(df))]
         else:
             raise InputError(f"unknown table type (expected one of {', '.join(TABLE_SUFFIXES)})",
                              file=str(p))
@@ -286,7 +322,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 def new_run_dir(out=None, prefix: str = "run") -> Path:
-    """`out` if given (created if needed), else a fresh `runs/<prefix>-<timestamp>` folder.
+    """`out` if given (created if needed), else a fresh `runs/<prefix>-<timestamp>` folder
+    (created by this call alone: two runs started in the same second get two folders).
 
     Raises
     ------
@@ -304,9 +341,152 @@ def new_run_dir(out=None, prefix: str = "run") -> Path:
         while path.exists():
             n += 1
             path = Path("runs") / f"{prefix}-{stamp}-{n}"
+        check_output_dir(path)
+        # claim the fresh name with an exclusive mkdir: two runs started in the same second
+        # must not both take it (the second would then be refused by the run lock)
+        while True:
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                check_output_dir(path)  # raises unless a directory of that name appeared meanwhile
+                if not path.is_dir():
+                    raise OutputError("cannot create the run folder", file=str(path)) from None
+                n += 1
+                path = Path("runs") / f"{prefix}-{stamp}-{n}"
+            except OSError as e:
+                raise _output_error(path, e) from None
     check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _output_error(path, e) from None
     return path
+
+
+# ----------------------------------------------------------------------------- names and run locks
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_name(name, field: str) -> str:
+    """Check a user-given name that becomes a file or folder name (a PeCAN constraint, an
+    evaluation suite, a log-prob column suffix): one path component of 1 to 64 characters
+    from A-Z a-z 0-9 . _ -, not starting with '.' (so never '.', '..' nor a hidden file).
+
+    Returns
+    -------
+    str
+        `name`, unchanged.
+
+    Raises
+    ------
+    InputError
+        Naming `field`: `name` is not a string, is empty or longer than 64 characters, holds
+        another character (a '/', a space) or starts with '.'.
+    """
+    if not isinstance(name, str):
+        raise InputError(f"a name must be text, got {name!r}", field=field)
+    if not _NAME.fullmatch(name) or name.startswith("."):
+        raise InputError(f"{name!r} is not a valid name: use 1-64 characters from A-Z a-z 0-9 . _ - "
+                         "(one path component, not starting with '.')", field=field)
+    return name
+
+
+LOCK_FILE = ".dualign.lock"
+
+
+def _launch_rank() -> int | None:
+    """This process's rank under a distributed launch (torchrun, `accelerate launch` and the
+    DeepSpeed launcher set RANK and WORLD_SIZE), else None."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except ValueError:
+        return None
+_HELD: dict[str, int] = {}  # directories this process holds locked -> nesting depth
+
+
+@contextmanager
+def run_lock(directory, flag: str = "--out"):
+    """Hold an exclusive lock on a run or output directory while the block runs.
+
+    The lock is `fcntl.flock` on `directory/.dualign.lock` (the folder is created if need be),
+    taken without waiting: a second dualign run writing into the same folder is refused at
+    once instead of mixing its files with the first one's. The kernel drops the lock when the
+    holder exits, however it dies, so a killed run never leaves a stale lock (the file stays,
+    holding the last holder's pid, and is harmless). Re-entrant within one process: a sweep
+    runs MoCAN in its own folder. Under a distributed launch (`accelerate launch`, torchrun:
+    WORLD_SIZE > 1) the ranks are one run: rank 0 takes the lock, the others do not.
+
+    Parameters
+    ----------
+    directory : path-like
+    flag : str
+        The option that names the folder, for the message.
+
+    Yields
+    ------
+    pathlib.Path
+        `directory`.
+
+    Raises
+    ------
+    InputError
+        Another process holds the lock: "<dir> is in use by another dualign run (pid N); wait
+        for it or choose another --out".
+    OutputError
+        The folder cannot be created or written.
+    """
+    import fcntl
+
+    d = check_output_dir(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        key = str(d.resolve())
+    except OSError as e:
+        raise _output_error(d, e) from None
+    if key in _HELD or _launch_rank() not in (None, 0):
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield d
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    try:
+        fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise _output_error(d / LOCK_FILE, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held by another process (or by this one through another open file)
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        os.close(fd)
+        raise InputError(f"{d} is in use by another dualign run (pid {pid}); wait for it or choose "
+                         f"another {flag}") from None
+    except OSError as e:  # a file system without flock (some FUSE mounts): run, but say it is unguarded
+        import warnings
+
+        os.close(fd)
+        warnings.warn(f"{d}: cannot lock ({e.strerror or e}); nothing stops a second run from writing "
+                      "into this folder at the same time", stacklevel=3)
+        fd = None
+    if fd is None:
+        yield d
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        pass  # the pid is only for the message; the lock itself holds
+    _HELD[key] = 1
+    try:
+        yield d
+    finally:
+        del _HELD[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -323,7 +323,7 @@ def test_bootstrap_leaves_out_and_counts_non_converged_replicates(monkeypatch):
 
     monkeypatch.setattr(bootstrap, "solve_problem", flaky)
     r, g = _demo_arrays()
-    bs = bootstrap.bootstrap_dual(r, g, 0.1, 0.1, n_boot=30)
+    bs = bootstrap.bootstrap_dual(r, g, 0.1, 0.1, n_boot=30, method="full")  # one-step: tests/test_bootstrap.py
     assert 0 < bs.n_not_converged < 30 and len(bs.replicates["lambda"]) == 30 - bs.n_not_converged
     assert bs.to_dict()["n_not_converged"] == bs.n_not_converged
 
@@ -488,3 +488,308 @@ def test_fuzz_csv_tables(tmp_path_factory, records):
         for r in records:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
     _load_both(path)
+
+
+# ----------------------------------------------------------------------------- 8. interrupted checkpoint saves
+# (items 8-12 of issue 15)
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_pairs(n=8):
+    words = ["yes", "no", "maybe", "the sky is blue", "I can't help with that", "sure, here:", "ok", "never"]
+    prompts = ["hi", "what is two plus two?", "tell me a story", "why?"]
+    return pd.DataFrame({"prompt": [prompts[i % 4] for i in range(n)],
+                         "response_0": [words[i % 8] for i in range(n)],
+                         "response_1": [words[(3 * i + 1) % 8] for i in range(n)],
+                         "label": np.random.default_rng(1).uniform(0, 1, n)})
+
+
+def _kill_at(step):
+    """A TrainerCallback that kills the run (raises) when `global_step` reaches `step`."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise KeyboardInterrupt(f"killed at step {step}")
+
+    return Kill()
+
+
+def test_an_interrupted_checkpoint_save_is_dropped_and_the_run_resumes(tiny_tokenizer, tmp_path):
+    import torch
+    from conftest import make_tiny_llama
+
+    from dualign.train import PreferenceConfig, train_preferences
+    from dualign.train.preference import _checkpoint_complete
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and immune to the other processes
+    try:
+        tok, pairs = tiny_tokenizer, _tiny_pairs()
+        common = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2, learning_rate=5e-3,
+                      use_lora=False, seed=3, save_total_limit=None, logging_steps=1)
+        full = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs,
+                                 PreferenceConfig(output_dir=str(tmp_path / "a"), **common), resume=False)
+        b = tmp_path / "b"
+        cfg = PreferenceConfig(output_dir=str(b), **common)
+        with pytest.raises(KeyboardInterrupt):
+            train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg, resume=False,
+                              callbacks=[_kill_at(5)])
+        assert _checkpoint_complete(b / "checkpoint-4")
+        # killed while saving: step 6 before anything was written (an empty folder), step 5 while
+        # writing trainer_state.json, the last file (weights there, the state cut short)
+        (b / "checkpoint-6").mkdir()
+        shutil.copytree(b / "checkpoint-4", b / "checkpoint-5")
+        state = b / "checkpoint-5" / "trainer_state.json"
+        state.write_text(state.read_text()[:40])
+        assert not _checkpoint_complete(b / "checkpoint-5") and not _checkpoint_complete(b / "checkpoint-6")
+
+        with pytest.warns(UserWarning, match="incomplete checkpoint"):
+            resumed = train_preferences(make_tiny_llama(len(tok), seed=0), tok, pairs, cfg, resume=True)
+        assert resumed.resumed_from.endswith("checkpoint-4")
+        assert resumed.global_step == full.global_step == 6
+        assert not (b / "checkpoint-5").exists() and _checkpoint_complete(b / "checkpoint-6")
+        a_state, b_state = full.model.state_dict(), resumed.model.state_dict()
+        for k in a_state:
+            assert torch.allclose(a_state[k], b_state[k], rtol=0, atol=1e-6), k
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- 9. scoring resumes per part
+
+COUNTING_SCORER = '''
+import os
+from pathlib import Path
+
+LOG = Path(__file__).with_name("calls.log")
+
+
+def length(prompts, responses):
+    """Scores = response length; every call is logged (one line: the responses scored), and the
+    call after DUALIGN_TEST_FAIL_AFTER logged ones raises, as a kill would."""
+    done = LOG.read_text().splitlines() if LOG.exists() else []
+    if len(done) >= int(os.environ.get("DUALIGN_TEST_FAIL_AFTER", "1000000")):
+        raise RuntimeError("killed")
+    with LOG.open("a") as f:
+        f.write(",".join(responses) + "\\n")
+    return [len(r) + 0.25 * len(p) for p, r in zip(prompts, responses)]
+'''
+
+
+def _scoring_setup(root: Path):
+    """A samples table (6 prompts x 4 samples, distinct responses) and a logging scorer file."""
+    from dualign.runio import write_parquet
+
+    root.mkdir()
+    n = 24
+    samples = pd.DataFrame({"prompt_id": np.repeat(np.arange(6), 4), "sample_id": np.tile(np.arange(4), 6),
+                            "prompt": [f"prompt {i // 4}" for i in range(n)],
+                            "response": [f"r{i}" + "x" * ((7 * i) % 11) for i in range(n)]})
+    write_parquet(samples, root / "samples.parquet")
+    (root / "toy.py").write_text(COUNTING_SCORER)
+    return root / "samples.parquet", root / "toy.py", root / "calls.log"
+
+
+def _calls(log: Path) -> list[list[str]]:
+    return [line.split(",") for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_killed_scoring_resumes_from_its_finished_parts(tmp_path, monkeypatch):
+    from dualign.pipelines.scoring import partial_dir, score_jobs, score_samples
+
+    quiet = dict(batch_size=2, part_batches=2, log=lambda *a: None)  # 4 rows a part: 6 parts, 12 calls a column
+    samples, toy, log = _scoring_setup(tmp_path / "run")
+    jobs = score_jobs(f"reward:{toy}:length", [f"len=safety:{toy}:length"])
+    out = samples.parent / "scores.parquet"
+    # killed in the safety column: the reward's 12 calls, 3 parts of safety (6 calls) and one batch
+    monkeypatch.setenv("DUALIGN_TEST_FAIL_AFTER", "19")
+    with pytest.raises(RuntimeError, match="killed"):
+        score_samples(samples, jobs, out, **quiet)
+    first = _calls(log)
+    assert len(first) == 19
+    stored = sorted((partial_dir(out)).glob("*/part-*.parquet"))
+    assert [p.name for p in stored] == [f"part-{i:06d}.parquet" for i in range(3)]
+    done_rows = set().union(*(set(pd.read_parquet(p)["row"]) for p in stored))
+
+    monkeypatch.delenv("DUALIGN_TEST_FAIL_AFTER")
+    table = score_samples(samples, jobs, out, **quiet)
+    again = _calls(log)[19:]
+    assert len(again) == 6  # the 3 missing parts of safety; nothing of the reward, nothing stored redone
+    responses = pd.read_parquet(samples)["response"].tolist()
+    rescored = {responses.index(r) for call in again for r in call}
+    assert rescored.isdisjoint(done_rows) and rescored | done_rows == set(range(24))
+    assert not partial_dir(out).exists()
+
+    # an uninterrupted run writes the same file, byte for byte
+    clean_samples, clean_toy, _ = _scoring_setup(tmp_path / "clean")
+    clean_out = clean_samples.parent / "scores.parquet"
+    score_samples(clean_samples, score_jobs(f"reward:{clean_toy}:length", [f"len=safety:{clean_toy}:length"]),
+                  clean_out, **quiet)
+    want = pd.read_parquet(samples)
+    assert np.array_equal(table["reward"], [len(r) + 0.25 * len(p) for p, r in zip(want["prompt"], want["response"])])
+    # the spec names the scorer file, so compare with the path swapped; then the bytes
+    a, b = pd.read_parquet(out), pd.read_parquet(clean_out)
+    pd.testing.assert_frame_equal(a, b)
+    same_spec = score_jobs(f"reward:{toy}:length", [f"len=safety:{toy}:length"])
+    shutil.copy(out, tmp_path / "resumed.parquet")
+    out.unlink()
+    log.unlink()
+    score_samples(samples, same_spec, out, **quiet)  # a clean run with the resumed run's specs
+    assert out.read_bytes() == (tmp_path / "resumed.parquet").read_bytes()
+
+
+def test_scoring_parts_of_other_settings_are_not_reused(tmp_path, monkeypatch):
+    from dualign.pipelines.scoring import partial_dir, score_jobs, score_samples
+
+    samples, toy, log = _scoring_setup(tmp_path / "run")
+    jobs = score_jobs(f"reward:{toy}:length", None)
+    out = samples.parent / "scores.parquet"
+    monkeypatch.setenv("DUALIGN_TEST_FAIL_AFTER", "4")
+    with pytest.raises(RuntimeError):
+        score_samples(samples, jobs, out, batch_size=2, part_batches=2, log=lambda *a: None)
+    assert len(list(partial_dir(out).glob("*/part-*.parquet"))) == 2
+    monkeypatch.delenv("DUALIGN_TEST_FAIL_AFTER")
+    # another batch size: other batches, so the parts are discarded and the column scored afresh
+    score_samples(samples, jobs, out, batch_size=3, part_batches=2, log=lambda *a: None)
+    assert len(_calls(log)) == 4 + 8 and sum(map(len, _calls(log)[4:])) == 24
+
+
+# ----------------------------------------------------------------------------- 10. one run per folder
+
+def _hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process holding the run lock of `directory` until its stdin closes."""
+    code = ("import sys\nfrom dualign.runio import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_locked_folder_refuses_a_second_run_and_frees_on_exit_or_death(tmp_path):
+    from dualign.runio import LOCK_FILE, run_lock
+
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(InputError) as ei:
+            with run_lock(run):
+                pytest.fail("a second holder got the lock")
+        assert str(ei.value) == (f"{run} is in use by another dualign run (pid {holder.pid}); wait for it "
+                                 "or choose another --out")
+        # the other ranks of a distributed launch are the same run: only rank 0 locks
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WORLD_SIZE", "2")
+            mp.setenv("RANK", "1")
+            with run_lock(run):
+                pass
+            mp.setenv("RANK", "0")
+            with pytest.raises(InputError, match="in use by another dualign run"):
+                with run_lock(run):
+                    pass
+    finally:
+        holder.kill()  # dies without releasing anything: the kernel drops the lock
+        holder.wait()
+    with run_lock(run) as d:  # free again; re-entrant in this process (a sweep's MoCAN)
+        assert d == run and (run / LOCK_FILE).read_text().strip() == str(os.getpid())
+        with run_lock(run):
+            pass
+        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom dualign.runio import run_lock\n"
+                                "try:\n    run_lock(sys.argv[1]).__enter__()\nexcept Exception as e:\n"
+                                "    print(e)\n", str(run)], cwd=REPO, text=True, capture_output=True)
+        assert f"pid {os.getpid()}" in probe.stdout  # still held after the inner block
+    holder = _hold_lock(run)  # released when the block exits
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0
+
+
+def test_sample_score_and_pipelines_refuse_a_folder_in_use(tmp_path, capsys, no_model_load):
+    from dualign.pipelines.config import MoCANConfig
+    from dualign.pipelines.mocan import run_mocan
+
+    samples, toy, _ = _scoring_setup(tmp_path / "run")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nworld\n")
+    holder = _hold_lock(samples.parent)
+    try:
+        msg = f"{samples.parent} is in use by another dualign run (pid {holder.pid})"
+        err = one_line_exit_2(capsys, ["sample", "--model", "/nonexistent/model", "--prompts", str(prompts),
+                                       "--out", str(samples.parent), "--device", "cpu"])
+        assert msg in err and "choose another --out" in err
+        err = one_line_exit_2(capsys, ["score", "--samples", str(samples), "--reward", f"reward:{toy}:length"])
+        assert msg in err and not (samples.parent / "scores.parquet").exists()
+        err = one_line_exit_2(capsys, ["logprobs", "--samples", str(samples), "--name", "ref"])
+        assert msg in err
+        cfg = MoCANConfig(out=str(samples.parent), prompts=str(prompts), reward=f"reward:{toy}:length",
+                          safety={"len": f"safety:{toy}:length"})
+        with pytest.raises(InputError, match="is in use by another dualign run"):
+            run_mocan(cfg, log=lambda *a: None)
+        assert not (samples.parent / "config.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+# ----------------------------------------------------------------------------- 11. names that become paths
+
+@pytest.mark.parametrize("name", ["x/../../../escaped", "..", "", "a b", ".hidden", "a" * 65, "é", 7])
+def test_check_name_refuses_anything_but_one_plain_component(name):
+    from dualign.runio import check_name
+
+    with pytest.raises(InputError) as ei:
+        check_name(name, "safety_preferences")
+    assert ei.value.field == "safety_preferences"
+
+
+@pytest.mark.parametrize("name", ["harm", "safety-v1.2", "a_b", "A" * 64, "x..y"])
+def test_check_name_keeps_plain_names(name):
+    from dualign.runio import check_name
+
+    assert check_name(name, "f") == name
+
+
+@pytest.mark.parametrize("name", ["x/../../../escaped", "..", "", "a b"])
+def test_pecan_constraint_names_are_checked_before_anything_runs(tmp_path, capsys, no_model_load, name):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    run = tmp_path / "deep" / "run"
+    for flag in ("--safety-preferences", "--safety-models"):
+        err = one_line_exit_2(capsys, ["pecan", "--prompts", str(prompts), "--helpful-preferences", "h.jsonl",
+                                       flag, f"{name}=s.jsonl", "--out", str(run)])
+        assert f"field '{flag[2:].replace('-', '_')}'" in err
+    assert not run.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_suite_and_logprob_names_are_checked(tmp_path, capsys, no_model_load):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    err = one_line_exit_2(capsys, ["evaluate", "--model", "/nonexistent/model", "--out", str(tmp_path / "ev"),
+                                   "--suite", f"../../x=harmful:{prompts}"])
+    assert "field '--suite'" in err and not (tmp_path / "ev").exists()
+    err = one_line_exit_2(capsys, ["logprobs", "--samples", str(tmp_path / "samples.parquet"), "--name", "a b"])
+    assert "field '--name'" in err
+
+
+# ----------------------------------------------------------------------------- 12. file.py scorers run code
+
+def test_scorer_spec_help_says_a_python_file_is_run(capsys):
+    from dualign.models.scorers import _import_callable, load_scorer
+
+    sentence = "only use files you trust"
+    for argv in (["score", "--help"], ["mocan", "--help"], ["pecan", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "file.py:function spec imports and runs that file's code" in help_text.replace("`", "")
+        assert sentence in help_text
+    for f in (_import_callable, load_scorer):
+        assert sentence in " ".join(f.__doc__.split())
+    assert "imports and runs that file's code, as `python file.py` would; only use files you trust" \
+        in " ".join((REPO / "README.md").read_text().split())

@@ -37,6 +37,26 @@ def default_safety_columns(columns) -> list[str]:
     return [c for c in columns if str(c).startswith(SAFETY_PREFIX)]
 
 
+def _score_columns(columns, reward: str, safety, prompt_id: str, source: str) -> list[str]:
+    """The safety columns the dual uses (given, else `default_safety_columns`), after checking
+    that they, `reward` and `prompt_id` are among `columns`.
+
+    Raises
+    ------
+    InputError
+        No safety column, or a missing column (the message lists `columns`), naming `source`.
+    """
+    safety = list(safety) if safety else default_safety_columns(columns)
+    if not safety:
+        raise InputError("no safety column: name one with --safety (columns are: "
+                         f"{', '.join(map(str, columns))})", file=source, field="safety")
+    for col in [prompt_id, reward, *safety]:
+        if col not in columns:
+            raise InputError(f"missing column (columns are: {', '.join(map(str, columns))})",
+                             file=source, field=col)
+    return safety
+
+
 def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str] | None = None,
                      prompt_id: str = "prompt_id", source: str = "scores") -> ScoreArrays:
     """Pivot a long score table into arrays, rows grouped by prompt and ordered by `sample_id`.
@@ -52,16 +72,16 @@ def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str]
         numbers and text; a non-numeric or non-finite score; a repeated (prompt id,
         sample_id) pair; prompts with different numbers of samples (the dual needs the same
         K for every prompt), or K < 2. Each names `source`, the record and the field.
+
+    Notes
+    -----
+    Vectorized throughout (no per-row Python): ids are factorized, rows ordered by one
+    stable argsort of the id codes (skipped when the table is already in order), repeats
+    found as equal neighbours in that order. 3.84 M rows take about a second.
     """
-    safety = list(safety) if safety else default_safety_columns(df.columns)
-    if not safety:
-        raise InputError("no safety column: name one with --safety (columns are: "
-                         f"{', '.join(map(str, df.columns))})", file=source, field="safety")
-    for col in [prompt_id, reward, *safety]:
-        if col not in df.columns:
-            raise InputError(f"missing column (columns are: {', '.join(map(str, df.columns))})",
-                             file=source, field=col)
+    safety = _score_columns(df.columns, reward, safety, prompt_id, source)
     df = df.reset_index(drop=True)  # positions are record numbers - 1
+    scores = {}
     for col in [reward, *safety]:
         values = _numeric(df[col])
         bad = np.flatnonzero(~np.isfinite(values))
@@ -69,35 +89,56 @@ def scores_to_arrays(df: pd.DataFrame, reward: str = "reward", safety: list[str]
             v = df[col].iloc[bad[0]]
             v = v.item() if isinstance(v, np.generic) else v  # nan, not np.float64(nan)
             raise InputError(f"not a finite number: {v!r}"[:200], file=source, record=int(bad[0]) + 1, field=col)
+        scores[col] = values
     keys = [prompt_id] + (["sample_id"] if "sample_id" in df.columns else [])
     for col in keys:
         _check_ids(df[col], source, col)
+    # ids → codes in sorted order of the ids, so sorting codes sorts the ids
+    pcode, pids = pd.factorize(df[prompt_id], sort=True)
+    key = pcode.astype(np.int64)
     if len(keys) == 2:
-        dup = df.duplicated(keys, keep="first").to_numpy()
-        if dup.any():
-            i = int(np.flatnonzero(dup)[0])
-            row = df.iloc[i]
-            first = int(np.flatnonzero((df[prompt_id] == row[prompt_id]).to_numpy()
-                                       & (df["sample_id"] == row["sample_id"]).to_numpy())[0])
-            raise InputError(f"({prompt_id}, sample_id) = ({row[prompt_id]!r}, {row['sample_id']!r}) repeats "
+        scode, sids = pd.factorize(df["sample_id"], sort=True)
+        key = key * len(sids) + scode
+    order = None if np.all(key[1:] >= key[:-1]) else np.argsort(key, kind="stable")
+    sorted_key = key if order is None else key[order]
+    if len(keys) == 2:
+        same = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
+        if len(same):
+            # the first record (in file order) that repeats an earlier one: the stable order
+            # puts each pair's earlier record just before it
+            pos = same + 1
+            rows = pos if order is None else order[pos]
+            at = int(np.argmin(rows))
+            i = int(rows[at])
+            first = int(pos[at] - 1 if order is None else order[pos[at] - 1])
+            pid, sid = df[prompt_id].iloc[i], df["sample_id"].iloc[i]
+            pid, sid = (v.item() if isinstance(v, np.generic) else v for v in (pid, sid))
+            raise InputError(f"({prompt_id}, sample_id) = ({pid!r}, {sid!r}) repeats "
                              f"record {first + 1}: each sample must appear once", file=source,
                              record=i + 1, field=f"{prompt_id}, sample_id")
-    df = df.sort_values(keys, kind="stable")
-    counts = df.groupby(prompt_id, sort=False).size()
-    if counts.nunique() != 1:
-        k = int(counts.mode().iloc[0])
-        odd = counts[counts != k].index[0]
-        raise InputError(f"prompt {odd!r} has {counts[odd]} samples but most prompts have {k}; "
+    counts = np.bincount(pcode, minlength=len(pids))
+    if np.any(counts != counts[0]):
+        sizes, freq = np.unique(counts, return_counts=True)
+        k = int(sizes[np.argmax(freq)])  # the most common count (the smallest of ties)
+        j = int(np.flatnonzero(counts != k)[0])
+        odd = pids[j]
+        odd = odd.item() if isinstance(odd, np.generic) else odd
+        raise InputError(f"prompt {odd!r} has {counts[j]} samples but most prompts have {k}; "
                          "the dual needs the same number of samples for every prompt",
                          file=source, field=prompt_id)
-    n, k = len(counts), int(counts.iloc[0])
+    n, k = len(pids), int(counts[0])
     if k < 2:
         raise InputError(f"every prompt has {k} sample; the dual needs at least 2 samples per prompt "
                          "(K >= 2) to tell them apart", file=source, field=prompt_id)
-    R = df[reward].to_numpy(np.float64).reshape(n, k)
-    G = df[safety].to_numpy(np.float64).reshape(n, k, len(safety))
+
+    def arranged(a):
+        return a if order is None else a[order]
+
+    R = arranged(scores[reward]).reshape(n, k)
+    G = np.stack([arranged(scores[c]) for c in safety], axis=-1).reshape(n, k, len(safety))
+    ids = df[prompt_id].to_numpy()
     return ScoreArrays(reward=R, safety=G, safety_names=safety,
-                       prompt_ids=df[prompt_id].to_numpy()[::k])
+                       prompt_ids=ids[::k] if order is None else ids[order[::k]])
 
 
 def _numeric(col: pd.Series) -> np.ndarray:
@@ -130,6 +171,16 @@ def _check_ids(col: pd.Series, source: str, field: str) -> None:
         if len(bad):
             raise InputError("missing or empty id", file=source, record=int(bad[0]) + 1, field=field)
         return
+    # object columns (Parquet/JSONL text ids): all-text or all-integer ones are checked
+    # vectorized; anything else (None, NaN, mixed kinds, lists) walks the rows to name the record
+    kind = pd.api.types.infer_dtype(col, skipna=False)
+    if kind == "integer":
+        return
+    if kind == "string":
+        bad = np.flatnonzero((col.str.strip() == "").to_numpy(dtype=bool))
+        if len(bad):
+            raise InputError("empty id", file=source, record=int(bad[0]) + 1, field=field)
+        return
     kinds = set()
     for i, v in enumerate(col.tolist()):
         if isinstance(v, str):
@@ -156,9 +207,17 @@ def read_score_arrays(path, reward: str = "reward", safety: list[str] | None = N
                       prompt_id: str = "prompt_id") -> ScoreArrays:
     """`scores_to_arrays` of a Parquet / CSV / JSONL file. CSV prompt ids are read as written
     (`read_table`'s `text_columns`): "NA", "null" or "NaN" is an id like any other, an empty
-    one is an error."""
-    return scores_to_arrays(read_table(path, text_columns=(prompt_id,)), reward, safety, prompt_id,
-                            source=str(path))
+    one is an error. Only the columns the dual needs are read (prompt id, sample_id, reward,
+    safety): a Parquet file's response text never enters memory."""
+    source = str(path)
+
+    def needed(columns):  # what the dual reads: never response text (column projection)
+        cols = [prompt_id, reward, *_score_columns(columns, reward, safety, prompt_id, source)]
+        cols += ["sample_id"] if "sample_id" in columns else []
+        return list(dict.fromkeys(cols))
+
+    return scores_to_arrays(read_table(path, text_columns=(prompt_id,), columns=needed), reward, safety,
+                            prompt_id, source=source)
 
 
 def synthetic_scores(n_prompts: int = 200, k: int = 16, seed: int = 0) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import yaml
 
 from ..errors import InputError
 from ..models.loading import EMBEDDED_DEFAULT
+from ..runio import check_name
 
 
 @dataclass
@@ -24,9 +25,11 @@ class PipelineConfig:
     ----------
     out : run directory; every artifact lands here, and a rerun resumes from it.
     policy : the reference policy π_ref: HF id, local dir, .gguf file or the embedded default.
-    reward : reward scorer spec (see `dualign score`).
+    reward : reward scorer spec (see `dualign score`); a `file.py:function` spec imports and
+        runs that file's code, as `python file.py` would; only use files you trust.
     safety : constraint name → scorer spec, with its sign declared (`cost:`/`safety:` prefix
-        or the scorer's own config).
+        or the scorer's own config); a `file.py:function` spec imports and runs that file's
+        code, as `python file.py` would; only use files you trust.
     margins : constraint name → required gain over π_ref; constraints left out get
         `margin_fraction` × their largest achievable gain (shown before training).
     max_unsafe_rate : constraint name → the largest unsafe rate allowed instead of a margin,
@@ -212,9 +215,11 @@ class PeCANConfig(PipelineConfig):
         predictions describe. "paper": the paper's code, without β inside σ:
         p = σ((Δr̂ + λ*ᵀΔĝ)/β), whose optimum is π_ref exp((r̂ + λ*ᵀĝ)/β²), a sharper
         policy than the dual solved for (its predictions do not apply to it).
-    reward : optional reward model for evaluation only (column `scorer/reward`).
+    reward : optional reward model for evaluation only (column `scorer/reward`); a
+        `file.py:function` spec imports and runs that file's code, as `python file.py` would;
+        only use files you trust.
     safety : optional constraint name → cost/safety model spec for evaluation only
-        (columns `scorer/safety/<name>`).
+        (columns `scorer/safety/<name>`); a `file.py:function` spec runs code likewise.
     margins : constraint name → required gain of the implicit safety score ĝ over π_ref
         (in ĝ's units: β × nats); left out: `margin_fraction` × the largest achievable.
     max_unsafe_rate : not for PeCAN: the dual's safety scores are the implicit
@@ -253,6 +258,12 @@ class PeCANConfig(PipelineConfig):
     def validate(self) -> "PeCANConfig":
         if not self.prompts:
             raise InputError("no prompts: set `prompts` (a file of prompts)", field="prompts")
+        for section in ("safety_preferences", "safety_models"):
+            value = getattr(self, section)
+            if not isinstance(value, dict):
+                raise InputError(f"expected a mapping NAME: PATH, got {value!r}", field=section)
+            for name in value:  # each names folders: pre_align/safety_<name>, eval/dpo_s_<name>
+                check_name(name, section)
         if self.preferences and (self.helpful_preferences or self.safety_preferences):
             raise InputError("give `preferences` (both labels in one file) or `helpful_preferences` "
                              "and `safety_preferences`, not both", field="preferences")

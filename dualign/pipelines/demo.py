@@ -1,6 +1,7 @@
 """`dualign demo`: MoCAN or PeCAN on the embedded default, sized for a 2-core CPU."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..data.demo_data import demo_path
@@ -87,3 +88,23 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
         preferences=str(demo_path("train")), pre_align={"num_train_epochs": 1},
         margins={} if margin is None else {PeCANConfig.HARMLESS: margin}, **settings)
+
+
+def compare_demo_config(out, *, quick: bool = False, log=print):
+    """`dualign compare --demo`: the MoCAN demo's π_ref, scorers, prompts, margin and training
+    recipe, with every method trained on the same `PECAN_DEMO_PAIRS` preference pairs (the file
+    is shuffled) so that the five-method comparison fits in about 45 minutes on the 2 cores:
+    MoCAN 2 epochs, each DPO-family rival 1 epoch (as PeCAN's DPO_H and DPO_S), the primal–dual
+    baseline a fixed number of GRPO steps. The quick version shrinks everything for a smoke run."""
+    from .compare import CompareConfig
+
+    base = demo_config(out, quick=quick, log=log)
+    cfg = CompareConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    cfg.max_pairs = 48 if quick else PECAN_DEMO_PAIRS
+    cfg.train = {**cfg.train, "num_train_epochs": 1 if quick else 2}
+    cfg.baseline_train = {"num_train_epochs": 1}
+    cfg.primal_dual = {"max_steps": 2 if quick else 24, "num_generations": 4,
+                       "per_device_train_batch_size": 8 if quick else 16, "max_new_tokens": cfg.max_new_tokens}
+    cfg.methods = ["mocan", "dpo_h", "dpo_s", "safedpo", "primal_dual"] if not quick else \
+        ["mocan", "dpo_h", "dpo_s", "safedpo", "sacpo", "p_sacpo", "primal_dual"]
+    return cfg

@@ -15,7 +15,8 @@ from ..runio import array_digest, write_json
 
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
                      level: float = 0.95, seed: int = 0, progress: bool = True,
-                     inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None) -> dict:
+                     inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None,
+                     bootstrap_method: str = "one_step") -> dict:
     """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
 
     `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
@@ -26,7 +27,8 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
     π_ref's rate − r (`dualign.dual.unsafe_rate`); `margins` entries of those constraints are
     ignored, and their record has kind "max_unsafe_rate", the bound, the smallest reachable
     rate, and reference_mean, gains, max_gain and slack in units of g (−unsafe rate); their
-    bootstrap holds the bound r fixed. Every signed constraint's record gets the unsafe rate
+    bootstrap holds the bound r fixed. `bootstrap_method`: "one_step" or "full" (`bootstrap_dual`'s
+    `method`; "one-step" also accepted). Every signed constraint's record gets the unsafe rate
     of π_λ* predicted from the same weights (`predicted_unsafe_rate`, also
     `predicted.unsafe_rate`), next to π_ref's (`unsafe_rate_reference`).
 
@@ -45,7 +47,8 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
                          "so no unsafe rate: state the constraint as a margin", field="max_unsafe_rate")
     G, margins, is_rate = unsafe_rate_constraints(scores.safety, margins, rates, scores.safety_names)
     bs = bootstrap_dual(scores.reward, G, beta, margins, n_boot=n_boot, level=level,
-                        seed=seed, names=scores.safety_names, progress=progress, absolute=is_rate)
+                        seed=seed, names=scores.safety_names, progress=progress, absolute=is_rate,
+                        method=bootstrap_method)
     est = bs.estimate
     pred = est.predicted
     ci = bs.ci
@@ -114,6 +117,8 @@ def format_dual_summary(d: dict) -> str:
     lines.append(f"  certificate: converged={d['converged']} in {d['iterations']} Newton steps, "
                  f"KKT residual {d['kkt_residual']:.2e} (scaled {d['scaled_kkt_residual']:.2e}); "
                  f"{d['bootstrap']['n_boot']} bootstrap replicates"
+                 + (f" (one-step, {d['bootstrap'].get('n_resolved', 0)} re-solved)"
+                    if d["bootstrap"].get("method") == "one_step" else "")
                  + (f", {d['bootstrap']['n_infeasible']} infeasible" if d["bootstrap"]["n_infeasible"] else ""))
     return "\n".join(lines)
 

@@ -12,15 +12,24 @@ from pathlib import Path
 
 from ..data.preferences import load_preferences
 from ..models.loading import load_policy
-from ..runio import file_digest, write_json, write_parquet
+from ..runio import file_digest, run_lock, write_json, write_parquet
 from . import stages as S
 from .config import MoCANConfig
 from .pairs import dataset_as_samples, labels_decided_line, pairs_from_samples, pairs_from_scored_dataset
 from .scoring import score_jobs
 
 
-def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = None, log=print) -> Path:
+def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = None, log=print,
+              baselines: dict | None = None) -> Path:
+    """Run (or resume) MoCAN in `cfg.out`. `baselines`: name → loader of (model, tokenizer,
+    model name), other models evaluated next to MoCAN's on the same prompts, with their KL
+    (`dualign compare`)."""
     cfg.validate()
+    with run_lock(cfg.out):  # a second run into the same folder is refused, not mixed in
+        return _run_mocan(cfg, start, stop, log, baselines)
+
+
+def _run_mocan(cfg: MoCANConfig, start: str | None, stop: str | None, log, baselines: dict | None) -> Path:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     clock = S.StageClock(run, log)  # timings.json: wall time per stage
@@ -82,7 +91,8 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
             return run
         clock("evaluate", f"[6/7 evaluate] π_ref vs trained on {len(eval_prompts)} held-out prompts")
         record = S.evaluate_stage(run, result, cfg.policy, eval_prompts, jobs, cfg, method="mocan",
-                                  dual=dual, force=force["evaluate"], log=log, held_out=held_out)
+                                  dual=dual, force=force["evaluate"], log=log, held_out=held_out,
+                                  baselines=baselines, baseline_kl=bool(baselines))
         if not todo("report"):
             return run
         clock("report", "[7/7 report]")

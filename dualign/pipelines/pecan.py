@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..data.preferences import load_preferences
 from ..models.loading import load_policy, load_tokenizer
-from ..runio import file_digest, write_json, write_parquet
+from ..runio import file_digest, run_lock, write_json, write_parquet
 from . import stages as S
 from .config import PeCANConfig
 from .implicit import add_implicit_columns
@@ -39,6 +39,11 @@ HELPFUL = "helpful"
 
 def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = None, log=print) -> Path:
     cfg.validate()
+    with run_lock(cfg.out):  # a second run into the same folder is refused, not mixed in
+        return _run_pecan(cfg, start, stop, log)
+
+
+def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Path:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     clock = S.StageClock(run, log)  # timings.json: wall time per stage

@@ -133,11 +133,14 @@ def sample_stage(run: Path, model, tokenizer, prompts, cfg, *, subdir: str = "",
 
 def score_stage(samples_path: Path, jobs, *, force: bool = False, log=print):
     """Score samples into scores.parquet next to them; returns the table."""
-    from .scoring import score_samples
+    import shutil
+
+    from .scoring import partial_dir, score_samples
 
     out = Path(samples_path).parent / "scores.parquet"
     if force:
         out.unlink(missing_ok=True)
+        shutil.rmtree(partial_dir(out), ignore_errors=True)  # an interrupted scoring's parts too
     return score_samples(samples_path, jobs, out, log=log)
 
 
@@ -282,7 +285,8 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
                    dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
                    safety_cols=None, unsigned_cols=(), baselines: dict | None = None,
-                   baseline_logps: dict | None = None, held_out: dict | None = None) -> dict:
+                   baseline_logps: dict | None = None, held_out: dict | None = None,
+                   baseline_kl: bool = False) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
     score both, compare → eval.json; and judge their behaviour (refusal of harmful prompts,
     over-refusal of benign and borderline ones) with a detector independent of the scores →
@@ -310,6 +314,10 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     held_out : dict, optional
         `held_out_prediction_of` the reference's evaluation samples, when the recipe already
         made it before training; else it is made here.
+    baseline_kl : bool
+        Estimate every baseline's KL(π‖π_ref) on its own samples (`logp/<name>` while it is
+        loaded, then `logp/ref`), as `achieved_kl` does for the trained model
+        (`dualign compare`); `baseline_logps` then defaults to those columns.
     """
     from ..eval.report import kl_prediction_text
     from ..eval.summary import (compare_scores, format_eval_table, format_kind_gains, format_models_table,
@@ -341,7 +349,18 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         paths[name] = sample_stage(run, bmodel, btok, prompts, cfg, subdir=f"eval/{name}", model_name=bname,
                                    num_samples=cfg.eval_num_samples, force=force)
         behaviour_paths[name] = _behaviour_samples(run, bmodel, btok, plan, cfg, name, bname, force)
+        if baseline_kl:  # its own log-probs now, while it is loaded
+            _own_logps([paths[name]], name, bname, lambda m=bmodel, t=btok: (m, t), run, cfg, force, log)
         del bmodel
+    if baseline_kl and baselines:
+        from contextlib import ExitStack
+
+        from .scoring import REF
+
+        with ExitStack() as stack:  # π_ref is set up only if some column is not current
+            _own_logps([paths[n] for n in baselines], REF, base_spec,
+                       lambda: stack.enter_context(_reference_of(model, base_spec)), run, cfg, force, log)
+        baseline_logps = baseline_logps or {n: f"logp/{n}" for n in baselines}
     tables = dict(zip(paths, score(list(paths.values()), force)))
     ref_scores, trained_scores = tables["reference"], tables["trained"]
 
@@ -386,6 +405,15 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
 
         log(format_behaviour_table(record["behaviour"]))
     return record
+
+
+def _own_logps(paths, name: str, ident: str, load, run: Path, cfg, force: bool, log) -> None:
+    """`logp/<name>` on `paths`, tokenized as the one-shot training tokenizes (`achieved_kl`)."""
+    from .scoring import LogProbModel, logprob_columns
+
+    tcfg = train_config(run, cfg.beta, cfg.train)
+    logprob_columns(paths, [LogProbModel(name, ident, load)], template=tcfg.template, append_eos=tcfg.append_eos,
+                    max_length=tcfg.max_length, batch_size=tcfg.ref_batch_size, force=force, log=log)
 
 
 def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_name: str, cfg, dual: dict,

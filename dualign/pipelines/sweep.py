@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..eval.report import kl_at_sample_ceiling
-from ..runio import write_json, write_text
+from ..runio import run_lock, write_json, write_text
 from .config import MoCANConfig
 
 KINDS = ("fraction", "margin", "lambda")
@@ -153,11 +153,16 @@ def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
     InputError
         As `point_configs`, and whatever a MoCAN run raises (before its first expensive step).
     """
+    cfg.validate()
+    check_sweep(cfg, kind)
+    with run_lock(cfg.out):  # the shared stages run in this folder; each point locks its own
+        return _run_sweep(cfg, kind, values, log)
+
+
+def _run_sweep(cfg: MoCANConfig, kind: str, values, log) -> Path:
     from ..data.scores import read_score_arrays
     from .mocan import run_mocan
 
-    cfg.validate()
-    check_sweep(cfg, kind)
     root = Path(cfg.out)
     log(f"[sweep] shared stages in {root}/: π_ref's samples and their scores")
     run_mocan(cfg, stop="score", log=log)

@@ -8,6 +8,11 @@ For a pair (x, y0, y1) with label p = P(y1 preferred over y0),
 With p = σ(r(y1) − r(y0)) the population minimizer is π_θ ∝ π_ref exp(r/β) (DESIGN.md §3):
 each pair's loss is a cross-entropy between Bernoulli(p) and Bernoulli(σ(βΔ)), minimal
 exactly when βΔ = r(y1) − r(y0). Labels in {0, 1} give plain DPO (the sigmoid loss).
+
+An optional per-pair offset o ≥ 0 asks the preferred side to win by at least o in the logit,
+ℓ = −[ p log σ(βΔ_θ − o) + (1 − p) log σ(−βΔ_θ − o) ]; with hard labels and o = Δ_safe·1{the
+dispreferred answer is unsafe and the preferred one safe} this is SafeDPO's loss
+(`dualign.pipelines.baselines.safedpo_pairs`).
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ import numpy as np
 
 
 def pseudo_preference_loss(policy_logp_1, policy_logp_0, ref_logp_1, ref_logp_0, labels,
-                           beta: float, reduction: str = "mean"):
-    """Soft-label DPO loss, −[p log σ(βΔ) + (1−p) log σ(−βΔ)].
+                           beta: float, reduction: str = "mean", offset=None):
+    """Soft-label DPO loss, −[p log σ(βΔ − o) + (1−p) log σ(−βΔ − o)] (o = 0 by default).
 
     Parameters
     ----------
@@ -30,6 +35,9 @@ def pseudo_preference_loss(policy_logp_1, policy_logp_0, ref_logp_1, ref_logp_0,
         KL coefficient β > 0.
     reduction : {"mean", "none"}
         Average over the batch, or return the per-pair losses.
+    offset : torch.Tensor, shape (B,), optional
+        o ≥ 0 per pair, in logit units: the margin by which the preferred side must win
+        (SafeDPO's Δ on pairs whose dispreferred answer is unsafe). None: 0.
 
     Returns
     -------
@@ -51,7 +59,8 @@ def pseudo_preference_loss(policy_logp_1, policy_logp_0, ref_logp_1, ref_logp_0,
     z = beta * delta
     labels = labels.to(z.dtype)
     # logsigmoid is stable for any |z|; log(sigmoid(z)) underflows to -inf for z << 0
-    losses = -(labels * F.logsigmoid(z) + (1.0 - labels) * F.logsigmoid(-z))
+    o = 0.0 if offset is None else offset.to(z.dtype)
+    losses = -(labels * F.logsigmoid(z - o) + (1.0 - labels) * F.logsigmoid(-z - o))
     return losses.mean() if reduction == "mean" else losses
 
 

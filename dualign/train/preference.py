@@ -335,7 +335,8 @@ class TrainResult:
 # data
 
 def validate_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Check a pairs table: columns prompt, response_0, response_1, label (p in [0, 1]).
+    """Check a pairs table: columns prompt, response_0, response_1, label (p in [0, 1]); an
+    optional `offset` column (finite, ≥ 0: the logit margin of `pseudo_preference_loss`).
 
     Returns
     -------
@@ -344,7 +345,8 @@ def validate_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     Raises
     ------
     InputError
-        Missing column, empty table, non-string text, or a label outside [0, 1].
+        Missing column, empty table, non-string text, a label outside [0, 1], or a negative
+        or non-finite offset.
     """
     if not isinstance(pairs, pd.DataFrame):
         raise InputError(f"pairs must be a pandas DataFrame, not {type(pairs).__name__}")
@@ -364,6 +366,12 @@ def validate_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     if bad.any():
         raise InputError("label must be a probability in [0, 1]",
                          record=int(np.flatnonzero(bad)[0]), field="label")
+    if "offset" in pairs.columns:
+        off = pd.to_numeric(pairs["offset"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~(np.isfinite(off) & (off >= 0))
+        if bad.any():
+            raise InputError("offset must be a finite number >= 0", record=int(np.flatnonzero(bad)[0]),
+                             field="offset")
     return pairs
 
 
@@ -405,17 +413,22 @@ class PreferenceDataset:
     features : list of dict
         From `tokenize_pairs`.
     labels, ref_logp_0, ref_logp_1 : array_like, shape (n,)
+    offsets : array_like, shape (n,), optional
+        Per-pair logit margins (`pseudo_preference_loss`); default 0.
     """
 
-    def __init__(self, features, labels, ref_logp_0, ref_logp_1):
+    def __init__(self, features, labels, ref_logp_0, ref_logp_1, offsets=None):
         n = len(features)
-        for name, a in (("labels", labels), ("ref_logp_0", ref_logp_0), ("ref_logp_1", ref_logp_1)):
+        offsets = np.zeros(n) if offsets is None else offsets
+        for name, a in (("labels", labels), ("ref_logp_0", ref_logp_0), ("ref_logp_1", ref_logp_1),
+                        ("offsets", offsets)):
             if len(a) != n:
                 raise ValueError(f"{name} has {len(a)} rows but there are {n} pairs")
         self.features = features
         self.labels = np.asarray(labels, dtype=np.float64)
         self.ref_logp_0 = np.asarray(ref_logp_0, dtype=np.float64)
         self.ref_logp_1 = np.asarray(ref_logp_1, dtype=np.float64)
+        self.offsets = np.asarray(offsets, dtype=np.float64)
         # a batch is padded to its longest sequence, y0 or y1
         self.lengths = [max(len(f["prompt_ids_0"]) + len(f["response_ids_0"]),
                             len(f["prompt_ids_1"]) + len(f["response_ids_1"])) for f in features]
@@ -424,7 +437,7 @@ class PreferenceDataset:
         return len(self.features)
 
     def __getitem__(self, i):
-        return {**self.features[i], "label": self.labels[i],
+        return {**self.features[i], "label": self.labels[i], "offset": self.offsets[i],
                 "ref_logp_0": self.ref_logp_0[i], "ref_logp_1": self.ref_logp_1[i]}
 
 
@@ -455,6 +468,8 @@ class PreferenceCollator:
         pref_label : torch.FloatTensor, shape (B,)
             p = P(y1 preferred). (Not called `labels`: `Trainer` would treat it as token labels.)
         ref_logp_1, ref_logp_0 : torch.FloatTensor, shape (B,)
+        pref_offset : torch.FloatTensor, shape (B,)
+            The pairs' logit margins (0 unless the pairs have an `offset` column).
     """
 
     def __init__(self, pad_token_id: int, share_prompt: bool = False):
@@ -466,7 +481,8 @@ class PreferenceCollator:
 
         f32 = lambda k: torch.tensor([float(it[k]) for it in items], dtype=torch.float32)  # noqa: E731
         out = {"pref_label": f32("label"), "ref_logp_1": f32("ref_logp_1"),
-               "ref_logp_0": f32("ref_logp_0")}
+               "ref_logp_0": f32("ref_logp_0"),
+               "pref_offset": torch.tensor([float(it.get("offset", 0.0)) for it in items], dtype=torch.float32)}
         if self.share_prompt and all(it["prompt_ids_0"] == it["prompt_ids_1"] for it in items):
             prompts = [it["prompt_ids_1"] for it in items]
             P = max(len(p) for p in prompts)
@@ -677,7 +693,8 @@ def _make_trainer_class():
             ref_1 = inputs["ref_logp_1"].to(logp_1.dtype)
             ref_0 = inputs["ref_logp_0"].to(logp_0.dtype)
             p = inputs["pref_label"]
-            loss = pseudo_preference_loss(logp_1, logp_0, ref_1, ref_0, p, self.beta)
+            loss = pseudo_preference_loss(logp_1, logp_0, ref_1, ref_0, p, self.beta,
+                                          offset=inputs.get("pref_offset"))
             if self.sft_weight > 0:
                 nll = label_weighted_nll(logp_1, logp_0, *response_lengths(inputs), p)
                 loss = loss + self.sft_weight * nll
@@ -894,9 +911,53 @@ def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_di
 # ---------------------------------------------------------------------------------------
 # top level
 
-def _checkpoints(out: Path) -> list[Path]:
+# Weight files a Trainer checkpoint holds (one of them): full weights, sharded or not, or a PEFT adapter.
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder in `out`, complete or not, by step."""
     cps = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _checkpoint_complete(cp: Path) -> bool:
+    """Whether a Trainer checkpoint was written to the end.
+
+    `Trainer._save_checkpoint` (transformers 5.x) writes the weights first, then optimizer,
+    scheduler, scaler and RNG states, and `trainer_state.json` last (with a plain, non-atomic
+    write). So a checkpoint is complete when trainer_state.json parses and records this
+    folder's step, and the weights are there; a kill during the save leaves no (or a
+    truncated) trainer_state.json.
+    """
+    try:
+        state = json.loads((cp / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != int(cp.name.split("-")[-1]):
+        return False
+    if any((cp / name).is_file() for name in _CHECKPOINT_WEIGHTS):
+        return True
+    # FSDP sharded weights, or adapters saved in sub-folders (several adapters): as the Trainer accepts
+    return any(sub.is_dir() and (sub.name.startswith("pytorch_model_fsdp")
+                                 or any((sub / n).is_file() for n in _CHECKPOINT_WEIGHTS[4:]))
+               for sub in cp.iterdir())
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints in `out` (`_checkpoint_complete`), by step: what a run may resume from."""
+    return [cp for cp in _checkpoint_dirs(out) if _checkpoint_complete(cp)]
+
+
+def _drop_incomplete_checkpoints(out: Path) -> None:
+    """Delete, with a warning, the checkpoints a killed save left half-written: resuming from
+    one fails ("Can't find a valid checkpoint"), and the Trainer's rotation would count them."""
+    for cp in _checkpoint_dirs(out):
+        if not _checkpoint_complete(cp):
+            warnings.warn(f"{cp}: incomplete checkpoint (a save was interrupted); removing it and "
+                          "resuming from the last complete one", stacklevel=3)
+            shutil.rmtree(cp, ignore_errors=True)  # another rank of a distributed run may race us
 
 
 def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig | None = None,
@@ -957,9 +1018,12 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     feats = tokenize_pairs(tokenizer, pairs, config)
     p = pairs["label"].to_numpy(np.float64)
     labels = hard_labels(p, config.seed) if config.label_mode == "hard" else p
+    offsets = pairs["offset"].to_numpy(np.float64) if "offset" in pairs.columns else None
     tdig = _tokens_digest(feats)
+    # offsets join the digest only when present, so runs without them keep their old digests
+    data_digest = array_digest(labels) if offsets is None else array_digest(labels, offsets)
     run_digest = array_digest(np.frombuffer(
-        f"{tdig}:{array_digest(labels)}:{config.training_digest()}".encode(), dtype=np.uint8))
+        f"{tdig}:{data_digest}:{config.training_digest()}".encode(), dtype=np.uint8))
 
     prev = _read_json(out / RUN_FILE)
     has_state = bool(_checkpoints(out)) or (out / MODEL_DIRNAME).exists()
@@ -970,7 +1034,7 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         raise InputError("holds a run with other data or settings; choose another output_dir "
                          "or pass resume=False to start over", file=str(out))
     if not resume and out.exists():
-        for cp in _checkpoints(out):
+        for cp in _checkpoint_dirs(out):
             shutil.rmtree(cp)
         for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
             (out / name).unlink(missing_ok=True)
@@ -1001,7 +1065,7 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     Trainer = preference_trainer_class()
     args = config.training_arguments()
     trainer = Trainer(model=model, args=args,
-                      train_dataset=PreferenceDataset(feats, labels, ref0, ref1),
+                      train_dataset=PreferenceDataset(feats, labels, ref0, ref1, offsets),
                       data_collator=PreferenceCollator(
                           pad_id, share_prompt=_can_share_prompt(config, args) and _supports_shared_prompt(model)),
                       processing_class=tokenizer,
@@ -1011,6 +1075,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     if config.use_lora and config.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs
 
+    if resume:
+        _drop_incomplete_checkpoints(out)
     cps = _checkpoints(out) if resume else []
     resumed_from = str(cps[-1]) if cps else None
     t0 = time.perf_counter()
