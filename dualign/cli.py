@@ -28,8 +28,9 @@ def _add_dual(sub):
                         "(default: 'safety', else every 'safety/<name>' column)")
     p.add_argument("--prompt-id", default="prompt_id", metavar="COL")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
-    p.add_argument("--bootstrap-method", choices=("one-step", "full"), default="one-step",
-                   help="one-step (default): one Newton step per replicate from λ*, all replicates at once, "
+    p.add_argument("--bootstrap-method", choices=("auto", "one-step", "full"), default="auto",
+                   help="auto (default): full while prompts × samples × replicates ≤ 2e8, else one-step; "
+                        "one-step: one Newton step per replicate from λ*, all replicates at once, "
                         "re-solving only those it cannot trust; full: re-solve the dual on every replicate "
                         "(exact, about 1,000 times slower on 30k prompts)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")

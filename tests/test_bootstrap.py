@@ -49,7 +49,7 @@ def assert_agree(full, one, tol=0.05):
 
 def both(R, G, beta, margins, n_boot=200, **kw):
     return (bootstrap_dual(R, G, beta, margins, n_boot=n_boot, seed=1, method="full", **kw),
-            bootstrap_dual(R, G, beta, margins, n_boot=n_boot, seed=1, **kw))
+            bootstrap_dual(R, G, beta, margins, n_boot=n_boot, seed=1, method="one_step", **kw))
 
 
 # ----------------------------------------------------------------------------- agreement with the full re-solve
@@ -141,7 +141,7 @@ def test_resolved_replicates_that_do_not_converge_are_counted(monkeypatch):
 
     monkeypatch.setattr(bootstrap, "solve_problem", flaky)
     R, G = synthetic(100, seed=100)
-    bs = bootstrap_dual(R, G, 0.1, 0.9 * max_gain(G), n_boot=100)
+    bs = bootstrap_dual(R, G, 0.1, 0.9 * max_gain(G), n_boot=100, method="one_step")
     assert bs.n_resolved > 0 and bs.n_not_converged == bs.n_resolved
     assert len(bs.replicates["lambda"]) == 100 - bs.n_infeasible - bs.n_not_converged
     assert bs.to_dict()["n_resolved"] == bs.n_resolved and bs.to_dict()["method"] == "one_step"
@@ -228,7 +228,8 @@ def text_scores(tmp_path):
 def test_cli_bootstrap_method_flag(text_scores, tmp_path):
     path = tmp_path / "s.parquet"
     text_scores.to_parquet(path)
-    for flag, method in ((None, "one_step"), ("full", "full"), ("one-step", "one_step")):
+    # auto (the default) re-solves every replicate of a table this small
+    for flag, method in ((None, "full"), ("auto", "full"), ("full", "full"), ("one-step", "one_step")):
         out = tmp_path / f"{method}-{flag}.json"
         argv = ["dual", str(path), "--bootstrap", "30", "--out", str(out)]
         assert main(argv + (["--bootstrap-method", flag] if flag else [])) == 0
@@ -340,3 +341,34 @@ def test_uneven_prompts_name_the_odd_prompt_and_the_common_count():
     empty = text.assign(prompt_id=text["prompt_id"].where(text.index != 5, " "))
     with pytest.raises(InputError, match="record 6, field 'prompt_id': empty id"):
         scores_to_arrays(empty)
+
+
+def test_auto_resolves_small_problems_and_steps_on_large_ones(monkeypatch):
+    R, G = synthetic(100, k=4)
+    assert bootstrap_dual(R, G, 0.1, 0.5 * max_gain(G), n_boot=20).method == "full"
+    monkeypatch.setattr(bootstrap, "AUTO_FULL_BUDGET", R.size * 20 - 1)  # one score-replicate over
+    assert bootstrap_dual(R, G, 0.1, 0.5 * max_gain(G), n_boot=20).method == "one_step"
+
+
+def harm_like(seed, n=106, k=4):
+    """Scores shaped like the demo's: half the prompts harmful, safety = −max(cost, 0) (zero for
+    every safe answer, a long negative tail), a helpfulness reward that rises with the harm."""
+    rng = np.random.default_rng(seed)
+    harmful = rng.random(n) < 0.5
+    cost = rng.normal(-1.5, 1.5, size=(n, k)) + np.where(harmful, 1.5, -1.0)[:, None]
+    reward = rng.normal(4, 3, size=(n, k)) + 0.8 * np.maximum(cost, 0)
+    return reward, -np.maximum(cost, 0)[:, :, None]
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_constraint_that_turns_off_in_a_replicate_is_resolved(seed):
+    """The demo's shape near the edge of reach (margin 0.95 × the largest gain): one step from a
+    large λ* landed on λ = 0 in 21 (seed 0) and 50 (seed 2) of 300 replicates where every
+    re-solve stays above 1.7 (the quadratic model extrapolated across the projection's kink).
+    Such replicates are re-solved, so the lower end of λ's interval agrees."""
+    R, G = harm_like(seed)
+    full, one = both(R, G, 0.1, 0.95 * max_gain(G), n_boot=300)
+    zeros = lambda r: int(np.sum(r.replicates["lambda"][:, 0] == 0))  # noqa: E731
+    assert full.estimate.lam[0] > 1 and zeros(full) == 0
+    assert zeros(one) == 0
+    assert abs(one.ci["lambda"][0, 0] - full.ci["lambda"][0, 0]) <= 0.05 * np.diff(full.ci["lambda"][0])[0]

@@ -82,6 +82,11 @@ def test_one_sample_per_prompt_names_the_file(tmp_path, capsys):
 def no_model_load(monkeypatch):
     """Fail the test if a command loads a model: bad settings must be caught before."""
     import dualign.models.loading as loading
+    # modules that bind `load_policy` by name at import: imported now, so that they keep the
+    # real function once the patch is undone (else a later test would load nothing)
+    import dualign.pipelines.compare  # noqa: F401
+    import dualign.pipelines.mocan  # noqa: F401
+    import dualign.pipelines.pecan  # noqa: F401
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the settings were checked")

@@ -448,6 +448,10 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
         compute[m] = {"wall_s": float(info["wall_s"]), "generated_tokens": int(info.get("generated_tokens", 0)),
                       "scored_responses": int(info.get("scored_responses", 0)),
                       "trained_tokens": int(info.get("trained_tokens", 0))}
+    if "p_sacpo" in compute and "sacpo" in compute:
+        # P-SACPO interpolates SACPO's trained stages: it costs SACPO's training (found trained
+        # when SACPO ran first) plus the interpolation
+        compute["p_sacpo"]["wall_s"] += compute["sacpo"]["wall_s"]
     mean_resp = max(gen / max(len(samples), 1), 1.0)
     for c in compute.values():
         # dense-equivalent estimates: 2N FLOPs per token forward, 6N per trained token (an upper

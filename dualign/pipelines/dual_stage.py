@@ -16,7 +16,7 @@ from ..runio import array_digest, write_json
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
                      level: float = 0.95, seed: int = 0, progress: bool = True,
                      inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None,
-                     bootstrap_method: str = "one_step") -> dict:
+                     bootstrap_method: str = "auto") -> dict:
     """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
 
     `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
@@ -27,7 +27,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
     π_ref's rate − r (`dualign.dual.unsafe_rate`); `margins` entries of those constraints are
     ignored, and their record has kind "max_unsafe_rate", the bound, the smallest reachable
     rate, and reference_mean, gains, max_gain and slack in units of g (−unsafe rate); their
-    bootstrap holds the bound r fixed. `bootstrap_method`: "one_step" or "full" (`bootstrap_dual`'s
+    bootstrap holds the bound r fixed. `bootstrap_method`: "auto", "one_step" or "full" (`bootstrap_dual`'s
     `method`; "one-step" also accepted). Every signed constraint's record gets the unsafe rate
     of π_λ* predicted from the same weights (`predicted_unsafe_rate`, also
     `predicted.unsafe_rate`), next to π_ref's (`unsafe_rate_reference`).
