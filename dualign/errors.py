@@ -63,3 +63,32 @@ class DualNotConvergedError(DualignError, ArithmeticError):
     def __init__(self, message: str, *, lam, kkt_residual: float, iterations: int):
         self.lam, self.kkt_residual, self.iterations = lam, kkt_residual, iterations
         super().__init__(message)
+
+
+def settings_from_dict(cls, d, section: str, what: str = "settings"):
+    """Build the settings dataclass `cls` from a YAML mapping `d` (the config's `section`).
+
+    Raises
+    ------
+    InputError
+        `d` is not a mapping (naming `section`); an unknown key (naming `section.key` and the
+        closest valid name); or a value `cls` rejects with a TypeError/ValueError (naming
+        `section`). An InputError raised by `cls`'s own checks passes through.
+    """
+    import dataclasses
+    import difflib
+
+    if d is not None and not isinstance(d, dict):
+        raise InputError(f"expected a mapping of {what}, got {type(d).__name__}", field=section)
+    d = dict(d or {})
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    for key in sorted(map(str, set(d) - set(known))):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+        raise InputError(f"unknown {what[:-1] if what.endswith('s') else what} ({hint})", field=f"{section}.{key}")
+    try:
+        return cls(**d)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as e:  # a wrong type deep in a check, e.g. epochs "three"
+        raise InputError(f"invalid {what} ({e})", field=section) from None

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -490,3 +491,23 @@ def run_lock(directory, flag: str = "--out"):
         del _HELD[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def open_partial_dir(folder, settings: dict) -> None:
+    """Keep `folder`, the finished parts of an interrupted run (sampling, scoring), when its
+    `settings.json` equals `settings`; otherwise (other settings, unreadable, absent) start it
+    afresh with `settings` written in it. A resumed run then reuses only parts made exactly as
+    it would make them."""
+    folder = Path(folder)
+    meta = folder / "settings.json"
+    if folder.exists():
+        try:
+            same = json.loads(meta.read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json(settings, meta)
+

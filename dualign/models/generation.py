@@ -12,7 +12,6 @@ skips the parts it has and ends with the same file an uninterrupted run writes.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..runio import read_table, write_json, write_parquet
+from ..runio import open_partial_dir, read_table, write_parquet
 from .loading import cache_kwarg, forward_params
 from .text import encode_prompt
 
@@ -428,7 +427,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
             old = pd.read_parquet(final)
             if old.attrs.get("dualign") == settings:
                 return old
-        _prepare_partial(part_dir, settings)
+        open_partial_dir(part_dir, settings)
 
     encoded = [encode_prompt(tokenizer, p, template) for p in prompts]
     batches = plan_batches([len(x) for x in encoded], num_samples, batch_size)
@@ -478,21 +477,6 @@ def _assemble(parts: list[pd.DataFrame], seed: int, model_name: str) -> pd.DataF
     df["seed"] = np.int64(seed)
     df["model"] = model_name
     return df.sort_values(["prompt_id", "sample_id"], kind="stable").reset_index(drop=True)[COLUMNS]
-
-
-def _prepare_partial(part_dir: Path, settings: dict) -> None:
-    """Keep the parts of an interrupted run with the same settings; discard any others."""
-    meta = part_dir / "settings.json"
-    if part_dir.exists():
-        try:
-            same = json.loads(meta.read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if same:
-            return
-        shutil.rmtree(part_dir)
-    part_dir.mkdir(parents=True)
-    write_json(settings, meta)
 
 
 # ----------------------------------------------------------------------------- vLLM

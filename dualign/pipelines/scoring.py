@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..models.scorers import (check_safety_sign, column_is_current, load_scorer, parse_named,
                               read_samples, write_scores)
 from ..runio import digest as runio_digest
-from ..runio import file_digest, write_json, write_parquet
+from ..runio import file_digest, open_partial_dir, write_parquet
 
 
 def score_jobs(reward: str | None, safety: list[str] | dict | None) -> list[tuple[str, str, str]]:
@@ -77,22 +77,6 @@ def plan_parts(samples: pd.DataFrame, rows_per_part: int) -> list[np.ndarray]:
     return [order[i:i + rows_per_part] for i in range(0, n, rows_per_part)]
 
 
-def _open_parts(folder: Path, settings: dict) -> None:
-    """Keep the parts of an interrupted scoring of this column with the same settings (spec,
-    template, samples digest, batch size, part plan, dtype, device); discard any others."""
-    meta = folder / "settings.json"
-    if folder.exists():
-        try:
-            same = json.loads(meta.read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if same:
-            return
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    write_json(settings, meta)
-
-
 def _read_part(path: Path, rows: np.ndarray) -> np.ndarray | None:
     """The values of a finished part, or None when it is missing or does not hold exactly
     `rows` with finite values (then it is scored again)."""
@@ -143,7 +127,7 @@ def score_samples(samples_path, jobs, out, *, batch_size: int = 8, template: str
             {"column": col, "role": role, "provenance": prov, "batch_size": batch_size,
              "rows_per_part": rows_per_part, "n_rows": len(samples), "dtype": dtype, "device": device},
             sort_keys=True, default=str))
-        _open_parts(folder, settings)
+        open_partial_dir(folder, settings)
         values = np.zeros(len(samples))
         todo = []
         for i, rows in enumerate(parts):

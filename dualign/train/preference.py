@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, settings_from_dict
 from ..models.loading import cache_kwarg, forward_params
 from ..models.text import encode_pairs, response_logps
 from ..runio import array_digest, atomic_path, write_json, write_text
@@ -215,22 +215,7 @@ class PreferenceConfig:
         """Build from a YAML mapping (the config's `section`). Raises InputError naming
         `section.key` and the closest valid name for an unknown key, and naming `section`
         for a value of the wrong type."""
-        import difflib
-
-        if d is not None and not isinstance(d, dict):
-            raise InputError(f"expected a mapping of training settings, got {type(d).__name__}", field=section)
-        d = dict(d or {})
-        known = sorted(f.name for f in dataclasses.fields(cls))
-        for key in sorted(map(str, set(d) - set(known))):
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
-            raise InputError(f"unknown training setting ({hint})", field=f"{section}.{key}")
-        try:
-            return cls(**d)
-        except InputError:
-            raise
-        except (TypeError, ValueError) as e:  # a wrong type deep in a check, e.g. epochs "three"
-            raise InputError(f"invalid training settings ({e})", field=section) from None
+        return settings_from_dict(cls, d, section, "training settings")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -627,9 +612,20 @@ def label_weighted_nll(logp_1, logp_0, n_1, n_0, labels):
 
 
 def _shared_prompt_logps(model, batch):
+    """log π(y1|x) and log π(y0|x), shape (B,) each, running each prompt once for both answers.
+
+    `batch` is the shared-prompt layout of `PreferenceCollator`: B left-padded prompts and 2B
+    right-padded responses (row 2i: pair i's y1, row 2i+1: its y0). The prompts run first
+    with a KV cache, keeping only the last position's logits (they predict each response's
+    first token); the cache is repeated so that every prompt row serves its two responses;
+    then the responses run on that cache with position ids that continue each prompt's own
+    length (left padding makes prompt lengths differ) and an attention mask that covers the
+    prompt's real tokens and the response's. The sum over response tokens of their
+    log-probabilities equals the concatenated layout's to float tolerance (tests).
+    """
     import torch
 
-    pid, pm = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    pm = batch["prompt_attention_mask"]
     rid, rm = batch["input_ids"], batch["attention_mask"]
     ppos = (pm.cumsum(-1) - 1).clamp(min=0)
     out = model(**_model_inputs(batch, "prompt_input_ids", "prompt_inputs_embeds"), attention_mask=pm,

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, settings_from_dict
 from ..runio import atomic_path, check_output_dir, digest, write_json, write_text
 
 LOG_FILE = "primal_dual_log.jsonl"
@@ -235,22 +235,7 @@ class PrimalDualConfig:
     def from_dict(cls, d: dict | None, section: str = "primal_dual") -> "PrimalDualConfig":
         """Build from a YAML mapping; an unknown key raises InputError naming `section.key`
         and the closest valid name."""
-        import difflib
-
-        if d is not None and not isinstance(d, dict):
-            raise InputError(f"expected a mapping of settings, got {type(d).__name__}", field=section)
-        d = dict(d or {})
-        known = sorted(f.name for f in dataclasses.fields(cls))
-        for key in sorted(map(str, set(d) - set(known))):
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
-            raise InputError(f"unknown setting ({hint})", field=f"{section}.{key}")
-        try:
-            return cls(**d)
-        except InputError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise InputError(f"invalid settings ({e})", field=section) from None
+        return settings_from_dict(cls, d, section, "settings")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
