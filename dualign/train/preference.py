@@ -1116,18 +1116,25 @@ def _read_json(path: Path):
         return None
 
 
-def _add_lora(model, config: PreferenceConfig):
-    from peft import LoraConfig, get_peft_model
+def lora_config(model, config):
+    """peft's `LoraConfig` from a settings object with `lora_r`, `lora_alpha`, `lora_dropout`,
+    `lora_target_modules` and `lora_last_layers` (PreferenceConfig, PrimalDualConfig): with
+    `lora_last_layers` N > 0, only the target modules of the last N blocks of `model`."""
+    from peft import LoraConfig
 
     tm = config.lora_target_modules
     tm = list(tm) if isinstance(tm, (list, tuple)) else tm
     if config.lora_last_layers:
         tm = _last_layer_modules(model, tm, config.lora_last_layers)
-    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=tm,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=tm, bias="none", task_type="CAUSAL_LM")
+
+
+def _add_lora(model, config: PreferenceConfig):
+    from peft import get_peft_model
+
     with _quiet_peft():
-        return get_peft_model(model, lcfg)
+        return get_peft_model(model, lora_config(model, config))
 
 
 def _first_adapted_block(model, n_last: int) -> int:

@@ -728,16 +728,9 @@ def _prompt_ids(tokenizer, prompts: list[str], config: PrimalDualConfig) -> dict
 
 
 def _peft_config(model, config: PrimalDualConfig):
-    from peft import LoraConfig
+    from .preference import lora_config
 
-    from .preference import _last_layer_modules
-
-    tm = config.lora_target_modules
-    tm = list(tm) if isinstance(tm, (list, tuple)) else tm
-    if config.lora_last_layers:
-        tm = _last_layer_modules(model, tm, config.lora_last_layers)
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=tm, bias="none", task_type="CAUSAL_LM")
+    return lora_config(model, config)
 
 
 def train_primal_dual(policy, tokenizer, prompts: list[str], reward_scorer, safety_scorers: dict,
