@@ -351,7 +351,9 @@ def _add_sample(sub):
 def cmd_sample(args) -> int:
     from .models.generation import (SAMPLES_FILE, check_device, check_sampling_args, read_prompts, sample,
                                     sample_vllm)
-    from .runio import check_output_dir, run_lock, write_parquet
+    from .errors import InputError
+    from .parallel import rank_device
+    from .runio import check_output_dir, dist_info, run_lock, write_parquet
 
     # every setting checked before the model loads or anything is written under --out
     check_sampling_args(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
@@ -359,6 +361,11 @@ def cmd_sample(args) -> int:
                         batch_size=args.batch_size)
     check_device(args.device)
     check_output_dir(args.out)
+    launch = dist_info()
+    if launch.world_size > 1 and args.backend == "vllm":
+        raise InputError("the vllm backend is not sharded across processes: run it as one process "
+                         "(vLLM spreads a model over GPUs itself)", field="--backend")
+    device = rank_device(args.device, launch)  # each rank of a distributed launch takes its own GPU
     prompts = read_prompts(args.prompts, column=args.column, split=args.split, limit=args.limit)
     kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -371,11 +378,12 @@ def cmd_sample(args) -> int:
         else:
             from .models.loading import load_policy
 
-            model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+            model, tok = load_policy(args.model, dtype=args.dtype, device=device)
             df = sample(model, tok, prompts, batch_size=args.batch_size, model_name=args.model,
                         out_dir=args.out, progress=not args.no_progress, **kw)
-    print(f"wrote {out}: {len(prompts)} prompts x {args.num_samples} samples, "
-          f"{int(df['n_tokens'].sum())} tokens, {int(df['truncated'].sum())} truncated")
+    if launch.rank == 0:  # one line per run, not one per rank
+        print(f"wrote {out}: {len(prompts)} prompts x {args.num_samples} samples, "
+              f"{int(df['n_tokens'].sum())} tokens, {int(df['truncated'].sum())} truncated")
     return 0
 
 
@@ -724,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sweep, _add_compare, _add_sample, _add_logprobs, _add_score, _add_train_scorer,
-                _add_evaluate):
+    for add in (_add_dual, _add_demo, _add_mocan, _add_pecan, _add_sweep, _add_compare, _add_sample, _add_logprobs,
+                _add_score, _add_train_scorer, _add_evaluate):
         add(sub)
     _add_convert(sub)
     return parser

@@ -10,6 +10,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -395,6 +396,37 @@ def check_name(name, field: str) -> str:
 
 
 LOCK_FILE = ".dualign.lock"
+
+
+class DistInfo(NamedTuple):
+    """Where this process sits in a distributed launch (torchrun, `accelerate launch`)."""
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_info() -> DistInfo:
+    """Rank, world size and local rank from the launcher's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK); (0, 1, 0) when not launched that way (WORLD_SIZE unset or 1).
+
+    Raises
+    ------
+    InputError
+        One of those variables is not an integer, or RANK / LOCAL_RANK is out of range.
+    """
+    vals = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        raw = os.environ.get(name, default)
+        try:
+            vals[name] = int(raw)
+        except ValueError:
+            raise InputError(f"environment variable {name}={raw!r} is not an integer") from None
+    world, rank, local = vals["WORLD_SIZE"], vals["RANK"], vals["LOCAL_RANK"]
+    if world <= 1:
+        return DistInfo(0, 1, 0)
+    if not 0 <= rank < world or local < 0:
+        raise InputError(f"RANK={rank}, LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
+    return DistInfo(rank, world, local)
 
 
 def _launch_rank() -> int | None:

@@ -9,6 +9,11 @@ Resumable: rows are sorted by prompt length into a fixed list of batches; each f
 batch is written atomically as one Parquet part under `samples.partial/`, and the final
 `samples.parquet` is assembled from the parts. A killed run rerun with the same settings
 skips the parts it has and ends with the same file an uninterrupted run writes.
+
+Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) rank r runs batches
+r, r + W, r + 2W, ... of that same plan and writes their parts into the same folder; rank 0
+merges them. Every batch holds the rows it holds in a one-process run, so `samples.parquet`
+is byte-identical to the one-process file (same hardware and settings).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
+from ..parallel import process_group
 from ..runio import open_partial_dir, read_table, write_parquet
 from .loading import cache_kwarg, forward_params
 from .text import encode_prompt
@@ -144,8 +150,8 @@ def _hf_dataset_column(name: str, column: str, split: str) -> list:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # hub/network/config errors: one line naming the dataset
-        raise InputError(f"cannot load dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
-                         file=name) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load dataset ({first})", file=name) from None
     if column not in ds.column_names:
         raise InputError(f"missing column (columns are: {', '.join(ds.column_names)})",
                          file=name, field=column)
@@ -398,20 +404,34 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
         Run directory: finished batches go to `out_dir/samples.partial/` and the result to
         `out_dir/samples.parquet` (atomically). An existing result with the same settings
         is returned without sampling; a partial run with the same settings is resumed.
+        Under a distributed launch every rank must see the same `out_dir` (one machine, or
+        a shared file system).
     progress : bool
-        Show a tqdm bar.
+        Show a tqdm bar (rank 0's shard only, under a distributed launch).
 
     Returns
     -------
     pandas.DataFrame, N*K rows sorted by (prompt_id, sample_id)
         Columns `COLUMNS`: n_tokens counts generated tokens including the stop token;
         truncated is True when a response hit max_new_tokens. `df.attrs["dualign"]`
-        holds the settings.
+        holds the settings. The same table on every rank of a distributed launch (the
+        others read the file rank 0 wrote, or receive the parts when there is no `out_dir`).
 
     Raises
     ------
     InputError
-        Bad settings (`check_sampling_args`), checked before anything is written to `out_dir`.
+        Bad settings (`check_sampling_args`), checked before anything is written to `out_dir`;
+        bad launcher variables (`dualign.runio.dist_info`).
+    OutputError
+        Under a distributed launch, a part another rank wrote is not visible to rank 0.
+
+    Notes
+    -----
+    Distributed (WORLD_SIZE > 1): a torch.distributed group is initialized when none is
+    (gloo on CPU, NCCL with CUDA; see `dualign.parallel.process_group`); rank r generates
+    batches r, r + W, ... of the one-process plan, a barrier, rank 0 writes the merged
+    file, a barrier. A killed launch, rerun the same way (any world size), redoes only the
+    batches whose parts are missing.
     """
     check_sampling_args(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
@@ -420,55 +440,95 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
                                template=template)
-    final = part_dir = None
-    if out_dir is not None:
-        final, part_dir = Path(out_dir) / SAMPLES_FILE, Path(out_dir) / PARTIAL_DIR
-        if final.exists():
-            old = pd.read_parquet(final)
-            if old.attrs.get("dualign") == settings:
-                return old
-        open_partial_dir(part_dir, settings)
+    with process_group() as group:
+        final = part_dir = None
+        if out_dir is not None:
+            final, part_dir = Path(out_dir) / SAMPLES_FILE, Path(out_dir) / PARTIAL_DIR
+            old = None
+            if group.rank == 0:
+                if final.exists():
+                    old = pd.read_parquet(final)
+                    if old.attrs.get("dualign") != settings:
+                        old = None
+                if old is None:
+                    open_partial_dir(part_dir, settings)
+            # every rank takes rank 0's word (a collective, so the partial folder is ready when
+            # the others go on): ranks looking at the folder each on its own could disagree
+            if group.broadcast(old is not None):
+                return old if group.rank == 0 else pd.read_parquet(final)
 
-    encoded = [encode_prompt(tokenizer, p, template) for p in prompts]
-    batches = plan_batches([len(x) for x in encoded], num_samples, batch_size)
-    stops = _stop_ids(model, tokenizer)
-    parts = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(map(len, batches)), desc="sampling", unit="resp")
-    for b in range(len(batches)):
-        rows = batches[b]
-        path = part_dir / f"batch-{b:06d}.parquet" if part_dir is not None else None
-        if path is not None and path.exists():
-            df = pd.read_parquet(path)
-        else:
-            res = generate_batch(model, tokenizer, [encoded[p] for p, _ in rows],
-                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k,
-                                 uniforms=row_uniforms(seed, rows, max_new_tokens))
-            df = pd.DataFrame({
-                "prompt_id": np.array([p for p, _ in rows], dtype=np.int64),
-                "prompt": [prompts[p] for p, _ in rows],
-                "sample_id": np.array([k for _, k in rows], dtype=np.int64),
-                "response": [_decode(tokenizer, t, stops) for t, _ in res],
-                "n_tokens": np.array([len(t) for t, _ in res], dtype=np.int64),
-                "truncated": np.array([tr for _, tr in res], dtype=bool),
-            })
-            if path is not None:
-                write_parquet(df, path)
-        parts.append(df)
+        encoded = [encode_prompt(tokenizer, p, template) for p in prompts]
+        # The plan is the same whatever the world size, and rank r runs batches r, r + W, ...:
+        # each batch holds the rows it holds in a one-process run (so the same numbers, bit
+        # for bit, and parts from any world size resume any other); round robin over batches
+        # sorted longest prompts first gives every rank a like mix of lengths.
+        batches = plan_batches([len(x) for x in encoded], num_samples, batch_size)
+        mine = range(group.rank, len(batches), group.world_size)
+        stops = _stop_ids(model, tokenizer)
+        parts: dict[int, pd.DataFrame] = {}
+        bar = None
+        if progress and group.rank == 0:
+            from tqdm.auto import tqdm
+            desc = "sampling" if group.world_size == 1 else f"sampling (rank 0 of {group.world_size})"
+            bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="resp")
+        for b in mine:
+            rows = batches[b]
+            path = part_dir / _part_name(b) if part_dir is not None else None
+            if path is not None and path.exists():
+                df = pd.read_parquet(path)
+            else:
+                res = generate_batch(model, tokenizer, [encoded[p] for p, _ in rows],
+                                     max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, top_k=top_k,
+                                     uniforms=row_uniforms(seed, rows, max_new_tokens))
+                df = pd.DataFrame({
+                    "prompt_id": np.array([p for p, _ in rows], dtype=np.int64),
+                    "prompt": [prompts[p] for p, _ in rows],
+                    "sample_id": np.array([k for _, k in rows], dtype=np.int64),
+                    "response": [_decode(tokenizer, t, stops) for t, _ in res],
+                    "n_tokens": np.array([len(t) for t, _ in res], dtype=np.int64),
+                    "truncated": np.array([tr for _, tr in res], dtype=bool),
+                })
+                if path is not None:
+                    write_parquet(df, path)
+            parts[b] = df
+            if bar is not None:
+                bar.update(len(rows))
+                bar.set_postfix(tokens=int(sum(int(d["n_tokens"].sum()) for d in parts.values())))
         if bar is not None:
-            bar.update(len(rows))
-            bar.set_postfix(tokens=int(sum(int(d["n_tokens"].sum()) for d in parts)))
-    if bar is not None:
-        bar.close()
-    out = _assemble(parts, seed, model_name)
-    out.attrs["dualign"] = settings
-    if final is not None:
-        write_parquet(out, final)
-        shutil.rmtree(part_dir, ignore_errors=True)
-    return out
+            bar.close()
+
+        if part_dir is None:  # nothing on disk: the parts travel between ranks
+            for other in group.gather(parts):
+                parts.update(other)
+            out = _assemble([parts[b] for b in range(len(batches))], seed, model_name)
+            out.attrs["dualign"] = settings
+            return out
+        group.barrier()  # every rank's parts are on disk
+        if group.rank == 0:
+            for b in range(len(batches)):
+                if b not in parts:
+                    parts[b] = _read_part(part_dir, b, group.world_size)
+            out = _assemble([parts[b] for b in range(len(batches))], seed, model_name)
+            out.attrs["dualign"] = settings
+            write_parquet(out, final)
+            shutil.rmtree(part_dir, ignore_errors=True)
+        group.barrier()  # the merged file is there
+        return out if group.rank == 0 else pd.read_parquet(final)
+
+
+def _part_name(b: int) -> str:
+    return f"batch-{b:06d}.parquet"
+
+
+def _read_part(part_dir: Path, b: int, world_size: int) -> pd.DataFrame:
+    """Batch `b`'s part, written by rank b % world_size; raises OutputError when it is not there."""
+    path = part_dir / _part_name(b)
+    if not path.exists():
+        raise OutputError(f"the part of rank {b % world_size} is not visible to rank 0: under a "
+                          "multi-machine launch --out must be on a file system every rank sees",
+                          file=str(path))
+    return pd.read_parquet(path)
 
 
 def _assemble(parts: list[pd.DataFrame], seed: int, model_name: str) -> pd.DataFrame:

@@ -120,9 +120,12 @@ def sample_stage(run: Path, model, tokenizer, prompts, cfg, *, subdir: str = "",
     import shutil
 
     from ..models.generation import PARTIAL_DIR, SAMPLES_FILE, sample
+    from ..runio import dist_info
 
     out = Path(run) / subdir
-    if force:
+    # under a distributed launch rank 0 alone clears the old files, before `sample` lets the
+    # other ranks in: a late rank deleting them would take the parts rank 0 has written
+    if force and dist_info().rank == 0:
         (out / SAMPLES_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     sample(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
@@ -488,7 +491,8 @@ class _reference_of:
         return False
 
 
-def reference_eval_samples(run: Path, ref_model, tokenizer, prompts, cfg, base_spec: str, *, force: bool = False) -> Path:
+def reference_eval_samples(run: Path, ref_model, tokenizer, prompts, cfg, base_spec: str, *,
+                           force: bool = False) -> Path:
     """π_ref's samples of the evaluation prompts (run/eval/reference/samples.parquet), with the
     evaluation's settings. Drawn before training for the held-out prediction, and found current
     by the evaluate stage."""
