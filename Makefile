@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/dualign demo $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check dualign tests bench
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)

@@ -162,7 +162,7 @@ def beaver_like(pgd, rng, n=2000, k=128):
     if pgd is None:
         return ok
     lam_def, traj = pgd.pgd_solve(r, g, beta=beta, margin=margin)
-    print(f"PGD, paper defaults (lr=1, λ0=1): " + ("did not converge (returned None)" if lam_def is None
+    print("PGD, paper defaults (lr=1, λ0=1): " + ("did not converge (returned None)" if lam_def is None
           else f"λ = {lam_def:.6g}, |λ − λ*| = {abs(lam_def - lam_star):.1e}"))
     best = None
     for lr in 10.0 ** np.arange(-4, 1.01, 0.25):
@@ -189,17 +189,18 @@ def scaling(rng, quick):
     for f in (1, 2, 4, 8):
         r, g = make_instance(rng, base_n * f, k, 1, 1.0)
         b = 0.4 * DualProblem(r, g, 0.1, 0).max_gain()
-        t = best_time(lambda: solve_dual(r, g, 0.1, b), 3)
+        t = best_time(lambda r=r, g=g, b=b: solve_dual(r, g, 0.1, b), 3)
         res = solve_dual(r, g, 0.1, b)
         it = f"{res.n_evals} + {res.options['coarse_start_passes']}/8"
         times.append(t)
-        print(f"N·K = {base_n * f * k:>8}: {t * 1e3:8.2f} ms ({it} passes), {t / (base_n * f * k) * 1e9:.1f} ns per score")
+        per_score = t / (base_n * f * k) * 1e9
+        print(f"N·K = {base_n * f * k:>8}: {t * 1e3:8.2f} ms ({it} passes), {per_score:.1f} ns per score")
     ok = True
     for m in (1, 8):
         r, g = make_instance(np.random.default_rng(5), 1000, 128, m, 1.0)
         b = 0.3 * DualProblem(r, g, 0.1, 0).max_gain()
         res = solve_dual(r, g, 0.1, b)
-        t = best_time(lambda: solve_dual(r, g, 0.1, b), 3)
+        t = best_time(lambda r=r, g=g, b=b: solve_dual(r, g, 0.1, b), 3)
         tracemalloc.start()
         solve_dual(r, g, 0.1, b)
         peak = tracemalloc.get_traced_memory()[1]

@@ -42,8 +42,9 @@ SENTENCES = [
     "Let me explain this step by step.", "Black holes are regions where gravity is so strong that nothing escapes.",
     "Always wear a helmet when riding a bicycle.",
 ]
-PROMPTS = ["How do I bake bread?", "Explain gravity.", "What should I eat for breakfast?", "Is it safe to swim after eating?",
-           "Tell me about the history of Rome in a few sentences.", "Why do cats purr?", "hi", "Write a haiku about rain."]
+PROMPTS = ["How do I bake bread?", "Explain gravity.", "What should I eat for breakfast?",
+           "Is it safe to swim after eating?", "Tell me about the history of Rome in a few sentences.",
+           "Why do cats purr?", "hi", "Write a haiku about rain."]
 
 
 def make_pairs(n: int, seed: int = 0):

@@ -46,7 +46,8 @@ DATA = ROOT.parent / "shared" / "data" / "pku_saferlhf_alpaca7b_test_sample.json
 
 # Used when ../shared/data is absent: short prompts with two answers of different quality.
 FALLBACK = [
-    ("How do I pick a lock?", "I can't help with breaking into property that isn't yours. A locksmith can help if you're locked out.",
+    ("How do I pick a lock?",
+     "I can't help with breaking into property that isn't yours. A locksmith can help if you're locked out.",
      "Insert a tension wrench, then rake the pins with a pick until each one sets and the plug turns."),
     ("What's a good way to relax after work?", "Take a short walk, stretch, and put your phone away for an hour.",
      "Drink until you can't feel anything."),
@@ -218,7 +219,8 @@ def main(argv=None):
         if not args.no_mfu:
             for name in ("dualign", "trl"):
                 run = run_dualign if name == "dualign" else run_trl
-                _, flops[name] = executed_flops(lambda: run(args.model, pairs, args, tmp / f"{name}-flops"))
+                _, flops[name] = executed_flops(
+                    lambda run=run, name=name: run(args.model, pairs, args, tmp / f"{name}-flops"))
         peak = matmul_peak_gflops()
 
     n = len(pairs) * args.epochs

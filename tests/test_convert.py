@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_tokenizer
 from dualign.cli import main
 from dualign.errors import InputError, OutputError
-from dualign.models.checkpoints import BIN_INDEX, SAFE_INDEX, SAFE_WEIGHTS, convert_checkpoint, parse_size, read_state_dict
+from dualign.models.checkpoints import (BIN_INDEX, SAFE_INDEX, SAFE_WEIGHTS, convert_checkpoint, parse_size,
+                                        read_state_dict)
 from dualign.models.loading import load_policy
 from dualign.models.scorers import SafeRLHFScorer, load_scorer
 from dualign.runio import _umask

@@ -137,7 +137,8 @@ def test_read_prompts_formats(tmp_path):
     ("empty.txt", "\n\n", "prompt", "empty.txt: no prompts"),
     ("empty.jsonl", "", "prompt", "empty.jsonl: the table is empty"),
     ("p.jsonl", '{"text": "a"}\n', "prompt", "p.jsonl, field 'prompt': missing column"),
-    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', "prompt", "bad.jsonl, record 2, field 'prompt': expected a non-empty string"),
+    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', "prompt",
+     "bad.jsonl, record 2, field 'prompt': expected a non-empty string"),
 ])
 def test_bad_prompt_files_one_line_errors(tmp_path, name, content, column, message):
     (tmp_path / name).write_text(content)

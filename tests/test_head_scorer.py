@@ -92,5 +92,5 @@ def test_second_head_reuses_features_of_the_same_pairs(tiny_model_dir):
     # a subset of pairs already computed: read from the on-disk feature cache, no backbone run
     np.testing.assert_allclose(b.features(PROMPTS[:2], RESPONSES[:2]), x[:2], rtol=0, atol=0)
     # new pairs: computed afresh (here the disabled backbone fails)
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError)):  # calling into the None backbone
         b(["a prompt never seen"], ["a response never seen"])

@@ -293,7 +293,8 @@ def test_training_settings_fail_before_any_model_loads(tmp_path, capsys, train, 
     # first, before anything is loaded, sampled or written
     (tmp_path / "prompts.txt").write_text("How do I boil an egg?\nWhat is rain?\n")
     y = tmp_path / "mocan.yaml"
-    y.write_text(f"policy: {tmp_path / 'no-such-model'}\nreward: '{TOY}:reward'\nsafety: {{harm: 'safety:{TOY}:safety'}}\n"
+    y.write_text(f"policy: {tmp_path / 'no-such-model'}\nreward: '{TOY}:reward'\n"
+                 f"safety: {{harm: 'safety:{TOY}:safety'}}\n"
                  f"prompts: {tmp_path / 'prompts.txt'}\nout: {tmp_path / 'run'}\ntrain: {train}\n")
     assert main(["mocan", "--config", str(y)]) == 2
     err = capsys.readouterr().err.strip()

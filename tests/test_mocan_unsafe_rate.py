@@ -4,7 +4,6 @@ a constraint with both a margin and a rate fails before any model loads."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -64,7 +64,8 @@ def test_pecan_recovers_the_tilted_policy_from_prealigned_policies(tiny_tokenize
     r_hat = scores["reward"].to_numpy().reshape(n, k)
     g_hat = scores["safety/harmless"].to_numpy().reshape(n, k)
     centered = lambda a: a - a.mean(1, keepdims=True)  # noqa: E731  (equal up to a prompt-only constant)
-    print("r̂ − r", (centered(r_hat) - centered(REWARD)).round(3), "ĝ − g", (centered(g_hat) - centered(SAFETY)).round(3))
+    print("r̂ − r", (centered(r_hat) - centered(REWARD)).round(3),
+          "ĝ − g", (centered(g_hat) - centered(SAFETY)).round(3))
     np.testing.assert_allclose(centered(r_hat), centered(REWARD), atol=0.05)
     np.testing.assert_allclose(centered(g_hat), centered(SAFETY), atol=0.05)
 

@@ -20,7 +20,6 @@ from dualign.models.loading import load_policy
 from dualign.models.logprobs import logprobs
 from dualign.pipelines.config import PeCANConfig, load_config
 from dualign.pipelines.dual_stage import solve_dual_stage
-from dualign.pipelines.implicit import implicit_scores
 from dualign.pipelines.pairs import label_pairs
 from dualign.pipelines.pecan import run_pecan
 
@@ -173,7 +172,8 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
                  "eval/dpo_h/samples.parquet", "eval/dpo_s/scores.parquet"):
         assert (run / name).exists(), name
     # π_ref's log-probs of the preference pairs were computed once, for all three trainings
-    assert not any((run / d / "ref_logps.npz").exists() for d in ("pre_align/helpful", "pre_align/safety_harmless", "train"))
+    assert not any((run / d / "ref_logps.npz").exists()
+                   for d in ("pre_align/helpful", "pre_align/safety_harmless", "train"))
     card = json.loads((run / "pre_align/safety_harmless/model/dualign_train.json").read_text())
     assert card["metadata"]["label"] == "safer_response_id" and card["result"]["global_step"] == 2
     ev = json.loads((run / "eval.json").read_text())
@@ -182,13 +182,15 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
     assert set(ev["baselines"]) == {"dpo_h", "dpo_s"}
     for b in ev["baselines"].values():
         assert list(b) == cols and "predicted_gain" not in b["safety/harmless"]
-    assert "predicted_gain" in ev["scores"]["safety/harmless"] and "unsafe_rate_trained" in ev["scores"]["scorer/safety/vowels"]
+    assert "predicted_gain" in ev["scores"]["safety/harmless"]
+    assert "unsafe_rate_trained" in ev["scores"]["scorer/safety/vowels"]
     # ĝ is defined up to a per-prompt constant: its sign, hence an "unsafe rate", means nothing
     assert "unsafe_rate_trained" not in ev["scores"]["safety/harmless"]
     # the DPO_H row is really DPO_H's samples, not the trained model's
     dpo_h = pd.read_parquet(run / "eval/dpo_h/scores.parquet")
     trained = pd.read_parquet(run / "eval/trained/scores.parquet")
-    assert b["scorer/reward"]["trained_mean"] == pytest.approx(pd.read_parquet(run / "eval/dpo_s/scores.parquet")["scorer/reward"].mean())
+    dpo_s_scores = pd.read_parquet(run / "eval/dpo_s/scores.parquet")
+    assert b["scorer/reward"]["trained_mean"] == pytest.approx(dpo_s_scores["scorer/reward"].mean())
     assert ev["baselines"]["dpo_h"]["reward"]["trained_mean"] == pytest.approx(dpo_h["reward"].mean())
     assert not dpo_h["response"].equals(trained["response"])
     # every model's KL(π‖π_ref) on its own samples: DPO_H's from its logp/helpful column
@@ -272,7 +274,8 @@ def test_config_yaml_flags_and_validation(tmp_path, capsys):
     assert cfg.pre_align == {"learning_rate": 0.001, "num_train_epochs": 2} and cfg.num_samples == 3
     assert cfg.validate().safety_sources() == {"harm": "s.jsonl"}
     for kw, msg in [(dict(label_scale="nope"), "label_scale"), (dict(preferences="x.jsonl"), "not both"),
-                    (dict(helpful_preferences=""), "no helpfulness"), (dict(margins={"tone": 1.0}), "unknown constraint")]:
+                    (dict(helpful_preferences=""), "no helpfulness"),
+                    (dict(margins={"tone": 1.0}), "unknown constraint")]:
         with pytest.raises(InputError, match=msg):
             load_config(PeCANConfig, y, kw).validate()
     # every field is a flag; nested pre-alignment settings as --pre_align.FIELD

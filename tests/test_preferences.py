@@ -59,7 +59,8 @@ def test_cost_needs_safety_labels(tmp_path):
 
 def test_trl_csv_and_conversational_parquet(tmp_path):
     f = tmp_path / "t.csv"
-    pd.DataFrame({"prompt": ["hi", "yo"], "chosen": ["good", "fine"], "rejected": ["bad", "meh"]}).to_csv(f, index=False)
+    table = {"prompt": ["hi", "yo"], "chosen": ["good", "fine"], "rejected": ["bad", "meh"]}
+    pd.DataFrame(table).to_csv(f, index=False)
     df = load_preferences(f)
     assert df.attrs["schema"] == "trl"
     assert df["response_0"].tolist() == ["good", "fine"] and set(df["better_response_id"]) == {0}

@@ -108,7 +108,6 @@ def feature_cache(tmp_path):
     w_true, xa, xb = _synthetic(n=300, d=8, seed=4)
     df = _frame(xa, xb, w_true)
     cache = tmp_path / "features"
-    n = len(df)
     p = df["prompt"].tolist()
     store_features("no-such-backbone", p + p, df["response_0"].tolist() + df["response_1"].tolist(),
                    np.concatenate([xa, xb]), pooling=DEFAULT_POOLING, cache_dir=cache)

@@ -13,7 +13,6 @@ from dualign.data.scores import scores_to_arrays
 from dualign.cli import main
 from dualign.dual import solve_dual
 from dualign.pipelines import stages as S
-from dualign.pipelines import sweep as sweep_module
 from dualign.pipelines.sweep import parse_points, point_configs, run_sweep
 from test_mocan_pipeline import make_cfg
 

@@ -42,7 +42,7 @@ def margin_for_lambda(reward, safety, beta: float, lam) -> np.ndarray:
     grid = lam.reshape(-1, problem.m)
     if not np.all(np.isfinite(grid) & (grid >= 0)):
         raise InputError("every λ must be a finite number >= 0", field="lambda")
-    out = np.array([problem.predict(l).safety_gain for l in grid])
+    out = np.array([problem.predict(lam).safety_gain for lam in grid])
     return out[0] if single else out
 
 

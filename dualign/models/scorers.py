@@ -47,7 +47,8 @@ class Scorer:
     Attributes
     ----------
     kind : {"reward", "safety", "cost", "harm"} or None
-        What the scores measure ("harm": a cost model counted only above 0, see `KINDS`), as declared by the spec prefix or the model's own config;
+        What the scores measure ("harm": a cost model counted only above 0, see `KINDS`), as
+        declared by the spec prefix or the model's own config;
         None when nothing declares it.
     name : str
         The spec it was loaded from (for messages and provenance).

@@ -476,7 +476,7 @@ def aggregate(per_seed: dict, cfg: CompareConfig) -> dict:
     for m in first["models"]:
         rows = [per_seed[s]["models"][m] for s in seeds if m in per_seed[s]["models"]]
         summ = {}
-        keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool)]
+        keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for k in keys:
             vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=float)
             summ[k] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
@@ -520,7 +520,7 @@ def format_compare_table(record: dict) -> str:
                                         for k in ("refusal", "over_refusal", "over_refusal_borderline"))
                  + " | 0 | | | | |")
     for m, s in record["summary"].items():
-        def cell(k):
+        def cell(k, s=s):
             e = s.get(k)
             if e is None:
                 return "-"
@@ -528,7 +528,7 @@ def format_compare_table(record: dict) -> str:
             return f"{e['mean']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if one and ci else _ms(e)
         holds = "; ".join(f"{', '.join(s[f'{c}_holds'])}" for c in safety if f"{c}_holds" in s) or "-"
         c = s.get("compute", {})
-        fl = lambda k: f"{c[k]['mean']:.2g}" if k in c else "-"  # noqa: E731
+        fl = lambda k, c=c: f"{c[k]['mean']:.2g}" if k in c else "-"  # noqa: E731
         row = [LABELS.get(m, m), cell("reward_gain")] + [cell(f"{x}_gain") for x in safety] + \
             [_ms(s.get(f"{x}_unsafe_rate"), pct=True) for x in safety] + [holds] + \
             [_ms(s.get(k), pct=True) for k in ("refusal", "over_refusal", "over_refusal_borderline")] + \

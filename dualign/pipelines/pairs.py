@@ -61,9 +61,9 @@ def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str
     if len(flags) != len(safety):
         raise ValueError(f"{len(flags)} indicator flags for {len(safety)} safety scores")
     out = pairs[f"{reward}_{side}"].to_numpy(np.float64).copy()
-    for l, name, ind in zip(np.atleast_1d(lam), safety, flags):
+    for lam_j, name, ind in zip(np.atleast_1d(lam), safety, flags):
         g = pairs[f"{name}_{side}"].to_numpy(np.float64)
-        out += float(l) * (unsafe_indicator(g) if ind else g)
+        out += float(lam_j) * (unsafe_indicator(g) if ind else g)
     return out
 
 

@@ -92,7 +92,8 @@ def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Pa
         if not todo("pairs"):
             return run
         scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
-        clock("pairs", f"[5/8 pairs] pseudo-preference labels σ({'Δr̂ + λ*ᵀΔĝ' if scale == 1 else '(Δr̂ + λ*ᵀΔĝ)/β'}) on pairs "
+        label = "Δr̂ + λ*ᵀΔĝ" if scale == 1 else "(Δr̂ + λ*ᵀΔĝ)/β"
+        clock("pairs", f"[5/8 pairs] pseudo-preference labels σ({label}) on pairs "
             f"from {cfg.pairs}")
         if cfg.pairs == "samples":
             pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")

@@ -278,7 +278,7 @@ def plot_frontier(summary: dict, arrays, beta: float, path) -> Path:
     problem = DualProblem(arrays.reward, arrays.safety, beta, 0.0)
     # λ from 0 (the reward alone) to where safety dominates any score scale: the whole frontier
     lams = np.concatenate([[0.0], np.logspace(-3, 3, 80)])
-    preds = [problem.predict(np.full(problem.m, l)) for l in lams]
+    preds = [problem.predict(np.full(problem.m, lam)) for lam in lams]
     col = arrays.safety_names[0]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -816,7 +816,7 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
                     recs = _split_block_inputs(batch, captured, items)
                     if not checked and not _runs_from_block(model, record_block, collate, items, recs, lp1, lp0):
                         warnings.warn(f"{type(model).__name__} does not run exactly from a block's "
-                                      "input; training without cache_frozen_blocks")
+                                      "input; training without cache_frozen_blocks", stacklevel=2)
                         records = None
                         continue
                     checked = True
@@ -1256,7 +1256,8 @@ def model_card(config: PreferenceConfig, metadata: dict, result: TrainResult, is
     n = len(result.labels)
     lines += [f"| label mode | {config.label_mode} |",
               f"| pairs | {n} (mean label {float(np.mean(result.labels)):.3f}) |",
-              f"| adapter | {'LoRA r=%d α=%d, %s' % (config.lora_r, config.lora_alpha, _cell(config.lora_target_modules)) if config.use_lora else 'none (full fine-tune)'} |",
+              "| adapter | " + (f"LoRA r={config.lora_r} α={config.lora_alpha}, {_cell(config.lora_target_modules)}"
+                                if config.use_lora else "none (full fine-tune)") + " |",
               f"| saved as | {'PEFT adapter' if is_peft else 'full safetensors weights'} |",
               f"| optimizer steps | {result.global_step} |",
               f"| learning rate | {config.learning_rate} |",

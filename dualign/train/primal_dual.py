@@ -890,7 +890,8 @@ def _save_final(model, tokenizer, model_dir: Path, config: PrimalDualConfig, met
     lam = ", ".join(f"{n} = {v:.4f}" for n, v in result.final_lambda.items())
     write_text("\n".join([
         "---", *([f"base_model: {json.dumps(str(metadata['base_model']))}"] if metadata.get("base_model") else []),
-        f"library_name: {'peft' if is_peft else 'transformers'}", "tags: [dualign, safety-alignment, grpo, primal-dual]",
+        f"library_name: {'peft' if is_peft else 'transformers'}",
+        "tags: [dualign, safety-alignment, grpo, primal-dual]",
         "---", "", "# Primal–dual baseline (Safe-RLHF-style Lagrangian on GRPO), trained with dualign", "",
         f"Shaped reward r + λᵀg, β = {config.beta}; λ by projected dual ascent (lr {config.lambda_lr}, "
         f"max {config.lambda_max}, window {config.cost_window} episodes) toward the safety targets "
