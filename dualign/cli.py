@@ -593,13 +593,9 @@ def _add_evaluate(sub):
 
 
 def cmd_evaluate(args) -> int:
-    from types import SimpleNamespace
-
     from .errors import InputError
-    from .eval.behaviour import (BUILTIN_SUITES, REFERENCE, TRAINED, behaviour_from_samples, format_behaviour_table,
-                                 load_detector, load_model_for_eval, parse_suite_specs, sample_suites)
-    from .pipelines.stages import model_ident
-    from .runio import write_json
+    from .eval.behaviour import BUILTIN_SUITES, load_detector, parse_suite_specs
+    from .runio import run_lock
 
     # every input is checked before any model loads
     specs = list(args.suite) + [b for b in BUILTIN_SUITES if args.builtin_suites and b not in args.suite]
@@ -616,6 +612,17 @@ def cmd_evaluate(args) -> int:
     judge = _judge_config(args)
     for spec in (args.model, args.baseline):
         _check_model_spec(spec)
+    with run_lock(args.out):  # a second evaluation into the same folder is refused, not mixed in
+        return _evaluate(args, suites, detector, judge)
+
+
+def _evaluate(args, suites, detector, judge) -> int:
+    from types import SimpleNamespace
+
+    from .eval.behaviour import (REFERENCE, TRAINED, behaviour_from_samples, format_behaviour_table,
+                                 load_model_for_eval, sample_suites)
+    from .pipelines.stages import model_ident
+    from .runio import write_json
 
     out = Path(args.out)
     gen = SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -715,7 +715,7 @@ def test_a_locked_folder_refuses_a_second_run_and_frees_on_exit_or_death(tmp_pat
     assert holder.wait(timeout=60) == 0
 
 
-def test_sample_score_and_pipelines_refuse_a_folder_in_use(tmp_path, capsys, no_model_load):
+def test_sample_score_and_pipelines_refuse_a_folder_in_use(tmp_path, capsys, no_model_load, tiny_model_dir):
     from dualign.pipelines.config import MoCANConfig
     from dualign.pipelines.mocan import run_mocan
 
@@ -732,6 +732,9 @@ def test_sample_score_and_pipelines_refuse_a_folder_in_use(tmp_path, capsys, no_
         assert msg in err and not (samples.parent / "scores.parquet").exists()
         err = one_line_exit_2(capsys, ["logprobs", "--samples", str(samples), "--name", "ref"])
         assert msg in err
+        err = one_line_exit_2(capsys, ["evaluate", "--model", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
+                                       "--builtin-suites", "--out", str(samples.parent)])
+        assert msg in err and not (samples.parent / "behaviour.json").exists()
         cfg = MoCANConfig(out=str(samples.parent), prompts=str(prompts), reward=f"reward:{toy}:length",
                           safety={"len": f"safety:{toy}:length"})
         with pytest.raises(InputError, match="is in use by another dualign run"):
