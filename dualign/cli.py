@@ -132,13 +132,13 @@ def _add_pipeline(sub, name: str, help: str, description: str):
 
 def _add_mocan(sub):
     return _add_pipeline(sub, "mocan", "MoCAN: sample → score → dual → pairs → train once → evaluate → report",
-                         "Model-based one-shot safety alignment (DESIGN.md §3).")
+                         "Model-based one-shot safety alignment (docs/design.md §4).")
 
 
 def _add_pecan(sub):
     return _add_pipeline(sub, "pecan", "PeCAN: pre-align DPO_H/DPO_S → implicit scores → dual → pairs → "
                          "train once → evaluate → report",
-                         "Preference-based one-shot safety alignment (DESIGN.md §4): no reward or cost model, "
+                         "Preference-based one-shot safety alignment (docs/design.md §4): no reward or cost model, "
                          "only preference data.")
 
 

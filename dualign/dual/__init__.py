@@ -1,4 +1,4 @@
-"""The math of CAN's dual (DESIGN.md §2): numpy/scipy only, importable without torch."""
+"""The math of CAN's dual (docs/design.md §2): numpy/scipy only, importable without torch."""
 from ..errors import DualNotConvergedError, InfeasibleMarginError
 from .bootstrap import BootstrapResult, bootstrap_dual
 from .margins import lambda_for_margins, margin_for_lambda

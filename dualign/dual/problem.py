@@ -7,7 +7,7 @@ For multipliers λ >= 0 (shape (m,)) and scores of K reference samples for N pro
     ∇D(λ)    = mean_x Σ_k w[x, k] G[x, k]  −  ḡ  −  b        w = softmax_k z[x, :]
     ∇²D(λ)   = (1/β) · mean_x Cov_w[G[x, :]]
 
-with ḡ the reference policy's mean safety and b the margins (DESIGN.md §2). Everything is
+with ḡ the reference policy's mean safety and b the margins (docs/design.md §2). Everything is
 computed with log-sum-exp, so scores of any magnitude work.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def validate_scores(reward, safety, beta, margins):
 
 
 class DualProblem:
-    """The sample estimate of the CAN dual D(λ) (DESIGN.md §2).
+    """The sample estimate of the CAN dual D(λ) (docs/design.md §2).
 
     Parameters
     ----------

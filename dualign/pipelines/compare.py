@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runio import write_json, write_text
-from .config import MoCANConfig
+from .config import OUT_HELP, MoCANConfig
 
 METHODS = ("mocan", "dpo_h", "dpo_s", "safedpo", "sacpo", "p_sacpo", "primal_dual")
 LABELS = {"mocan": "MoCAN", "dpo_h": "DPO_H", "dpo_s": "DPO_S", "safedpo": "SafeDPO", "sacpo": "SACPO",
@@ -35,32 +35,31 @@ class CompareConfig(MoCANConfig):
     """A MoCAN config (`MoCANConfig`'s fields: the reference, scorers, prompts, margins, β,
     training) plus the rivals to train next to it.
 
-    Attributes
-    ----------
-    methods : which methods to run, among mocan, dpo_h, dpo_s, safedpo, sacpo, p_sacpo,
-        primal_dual (mocan is always run: its dual sets the margin the others are held to).
-    seeds : one full comparison per seed (sampling, training and evaluation seeds).
-    preferences : preference file with helpfulness and safety labels (PKU-SafeRLHF schema) for
-        DPO_H, DPO_S, SafeDPO and SACPO; default: `pairs` when it is a file.
-    safedpo_delta : SafeDPO's offset Δ (logit units) on pairs whose preferred answer is safe and
-        the other unsafe.
-    sacpo_lambda : SACPO's λ: its safety stage uses KL coefficient β/λ.
-    p_sacpo_weight : P-SACPO's interpolation weight q: θ_h + q·(θ_hs − θ_h).
-    baseline_train : training settings of the DPO-family rivals, on top of `train`.
-    primal_dual : settings of the primal–dual baseline (`PrimalDualConfig` fields).
+    Each field's help is in its metadata (`--help` of the commands shows it).
     """
 
     NESTED = ("train", "baseline_train", "primal_dual")
 
-    out: str = "runs/compare"
-    methods: list = field(default_factory=lambda: list(METHODS))
-    seeds: list = field(default_factory=lambda: [0])
-    preferences: str = ""
-    safedpo_delta: float = 2.0
-    sacpo_lambda: float = 1.0
-    p_sacpo_weight: float = 0.5
-    baseline_train: dict = field(default_factory=dict)
-    primal_dual: dict = field(default_factory=dict)
+    out: str = field(default="runs/compare", metadata={"help": OUT_HELP})
+    methods: list = field(default_factory=lambda: list(METHODS), metadata={"help": (
+        "which methods to run, among mocan, dpo_h, dpo_s, safedpo, sacpo, p_sacpo, primal_dual (mocan "
+        "is always run: its dual sets the margin the others are held to).")})
+    seeds: list = field(default_factory=lambda: [0], metadata={"help": (
+        "one full comparison per seed (sampling, training and evaluation seeds).")})
+    preferences: str = field(default="", metadata={"help": (
+        "preference file with helpfulness and safety labels (PKU-SafeRLHF schema) for DPO_H, DPO_S, "
+        "SafeDPO and SACPO; default: `pairs` when it is a file.")})
+    safedpo_delta: float = field(default=2.0, metadata={"help": (
+        "SafeDPO's offset Δ (logit units) on pairs whose preferred answer is safe and the other "
+        "unsafe.")})
+    sacpo_lambda: float = field(default=1.0, metadata={"help": (
+        "SACPO's λ: its safety stage uses KL coefficient β/λ.")})
+    p_sacpo_weight: float = field(default=0.5, metadata={"help": (
+        "P-SACPO's interpolation weight q: θ_h + q·(θ_hs − θ_h).")})
+    baseline_train: dict = field(default_factory=dict, metadata={"help": (
+        "training settings of the DPO-family rivals, on top of `train`.")})
+    primal_dual: dict = field(default_factory=dict, metadata={"help": (
+        "settings of the primal–dual baseline (`PrimalDualConfig` fields).")})
 
     def validate(self) -> "CompareConfig":
         super().validate()

@@ -17,84 +17,92 @@ from ..models.loading import EMBEDDED_DEFAULT
 from ..runio import check_name
 
 
+OUT_HELP = "run directory; every artifact lands here, and a rerun resumes from it."
+
+
 @dataclass
 class PipelineConfig:
     """Settings MoCAN and PeCAN share: the reference, prompts, generation, the dual, training.
 
-    Attributes
-    ----------
-    out : run directory; every artifact lands here, and a rerun resumes from it.
-    policy : the reference policy π_ref: HF id, local dir, .gguf file or the embedded default.
-    reward : reward scorer spec (see `dualign score`); a `file.py:function` spec imports and
-        runs that file's code, as `python file.py` would; only use files you trust.
-    safety : constraint name → scorer spec, with its sign declared (`cost:`/`safety:` prefix
-        or the scorer's own config); a `file.py:function` spec imports and runs that file's
-        code, as `python file.py` would; only use files you trust.
-    margins : constraint name → required gain over π_ref; constraints left out get
-        `margin_fraction` × their largest achievable gain (shown before training).
-    max_unsafe_rate : constraint name → the largest unsafe rate allowed instead of a margin,
-        e.g. {harm: 0.05}: at most 5% unsafe answers (unsafe: safety score < 0, the rule of
-        every reported unsafe rate); the dual bounds the rate of π_λ* directly and shows the
-        predicted rate before training. A constraint takes a margin or a rate, not both.
-    margin_fraction : fraction of the largest achievable gain used as the margin of
-        constraints without one (nor a rate).
-    prompts, prompt_column, prompt_split : prompts for sampling, the dual and training
-        (`prompt_split` filters a `split` column when the file has one).
-    eval_prompts, eval_split : held-out prompts for evaluation (default: `prompts`).
-    max_prompts, max_eval_prompts : use only the first so many (0: all).
-    num_samples : K responses per prompt from π_ref for the dual.
-    max_new_tokens, temperature, top_p, seed, sample_batch_size : generation settings,
-        identical for the dual's samples and for evaluation.
-    beta : KL coefficient β, shared by the dual and the training loss.
-    bootstrap : bootstrap replicates for the dual's CIs.
-    pairs : which response pairs get pseudo-preference labels (see the subclasses).
-    pairs_per_prompt : pairs drawn per prompt when `pairs` is "samples".
-    max_pairs : use at most this many dataset pairs (0: all).
-    eval_num_samples : responses per eval prompt and model.
-    behaviour_suites : extra prompt suites of the behavioural evaluation (refusal of harmful
-        prompts, over-refusal of benign ones, judged without the training's score models):
-        `NAME=KIND:FILE` (KIND harmful, benign or borderline) or a built-in name (harmful,
-        benign, borderline); a list, or comma-separated. Default: borderline when the
-        evaluation prompts are the built-in demo prompts, else none ("none": none). Eval
-        prompts with a `harmful` field also give the harmful and benign suites, on the
-        evaluation's own samples. Sampled like the evaluation, `max_eval_prompts` each.
-    behaviour_detector : refusal detector of the behavioural evaluation: phrases (default),
-        hf-classifier:PATH_OR_ID[:LABEL] or guard:PATH_OR_ID.
-    train : `PreferenceConfig` fields (learning rate, epochs, LoRA, ...).
+    Each field's help is in its metadata (`--help` of the commands shows it).
     """
 
     # dict fields whose entries are also flags `--NAME.FIELD VALUE` (see `load_config`)
     NESTED: typing.ClassVar[tuple[str, ...]] = ("train",)
 
-    out: str = "runs/run"
-    policy: str = EMBEDDED_DEFAULT
-    reward: str = ""
-    safety: dict = field(default_factory=dict)
-    margins: dict = field(default_factory=dict)
-    max_unsafe_rate: dict = field(default_factory=dict)
-    margin_fraction: float = 0.5
-    prompts: str = ""
-    prompt_column: str = "prompt"
-    prompt_split: str | None = None
-    eval_prompts: str | None = None
-    eval_split: str | None = None
-    max_prompts: int = 0
-    max_eval_prompts: int = 0
-    num_samples: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 0.9
-    seed: int = 0
-    sample_batch_size: int = 16
-    beta: float = 0.1
-    bootstrap: int = 1000
-    pairs: str = "samples"
-    pairs_per_prompt: int = 2
-    max_pairs: int = 0
-    eval_num_samples: int = 2
-    behaviour_suites: list | str | None = None
-    behaviour_detector: str = "phrases"
-    train: dict = field(default_factory=dict)
+    out: str = field(default="runs/run", metadata={"help": OUT_HELP})
+    policy: str = field(default=EMBEDDED_DEFAULT, metadata={"help": (
+        "the reference policy π_ref: HF id, local dir, .gguf file or the embedded default.")})
+    reward: str = field(default="", metadata={"help": (
+        "reward scorer spec (see `dualign score`); a `file.py:function` spec imports and runs that "
+        "file's code, as `python file.py` would; only use files you trust.")})
+    safety: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → scorer spec, with its sign declared (`cost:`/`safety:` prefix or the "
+        "scorer's own config); a `file.py:function` spec imports and runs that file's code, as "
+        "`python file.py` would; only use files you trust.")})
+    margins: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → required gain over π_ref; constraints left out get `margin_fraction` × "
+        "their largest achievable gain (shown before training).")})
+    max_unsafe_rate: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → the largest unsafe rate allowed instead of a margin, e.g. {harm: 0.05}: at "
+        "most 5% unsafe answers (unsafe: safety score < 0, the rule of every reported unsafe rate); "
+        "the dual bounds the rate of π_λ* directly and shows the predicted rate before training. A "
+        "constraint takes a margin or a rate, not both.")})
+    margin_fraction: float = field(default=0.5, metadata={"help": (
+        "fraction of the largest achievable gain used as the margin of constraints without one (nor a "
+        "rate).")})
+    prompts: str = field(default="", metadata={"help": (
+        "prompts for sampling, the dual and training (`prompt_split` filters a `split` column when "
+        "the file has one).")})
+    prompt_column: str = field(default="prompt", metadata={"help": (
+        "column of the prompts file that holds the prompt text.")})
+    prompt_split: str | None = field(default=None, metadata={"help": (
+        "keep only the prompts whose `split` column has this value (when the file has one).")})
+    eval_prompts: str | None = field(default=None, metadata={"help": (
+        "held-out prompts for evaluation (default: `prompts`).")})
+    eval_split: str | None = field(default=None, metadata={"help": (
+        "keep only the evaluation prompts whose `split` column has this value.")})
+    max_prompts: int = field(default=0, metadata={"help": (
+        "use only the first so many prompts (0: all).")})
+    max_eval_prompts: int = field(default=0, metadata={"help": (
+        "use only the first so many evaluation prompts (0: all).")})
+    num_samples: int = field(default=4, metadata={"help": (
+        "K responses per prompt from π_ref for the dual.")})
+    max_new_tokens: int = field(default=64, metadata={"help": (
+        "most tokens per response, for the dual's samples and for evaluation alike.")})
+    temperature: float = field(default=1.0, metadata={"help": (
+        "sampling temperature, for the dual's samples and for evaluation alike.")})
+    top_p: float = field(default=0.9, metadata={"help": (
+        "nucleus mass, for the dual's samples and for evaluation alike.")})
+    seed: int = field(default=0, metadata={"help": (
+        "seed of sampling, of the bootstrap and of training.")})
+    sample_batch_size: int = field(default=16, metadata={"help": (
+        "responses generated per batch.")})
+    beta: float = field(default=0.1, metadata={"help": (
+        "KL coefficient β, shared by the dual and the training loss.")})
+    bootstrap: int = field(default=1000, metadata={"help": (
+        "bootstrap replicates for the dual's CIs.")})
+    pairs: str = field(default="samples", metadata={"help": (
+        "which response pairs get pseudo-preference labels (see the subclasses).")})
+    pairs_per_prompt: int = field(default=2, metadata={"help": (
+        "pairs drawn per prompt when `pairs` is \"samples\".")})
+    max_pairs: int = field(default=0, metadata={"help": (
+        "use at most this many dataset pairs (0: all).")})
+    eval_num_samples: int = field(default=2, metadata={"help": (
+        "responses per eval prompt and model.")})
+    behaviour_suites: list | str | None = field(default=None, metadata={"help": (
+        "extra prompt suites of the behavioural evaluation (refusal of harmful prompts, over-refusal "
+        "of benign ones, judged without the training's score models): `NAME=KIND:FILE` (KIND harmful, "
+        "benign or borderline) or a built-in name (harmful, benign, borderline); a list, or "
+        "comma-separated. Default: borderline when the evaluation prompts are the built-in demo "
+        "prompts, else none (\"none\": none). Eval prompts with a `harmful` field also give the harmful "
+        "and benign suites, on the evaluation's own samples. Sampled like the evaluation, "
+        "`max_eval_prompts` each.")})
+    behaviour_detector: str = field(default="phrases", metadata={"help": (
+        "refusal detector of the behavioural evaluation: phrases (default), "
+        "hf-classifier:PATH_OR_ID[:LABEL] or guard:PATH_OR_ID.")})
+    train: dict = field(default_factory=dict, metadata={"help": (
+        "`PreferenceConfig` fields (learning rate, epochs, LoRA, ...).")})
 
     def _validate_common(self, constraints) -> None:
         """Checks every pipeline needs; `constraints` are the names margins may refer to."""
@@ -164,21 +172,21 @@ class PipelineConfig:
 
 @dataclass
 class MoCANConfig(PipelineConfig):
-    """Everything a MoCAN run depends on (DESIGN.md §3): `PipelineConfig`'s fields, where
+    """Everything a MoCAN run depends on (docs/design.md §4): `PipelineConfig`'s fields, where
     `reward` and `safety` (the score models the dual and the labels use) are required.
 
-    Attributes
-    ----------
-    pairs : "samples" (pairs of π_ref's own responses) or a preference dataset file
-        (PKU-SafeRLHF or prompt/chosen/rejected schema) whose responses are re-scored and
-        relabeled, as in the paper.
-    max_unsafe_rate : constraint name → the largest unsafe rate allowed (e.g. harm=0.05),
-        instead of a margin: λ* of that constraint multiplies −1{unsafe} in the pair labels
-        (the score the dual solved for), and the evaluation compares the trained model's
-        unsafe rate with the predicted one.
+    Each field's help is in its metadata (`--help` of the commands shows it).
     """
 
-    out: str = "runs/mocan"
+    out: str = field(default="runs/mocan", metadata={"help": OUT_HELP})
+
+    pairs: str = field(default="samples", metadata={"help": (
+        "\"samples\" (pairs of π_ref's own responses) or a preference dataset file (PKU-SafeRLHF or "
+        "prompt/chosen/rejected schema) whose responses are re-scored and relabeled, as in the paper.")})
+    max_unsafe_rate: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → the largest unsafe rate allowed (e.g. harm=0.05), instead of a margin: λ* "
+        "of that constraint multiplies −1{unsafe} in the pair labels (the score the dual solved for), "
+        "and the evaluation compares the trained model's unsafe rate with the predicted one.")})
 
     def validate(self) -> "MoCANConfig":
         if not self.prompts:
@@ -193,58 +201,57 @@ class MoCANConfig(PipelineConfig):
 
 @dataclass
 class PeCANConfig(PipelineConfig):
-    """Everything a PeCAN run depends on (DESIGN.md §4): `PipelineConfig`'s fields plus the
+    """Everything a PeCAN run depends on (docs/design.md §4): `PipelineConfig`'s fields plus the
     preference data (or pre-aligned checkpoints) the implicit scores come from.
 
-    Attributes
-    ----------
-    preferences : one PKU-SafeRLHF-schema file with both labels on each pair:
-        `better_response_id` trains DPO_H (π_r), `safer_response_id` trains DPO_S (π_g,
-        constraint "harmless").
-    helpful_preferences : instead of `preferences`: the helpfulness set (`better_response_id`,
-        or a TRL prompt/chosen/rejected file).
-    safety_preferences : instead of `preferences`: constraint name → safety set
-        (`safer_response_id`, or a TRL prompt/chosen/rejected file); one DPO_S per set.
-    helpful_model : an existing pre-aligned π_r to reuse instead of training DPO_H
-        (a `train/model` folder of dualign, a training output folder, or any model spec).
-    safety_models : constraint name → an existing pre-aligned π_g to reuse.
-    pre_align : `PreferenceConfig` fields for DPO_H and DPO_S; unset ones come from `train`
-        (β is always `beta`; labels are the hard 0/1 preferences: plain DPO).
-    label_scale : "beta" (default): p = σ(Δr̂ + λ*ᵀΔĝ) with r̂ = β·log π_r/π_ref, whose
-        DPO optimum is π_λ* = π_ref (π_r/π_ref)(π_g/π_ref)^λ*, the policy the dual's
-        predictions describe. "paper": the paper's code, without β inside σ:
-        p = σ((Δr̂ + λ*ᵀΔĝ)/β), whose optimum is π_ref exp((r̂ + λ*ᵀĝ)/β²), a sharper
-        policy than the dual solved for (its predictions do not apply to it).
-    reward : optional reward model for evaluation only (column `scorer/reward`); a
-        `file.py:function` spec imports and runs that file's code, as `python file.py` would;
-        only use files you trust.
-    safety : optional constraint name → cost/safety model spec for evaluation only
-        (columns `scorer/safety/<name>`); a `file.py:function` spec runs code likewise.
-    margins : constraint name → required gain of the implicit safety score ĝ over π_ref
-        (in ĝ's units: β × nats); left out: `margin_fraction` × the largest achievable.
-    max_unsafe_rate : not for PeCAN: the dual's safety scores are the implicit
-        ĝ = β·log π_g/π_ref, defined up to a per-prompt constant, so their sign — and an
-        unsafe rate — means nothing (the `safety` scorers here only judge the result);
-        state the constraint as a margin.
-    pairs : "preferences" (default: every pair of the preference files, relabeled with
-        λ*, as in the paper), "samples" (pairs of π_ref's own responses) or another
-        preference file.
-    max_pairs : read at most this many records of each preference file, for pre-alignment
-        and relabeling (0: all).
+    Each field's help is in its metadata (`--help` of the commands shows it).
     """
 
     NESTED: typing.ClassVar[tuple[str, ...]] = ("train", "pre_align")
     HARMLESS: typing.ClassVar[str] = "harmless"
 
-    out: str = "runs/pecan"
-    pairs: str = "preferences"
-    preferences: str = ""
-    helpful_preferences: str = ""
-    safety_preferences: dict = field(default_factory=dict)
-    helpful_model: str = ""
-    safety_models: dict = field(default_factory=dict)
-    pre_align: dict = field(default_factory=dict)
-    label_scale: str = "beta"
+    out: str = field(default="runs/pecan", metadata={"help": OUT_HELP})
+    pairs: str = field(default="preferences", metadata={"help": (
+        "\"preferences\" (default: every pair of the preference files, relabeled with λ*, as in the "
+        "paper), \"samples\" (pairs of π_ref's own responses) or another preference file.")})
+    preferences: str = field(default="", metadata={"help": (
+        "one PKU-SafeRLHF-schema file with both labels on each pair: `better_response_id` trains "
+        "DPO_H (π_r), `safer_response_id` trains DPO_S (π_g, constraint \"harmless\").")})
+    helpful_preferences: str = field(default="", metadata={"help": (
+        "instead of `preferences`: the helpfulness set (`better_response_id`, or a TRL "
+        "prompt/chosen/rejected file).")})
+    safety_preferences: dict = field(default_factory=dict, metadata={"help": (
+        "instead of `preferences`: constraint name → safety set (`safer_response_id`, or a TRL "
+        "prompt/chosen/rejected file); one DPO_S per set.")})
+    helpful_model: str = field(default="", metadata={"help": (
+        "an existing pre-aligned π_r to reuse instead of training DPO_H (a `train/model` folder of "
+        "dualign, a training output folder, or any model spec).")})
+    safety_models: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → an existing pre-aligned π_g to reuse.")})
+    pre_align: dict = field(default_factory=dict, metadata={"help": (
+        "`PreferenceConfig` fields for DPO_H and DPO_S; unset ones come from `train` (β is always "
+        "`beta`; labels are the hard 0/1 preferences: plain DPO).")})
+    label_scale: str = field(default="beta", metadata={"help": (
+        "\"beta\" (default): p = σ(Δr̂ + λ*ᵀΔĝ) with r̂ = β·log π_r/π_ref, whose DPO optimum is π_λ* = "
+        "π_ref (π_r/π_ref)(π_g/π_ref)^λ*, the policy the dual's predictions describe. \"paper\": the "
+        "paper's code, without β inside σ: p = σ((Δr̂ + λ*ᵀΔĝ)/β), whose optimum is π_ref exp((r̂ + "
+        "λ*ᵀĝ)/β²), a sharper policy than the dual solved for (its predictions do not apply to it).")})
+    reward: str = field(default="", metadata={"help": (
+        "optional reward model for evaluation only (column `scorer/reward`); a `file.py:function` "
+        "spec imports and runs that file's code, as `python file.py` would; only use files you trust.")})
+    safety: dict = field(default_factory=dict, metadata={"help": (
+        "optional constraint name → cost/safety model spec for evaluation only (columns "
+        "`scorer/safety/<name>`); a `file.py:function` spec runs code likewise.")})
+    margins: dict = field(default_factory=dict, metadata={"help": (
+        "constraint name → required gain of the implicit safety score ĝ over π_ref (in ĝ's units: β × "
+        "nats); left out: `margin_fraction` × the largest achievable.")})
+    max_unsafe_rate: dict = field(default_factory=dict, metadata={"help": (
+        "not for PeCAN: the dual's safety scores are the implicit ĝ = β·log π_g/π_ref, defined up to "
+        "a per-prompt constant, so their sign — and an unsafe rate — means nothing (the `safety` "
+        "scorers here only judge the result); state the constraint as a margin.")})
+    max_pairs: int = field(default=0, metadata={"help": (
+        "read at most this many records of each preference file, for pre-alignment and relabeling (0: "
+        "all).")})
 
     def helpful_source(self) -> str:
         """The helpfulness preference file ("" when only a checkpoint is given)."""
@@ -317,27 +324,9 @@ def load_config(cls, path=None, overrides: dict | None = None):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Field name → its description, read from the class docstring's Attributes section
-    (`name[, name...] : text` lines, text continuing on indented lines)."""
-    import inspect
-    import re
-
-    docs, names = {}, []
-    # base classes first, so a subclass's own description of a field wins
-    lines = [ln for c in reversed(cls.__mro__) if c.__doc__ and c is not object
-             for ln in inspect.cleandoc(c.__doc__).splitlines()]
-    for line in lines:
-        m = re.match(r"^([a-z_]+(?:, [a-z_]+)*) : (.*)$", line)
-        if m:
-            names = m.group(1).split(", ")
-            for n in names:
-                docs[n] = m.group(2)
-        elif line.startswith("    ") and names:
-            for n in names:
-                docs[n] += " " + line.strip()
-        else:
-            names = []
-    return docs
+    """Field name → its help (`field(metadata={"help": ...})`; a subclass that redeclares a
+    field with its own help wins, as dataclasses keep the last declaration)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def add_config_flags(parser, cls, exclude: tuple[str, ...] = ()) -> None:

@@ -17,7 +17,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
                      level: float = 0.95, seed: int = 0, progress: bool = True,
                      inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None,
                      bootstrap_method: str = "auto") -> dict:
-    """Solve the dual with bootstrap CIs and return the `dual.json` record (DESIGN.md §8).
+    """Solve the dual with bootstrap CIs and return the `dual.json` record (docs/design.md §2).
 
     `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
     β log π_g/π_ref): the record then has no reference unsafe rate.

@@ -1,4 +1,4 @@
-"""PeCAN's implicit scores (DESIGN.md §4): r̂ = β log π_r/π_ref and ĝ_j = β log π_gj/π_ref.
+"""PeCAN's implicit scores (docs/design.md §4): r̂ = β log π_r/π_ref and ĝ_j = β log π_gj/π_ref.
 
 A policy trained by DPO (same β) on preferences that follow a score s is
 π ∝ π_ref exp(s/β), so β log π(y|x)/π_ref(y|x) = s(x, y) − β log Z(x): the score up to a

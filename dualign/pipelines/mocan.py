@@ -1,4 +1,4 @@
-"""MoCAN (DESIGN.md §3): model-based one-shot safety alignment.
+"""MoCAN (docs/design.md §4): model-based one-shot safety alignment.
 
     sample π_ref → score (reward, safety) → solve the dual (λ*) → pseudo-preference pairs
     → train once → evaluate against π_ref → report

@@ -1,4 +1,4 @@
-"""Pseudo-preference pairs (DESIGN.md §3 step 3): response pairs labeled by r_λ = r + λᵀg.
+"""Pseudo-preference pairs (docs/design.md §3): response pairs labeled by r_λ = r + λᵀg.
 
 Pairs come from the reference's own samples (pairs of the K responses to a prompt) or from
 a preference dataset whose two responses get scored (the paper relabels PKU-SafeRLHF).
@@ -86,7 +86,7 @@ def rate_constraints(dual: dict, safety: list[str]) -> list[bool]:
 def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None,
                 scale: float = 1.0, indicator=None) -> pd.DataFrame:
     """Add `score_0`, `score_1` (r_λ of each response) and the soft label
-    `label` = σ(scale · (r_λ(y1) − r_λ(y0))) (DESIGN.md §3; `scale` = 1 is the label whose
+    `label` = σ(scale · (r_λ(y1) − r_λ(y0))) (docs/design.md §3; `scale` = 1 is the label whose
     DPO optimum is π_λ; PeCAN's paper-code variant uses 1/β); returns a new DataFrame.
     `indicator` marks rate constraints, whose g is −1{unsafe} (`combined_score`)."""
     safety = list(safety or [])

@@ -1,4 +1,4 @@
-"""PeCAN (DESIGN.md §4): preference-based one-shot safety alignment, no reward or cost model.
+"""PeCAN (docs/design.md §4): preference-based one-shot safety alignment, no reward or cost model.
 
     pre-align DPO_H (π_r) and DPO_S (π_g) → sample π_ref → implicit scores
     r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref → solve the dual (λ*) → pseudo-preference

@@ -5,7 +5,7 @@ For a pair (x, y0, y1) with label p = P(y1 preferred over y0),
     Δ_θ = [log π_θ(y1|x) − log π_ref(y1|x)] − [log π_θ(y0|x) − log π_ref(y0|x)]
     ℓ   = −[ p log σ(β Δ_θ) + (1 − p) log σ(−β Δ_θ) ]
 
-With p = σ(r(y1) − r(y0)) the population minimizer is π_θ ∝ π_ref exp(r/β) (DESIGN.md §3):
+With p = σ(r(y1) − r(y0)) the population minimizer is π_θ ∝ π_ref exp(r/β) (docs/design.md §3):
 each pair's loss is a cross-entropy between Bernoulli(p) and Bernoulli(σ(βΔ)), minimal
 exactly when βΔ = r(y1) − r(y0). Labels in {0, 1} give plain DPO (the sigmoid loss).
 
