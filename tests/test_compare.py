@@ -118,7 +118,8 @@ def test_sacpo_second_stage_starts_from_the_first(compared):
 
 def test_rerun_reuses_every_training(compared):
     cfg, root = compared
-    models = sorted(root.glob("seed-0/*/model")) + sorted(root.glob("seed-0/*/*/model"))
+    models = sorted(root.glob("seed-0/*/model")) + sorted(root.glob("seed-0/*/*/model")) \
+        + [root / "seed-0" / "sacpo" / "stage1_merged" / "model.safetensors"]  # not merged again
     stamps = {p: p.stat().st_mtime_ns for p in models}
     assert len(stamps) >= 4
     rec0 = json.loads((root / "compare.json").read_text())

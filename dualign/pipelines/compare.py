@@ -174,8 +174,8 @@ def train_rival(method: str, cfg: CompareConfig, seed_dir: Path, seed: int, pref
 def _train_sacpo(cfg: CompareConfig, seed_dir: Path, prefs, seed: int, log) -> dict:
     """SACPO: DPO on helpfulness from π_ref (stage 1, β), merged into full weights; then DPO on
     the safety labels from that model, which is also its reference (stage 2, β/λ)."""
-    from ..models.loading import load_policy, prepare_tokenizer
-    from ..train.preference import MODEL_DIRNAME, train_preferences
+    from ..models.loading import load_policy
+    from ..train.preference import MODEL_DIRNAME, load_trained, train_preferences
     from .baselines import save_merged
     from .pecan import dpo_pairs
 
@@ -187,20 +187,17 @@ def _train_sacpo(cfg: CompareConfig, seed_dir: Path, prefs, seed: int, log) -> d
     r1 = train_preferences(model, tok, h_pairs, cfg1, resume="auto",
                            metadata={"method": "sacpo_stage1", "base_model": cfg.policy, "beta": cfg.beta})
     merged_dir = out / "stage1_merged"
+    # merged again only when stage 1 was trained again (its training record changes each time)
     stamp = merged_dir / "source.json"
-    source = {"adapter": str(r1.model_dir), "result": json.loads((r1.output_dir / "dualign_result.json").read_text())
-              if (r1.output_dir / "dualign_result.json").exists() else r1.summary()}
-    if not (stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(source, default=str))):
+    source = {"adapter": str(r1.model_dir), "key": _model_key(r1.model_dir)}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == source):
         save_merged(r1.model, tok, merged_dir)
         write_json(source, stamp)
     beta2 = cfg.beta / cfg.sacpo_lambda
-    from ..train.preference import load_trained
-
     base2, _ = load_trained(merged_dir)
-    tok2 = prepare_tokenizer(tok)
     cfg2 = cfg.baseline_config(out / "stage2_safety", seed, beta=beta2)
     log(f"  SACPO stage 2: safety DPO on {len(s_pairs)} pairs from the stage-1 model (β/λ = {beta2:g})")
-    train_preferences(base2, tok2, s_pairs, cfg2, resume="auto",
+    train_preferences(base2, tok, s_pairs, cfg2, resume="auto",
                       metadata={"method": "sacpo", "base_model": str(merged_dir), "beta": beta2,
                                 "sacpo_lambda": cfg.sacpo_lambda})
     return {"model_dir": str(out / "stage2_safety" / MODEL_DIRNAME), "base": str(merged_dir),

@@ -441,16 +441,13 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
     import pandas as pd
 
     from ..eval.report import kl_at_sample_ceiling
-    from .scoring import REF, LogProbModel, logprob_columns
+    from .scoring import REF
 
-    tcfg = train_config(run, dual["beta"], cfg.train)
-    tokenization = dict(template=tcfg.template, append_eos=tcfg.append_eos, max_length=tcfg.max_length,
-                        batch_size=tcfg.ref_batch_size, force=force, log=log)
-    logprob_columns([samples_path], [LogProbModel("trained", trained_name, lambda: (result.model, result.tokenizer))],
-                    **tokenization)
+    _own_logps([samples_path], "trained", trained_name, lambda: (result.model, result.tokenizer), run, cfg, force,
+               log)
     with ExitStack() as stack:  # π_ref is set up only if its column is not current
-        ref = LogProbModel(REF, base_spec, lambda: stack.enter_context(_reference_of(result.model, base_spec)))
-        logprob_columns([samples_path], [ref], **tokenization)
+        _own_logps([samples_path], REF, base_spec, lambda: stack.enter_context(_reference_of(result.model, base_spec)),
+                   run, cfg, force, log)
     table = pd.read_parquet(Path(samples_path).parent / "scores.parquet")
     return {**kl_of_own_samples(table, "logp/trained", f"logp/{REF}", cfg),
             "predicted": dual["predicted"]["kl"], "predicted_ci": dual["predicted"]["kl_ci"],
