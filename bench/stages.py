@@ -1,12 +1,13 @@
 """Where the demo's time goes: one `dualign demo` run, its wall time split by stage.
 
-    .venv/bin/python bench/stages.py [--quick] [--pecan] [--cold] [--out DIR]
+    .venv/bin/python bench/stages.py [--quick] [--pecan] [--cold] [--retrain-scorers] [--out DIR]
 
 Runs the demo pipeline in a fresh run directory and prints each stage's seconds and share
 (from the run's `timings.json`, written by the pipeline itself), plus the demo's scorer
-set-up (reward and cost heads: trained on the first run, then cached). `--cold` also uses an
-empty model cache (`DUALIGN_CACHE` in a temporary directory): the embedded model is converted
-and the scorers trained, as on a fresh machine. Run it alone: a second heavy process on the
+set-up (reward and cost heads: the package ships them and the first run copies them into the
+cache; `--retrain-scorers` trains them, about 4 minutes). `--cold` also uses an empty model
+cache (`DUALIGN_CACHE` in a temporary directory): the embedded model is converted and the
+scorers installed, as on a fresh machine. Run it alone: a second heavy process on the
 two cores slows both several times over.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick demo (minutes)")
     ap.add_argument("--pecan", action="store_true", help="the PeCAN demo instead of MoCAN")
     ap.add_argument("--cold", action="store_true", help="empty model and scorer cache")
+    ap.add_argument("--retrain-scorers", action="store_true", help="train the demo heads instead of the shipped ones")
     ap.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
     args = ap.parse_args()
     if args.cold:
@@ -36,6 +38,10 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="dualign-bench-stages-"))
     t0 = time.perf_counter()
     make, run = (pecan_demo_config, run_pecan) if args.pecan else (demo_config, run_mocan)
+    if args.retrain_scorers:
+        from dualign.train.scorer import demo_scorers
+
+        demo_scorers(retrain=True)
     cfg = make(out, quick=args.quick)
     setup = time.perf_counter() - t0
     run(cfg)

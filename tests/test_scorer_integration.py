@@ -43,18 +43,19 @@ def test_refusal_ranked_above_compliance(trained):
     assert np.mean(c_ref < 0) >= 0.8 and np.mean(c_comp > 0) >= 0.8
 
 
-def test_demo_scorers_cached_and_loadable(trained):
+def test_shipped_demo_scorers_are_what_training_gives(trained):
     from dualign.models.scorers import load_scorer
     from dualign.train.scorer import demo_scorers
 
     root = trained
-    r_dir, c_dir = demo_scorers(cache_dir=root / "cache")  # features already cached by the CLI run
+    r_dir, c_dir = demo_scorers(cache_dir=root / "cache")  # installs the heads the package ships
     stamp = (c_dir / "head.safetensors").stat().st_mtime_ns
     assert demo_scorers(cache_dir=root / "cache") == (r_dir, c_dir)
-    assert (c_dir / "head.safetensors").stat().st_mtime_ns == stamp  # second call: nothing retrained
-    s = load_scorer(str(c_dir))
-    assert s.kind == "cost"
-    # the demo scorers are the CLI's scorers: same data, same settings, same features
-    a = HeadScorer.load(c_dir)
-    b = HeadScorer.load(root / "cost")
-    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-6, atol=1e-8)
+    assert (c_dir / "head.safetensors").stat().st_mtime_ns == stamp  # second call: nothing redone
+    assert load_scorer(str(c_dir)).kind == "cost"
+    # the shipped heads equal the CLI's training today (same data, settings and backbone), so
+    # `make demo` skipping their training changes nothing but the time
+    for kind, d in (("cost", c_dir), ("reward", r_dir)):
+        a, b = HeadScorer.load(d), HeadScorer.load(root / kind)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.bias, b.bias, rtol=1e-4, atol=1e-6)

@@ -1,11 +1,15 @@
 """Regenerate the built-in demo dataset from the hand-written records next to this file.
 
-    python dualign/data/demo/build.py
+    python dualign/data/demo/build.py [--scorers]
 
 Writes preferences_train.jsonl, preferences_test.jsonl, prompts.jsonl and
-refusal_check.jsonl into this directory. Deterministic: the split and the order of the two
-responses in each pair come from a fixed seed, so rerunning reproduces the files byte for
-byte. See DATASET_CARD.md for what the records are and how the labels are set.
+refusal_check.jsonl into this directory. With `--scorers`, then trains the demo reward and
+cost heads on the result (about 4 minutes on 2 cores) and writes them here with their
+manifest (demo_scorer_*.json/.safetensors, demo_scorers.json), which the package ships so
+that `make demo` need not train them; run it after every change of the data.
+Deterministic: the split and the order of the two responses in each pair come from a fixed
+seed, so rerunning reproduces the files byte for byte. See DATASET_CARD.md for what the
+records are and how the labels are set.
 """
 from __future__ import annotations
 
@@ -174,6 +178,10 @@ def main() -> None:
           f"train {sum(r['split'] == 'train' for r in prompts)}, "
           f"eval {sum(r['split'] == 'eval' for r in prompts)}")
     print(f"refusal check: {len(check)}")
+    if "--scorers" in sys.argv[1:]:
+        from dualign.train.scorer import ship_demo_scorers
+
+        print(f"demo scorers: {ship_demo_scorers()}")
 
 
 if __name__ == "__main__":
