@@ -437,16 +437,22 @@ def cmd_logprobs(args) -> int:
         return 0
     from .models.loading import load_policy
     from .models.logprobs import logprobs, samples_append_eos
+    from .parallel import rank_device
+    from .runio import dist_info
 
+    launch = dist_info()
     with run_lock(out.parent):  # another run adding a column to the same file would lose one
-        model, tok = load_policy(args.model, dtype=args.dtype, device=args.device)
+        # under a distributed launch each rank takes its own GPU and its shard of the batches
+        model, tok = load_policy(args.model, dtype=args.dtype, device=rank_device(args.device, launch))
         # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
         eos = samples_append_eos(samples)
         lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
                          batch_size=args.batch_size, template=template, append_eos=eos,
                          progress=not args.no_progress)
-        write_scores(out, samples, {col: lp}, provenance={col: prov})
-    print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
+        if launch.rank == 0:  # every rank holds all the log-probs; one writes them
+            write_scores(out, samples, {col: lp}, provenance={col: prov})
+    if launch.rank == 0:
+        print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
     return 0
 
 
@@ -480,15 +486,17 @@ def _add_score(sub):
 
 def cmd_score(args) -> int:
     from .pipelines.scoring import score_jobs, score_samples
-    from .runio import check_output_file, run_lock
+    from .runio import check_output_file, dist_info, run_lock
 
     jobs = score_jobs(args.reward, args.safety)  # every sign checked before any model loads
     out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
     check_output_file(out)
     with run_lock(out.parent):  # one run at a time writes scores.parquet and its parts there
+        # under a distributed launch every rank scores its shard; rank 0 writes the file
         score_samples(args.samples, jobs, out, batch_size=args.batch_size, template=args.template,
                       dtype=args.dtype, device=args.device)
-    print(f"wrote {out}")
+    if dist_info().rank == 0:
+        print(f"wrote {out}")
     return 0
 
 

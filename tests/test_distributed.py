@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,11 +71,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, args, nproc=None, module=False, **env):
-    """Run SCRIPT (or, with `module`, `-m dualign.cli` as users launch it) with `args` as one plain
-    process (nproc None) or under torch.distributed.run."""
+def _launch(tmp_path, args, nproc=None, module=False, script_text=SCRIPT, **env):
+    """Run `script_text` (or, with `module`, `-m dualign.cli` as users launch it) with `args` as one
+    plain process (nproc None) or under torch.distributed.run."""
     script = tmp_path / "launch.py"
-    script.write_text(SCRIPT)
+    script.write_text(script_text)
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     for f in logs.glob("*"):
@@ -208,3 +209,198 @@ def test_cli_refuses_vllm_under_a_launch(monkeypatch, tmp_path, prompts_file, ca
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "vllm backend is not sharded" in err
+
+
+# ----------------------------------------------------------------------------- scoring and log-probs
+
+# The launched script for `dualign score` / `dualign logprobs`, with test hooks: each rank appends
+# a line to log-rank{RANK}.txt per score part it writes and per log-prob batch it runs, and keeps
+# what `score_samples` / `logprobs` returned to it; the rank named by DIE_RANK raises when it is
+# about to write its second score part (its first one is on disk), as if killed there.
+SCORE_SCRIPT = textwrap.dedent('''
+    import os, sys
+    import numpy as np
+    from dualign import cli
+    from dualign.models import logprobs as lp_module
+    from dualign.pipelines import scoring
+
+    rank = int(os.environ.get("RANK", "0"))
+    logs = os.environ["TEST_LOG_DIR"]
+    real_write, real_pad = scoring.write_parquet, lp_module.pad_pairs
+    real_logprobs, real_score = lp_module.logprobs, scoring.score_samples
+
+    def note(line):
+        with open(os.path.join(logs, f"log-rank{rank}.txt"), "a") as f:
+            f.write(line + "\\n")
+
+    written = []
+
+    def part_writer(df, path):
+        if os.path.basename(str(path)).startswith("part-"):
+            if os.environ.get("DIE_RANK") == str(rank) and written:
+                raise RuntimeError(f"rank {rank} killed on purpose")
+            written.append(path)
+            note(f"part {path}")
+        return real_write(df, path)
+
+    def counted_pad(*a, **k):
+        note("batch")
+        return real_pad(*a, **k)
+
+    def kept_logprobs(*a, **k):
+        lp, n = real_logprobs(*a, **k)
+        np.save(os.path.join(logs, f"logp-rank{rank}.npy"), lp)
+        return lp, n
+
+    def kept_scores(*a, **k):
+        table = real_score(*a, **k)
+        table.to_parquet(os.path.join(logs, f"scores-rank{rank}.parquet"))
+        return table
+
+    scoring.write_parquet, lp_module.pad_pairs = part_writer, counted_pad
+    lp_module.logprobs, scoring.score_samples = kept_logprobs, kept_scores
+    if sys.argv[1] == "columns":  # the pipelines' way: logprob_columns, twice
+        from dualign.models.loading import load_policy
+        from dualign.parallel import rank_device
+        model = scoring.LogProbModel("ref", "tiny", lambda: load_policy(sys.argv[2], device=rank_device(None)))
+        for _ in range(2):  # the second call finds the column current, on every rank
+            scoring.logprob_columns([sys.argv[3]], [model], batch_size=int(sys.argv[4]))
+        sys.exit(0)
+    sys.exit(cli.main(sys.argv[1:]))
+''')
+
+N_ROWS, SCORE_BATCH = 128, 2
+# scoring.PART_BATCHES (16) batches of 2 rows a part: 4 parts a column; rank 0 scores parts 0
+# and 2, rank 1 parts 1 and 3
+N_PARTS = N_ROWS // (SCORE_BATCH * 16)
+LOGP_BATCH = 4  # 32 log-prob batches, 16 a rank
+
+
+@pytest.fixture(scope="module")
+def scoring_inputs(tmp_path_factory):
+    """A samples table of varied lengths (some truncated), a tiny random sequence-classification
+    reward model, and a toy safety function file, at fixed paths (the specs are in the output)."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from conftest import make_tiny_tokenizer
+    from dualign.runio import write_parquet
+
+    d = tmp_path_factory.mktemp("scoring-inputs")
+    rng = np.random.default_rng(0)
+    words = ["lock", "cat", "please", "no", "sure, here is how", "I can't help with that", "é"]
+    samples = pd.DataFrame({
+        "prompt_id": np.repeat(np.arange(N_ROWS // 4), 4), "sample_id": np.tile(np.arange(4), N_ROWS // 4),
+        "prompt": [f"prompt {i // 4}: " + "why " * (i // 4 % 7) for i in range(N_ROWS)],
+        "response": [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for _ in range(N_ROWS)],
+        "n_tokens": np.int64(5), "truncated": rng.random(N_ROWS) < 0.25})
+    write_parquet(samples, d / "samples.parquet")
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1)
+    LlamaForSequenceClassification(cfg).eval().save_pretrained(d / "rm")
+    tok.save_pretrained(d / "rm")
+    (d / "toy.py").write_text("def length(p, y):\n    return [0.5 * len(r) - len(q) for q, r in zip(p, y)]\n")
+    return d
+
+
+def _score_args(inputs, run):
+    run.mkdir(parents=True, exist_ok=True)
+    samples = run / "samples.parquet"
+    if not samples.exists():
+        shutil.copy(inputs / "samples.parquet", samples)
+    return ["score", "--samples", samples, "--reward", f"reward:{inputs / 'rm'}",
+            "--safety", f"len=safety:{inputs / 'toy.py'}:length", "--batch-size", SCORE_BATCH]
+
+
+@pytest.fixture(scope="module")
+def one_process_scores(tmp_path_factory, scoring_inputs):
+    """scores.parquet of a plain one-process `dualign score` (the same script, the same threads)."""
+    tmp = tmp_path_factory.mktemp("one-score")
+    proc, counts = _launch(tmp, _score_args(scoring_inputs, tmp / "run"), script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert counts == {0: 2 * N_PARTS}  # two columns
+    return (tmp / "run" / "scores.parquet").read_bytes()
+
+
+def test_two_ranks_score_into_the_one_process_file(tmp_path, scoring_inputs, one_process_scores):
+    proc, counts = _launch(tmp_path, _score_args(scoring_inputs, tmp_path / "run"), nproc=2,
+                           script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert counts == {0: N_PARTS, 1: N_PARTS}  # each rank scored its half of each column, no more
+    # the same bytes: each part was scored in the batches one process scores it in
+    assert (tmp_path / "run" / "scores.parquet").read_bytes() == one_process_scores
+    assert not (tmp_path / "run" / "scores.partial").exists()
+    assert proc.stdout.count("wrote ") == 1  # rank 0 speaks for the run
+    ref = pd.read_parquet(io.BytesIO(one_process_scores))
+    assert ref["reward"].nunique() > N_ROWS // 2  # a real model's scores, not a constant
+    for r in (0, 1):  # every rank returns the merged table
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "logs" / f"scores-rank{r}.parquet"), ref)
+
+
+def test_a_killed_scoring_rank_resumes_its_own_parts(tmp_path, scoring_inputs, one_process_scores):
+    run = tmp_path / "run"
+    args = _score_args(scoring_inputs, run)
+    proc, _ = _launch(tmp_path, args, nproc=2, script_text=SCORE_SCRIPT, DIE_RANK="1")
+    assert proc.returncode != 0 and "rank 1 killed on purpose" in proc.stderr
+    assert not (run / "scores.parquet").exists()
+    stored = list((run / "scores.partial").glob("*/part-*.parquet"))
+    assert len({p.parent for p in stored}) == 1  # the reward column only
+    done = sorted(int(p.stem.split("-")[1]) for p in stored)
+    assert [i for i in done if i % 2 == 1] == [1]  # rank 1 got its first part on disk, then died
+
+    proc, counts = _launch(tmp_path, args, nproc=2, script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # each rank scored only its reward parts that had no file yet, then its half of the safety
+    for r in (0, 1):
+        assert counts.get(r, 0) == sum(1 for i in range(r, N_PARTS, 2) if i not in done) + N_PARTS // 2
+    assert f"resuming, {len(done)} of {N_PARTS} parts already scored" in proc.stdout
+    assert (run / "scores.parquet").read_bytes() == one_process_scores
+    assert not (run / "scores.partial").exists()
+
+
+def _logprob_args(model_dir, inputs, run):
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copy(inputs / "samples.parquet", run / "samples.parquet")
+    return ["logprobs", "--model", model_dir, "--samples", run / "samples.parquet", "--name", "ref",
+            "--batch-size", LOGP_BATCH, "--no-progress"]
+
+
+def test_two_ranks_compute_the_one_process_logprobs(tmp_path, tiny_model_dir, scoring_inputs):
+    import numpy as np
+
+    one = tmp_path / "one"
+    one.mkdir()
+    proc, counts = _launch(one, _logprob_args(tiny_model_dir, scoring_inputs, one / "run"),
+                           script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_batches = N_ROWS // LOGP_BATCH
+    assert counts == {0: n_batches}
+    want = np.load(one / "logs" / "logp-rank0.npy")
+
+    proc, counts = _launch(tmp_path, _logprob_args(tiny_model_dir, scoring_inputs, tmp_path / "run"),
+                           nproc=2, script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert counts == {0: n_batches // 2, 1: n_batches // 2}  # the batches were shared out
+    # exactly equal, not close: each row is computed in the batch one process puts it in
+    for r in (0, 1):
+        assert np.array_equal(np.load(tmp_path / "logs" / f"logp-rank{r}.npy"), want)
+    assert (tmp_path / "run" / "scores.parquet").read_bytes() == (one / "run" / "scores.parquet").read_bytes()
+    assert proc.stdout.count("wrote ") == 1
+    got = pd.read_parquet(tmp_path / "run" / "scores.parquet")["logp/ref"].to_numpy()
+    assert np.all(got <= 0) and len(np.unique(got)) > N_ROWS // 2  # 0: an empty truncated answer
+
+    # the pipelines' path (PeCAN, the KL estimates): the same numbers, rank 0 writes, a second
+    # call computes nothing on any rank
+    cols = tmp_path / "cols"
+    cols.mkdir()
+    shutil.copy(scoring_inputs / "samples.parquet", cols / "samples.parquet")
+    proc, counts = _launch(tmp_path, ["columns", tiny_model_dir, cols / "samples.parquet", LOGP_BATCH], nproc=2,
+                           script_text=SCORE_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert counts == {0: n_batches // 2, 1: n_batches // 2}
+    assert proc.stdout.count("logp/ref for") == 1
+    assert np.array_equal(pd.read_parquet(cols / "scores.parquet")["logp/ref"].to_numpy(), want)

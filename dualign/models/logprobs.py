@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..parallel import process_group
 from .text import encode_pairs, response_logps
 
 
@@ -125,12 +126,13 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     padding_side : {"right", "left"}
         Only changes the layout of the batches, never the result.
     progress : bool
-        Show a tqdm bar.
+        Show a tqdm bar (rank 0's shard only, under a distributed launch).
 
     Returns
     -------
     logp : numpy.ndarray, shape (n,), float64
-        Summed log-probabilities in nats, in the input order.
+        Summed log-probabilities in nats, in the input order; the whole array on every rank
+        of a distributed launch.
     n_tokens : numpy.ndarray, shape (n,), int64
         Response tokens counted (EOS included when `append_eos`).
 
@@ -138,9 +140,17 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     ------
     ValueError
         `prompts` and `responses` differ in length, or a bad `padding_side`/`batch_size`.
-    """
-    import torch
+    InputError
+        Bad launcher variables (`dualign.runio.dist_info`).
 
+    Notes
+    -----
+    Distributed (WORLD_SIZE > 1, or a torch.distributed group already initialized): a
+    collective, so every rank calls it with the same pairs. Rank r runs batches r, r + W, ...
+    of the one-process batch plan and the ranks exchange their results, so every rank returns
+    the array one process computes, bit for bit (same batches, same numbers) when the ranks
+    run on the same kind of device.
+    """
     if isinstance(append_eos, (bool, np.bool_)):
         pairs = encode_pairs(tokenizer, prompts, responses, template=template,
                              append_eos=bool(append_eos), max_length=max_length)
@@ -166,9 +176,29 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
         params |= _forward_params(base())
     device = next(model.parameters()).device
     batches = length_batches([len(p) + len(r) for p, r in pairs], batch_size, max_batch_tokens)
+    with process_group() as group:
+        # The plan is the same whatever the world size, and rank r runs batches r, r + W, ...:
+        # each batch holds the rows it holds in one process, so each row gets the same number,
+        # bit for bit; round robin over batches sorted longest first evens out the ranks' loads.
+        mine = batches[group.rank::group.world_size]
+        _forward_batches(model, params, pairs, mine, pad_id, padding_side, device, logp,
+                         progress and group.rank == 0, group.world_size)
+        if group.distributed:
+            rows = np.array([i for idx in mine for i in idx], dtype=np.int64)
+            for their_rows, their_logp in group.gather((rows, logp[rows])):
+                logp[their_rows] = their_logp
+    return logp, n_tok
+
+
+def _forward_batches(model, params: set[str], pairs, batches, pad_id: int, padding_side: str, device,
+                     logp: np.ndarray, progress: bool, world_size: int) -> None:
+    """Fill `logp[idx]` for every index batch `idx` in `batches` (the body of `logprobs`)."""
+    import torch
+
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="log-probs", unit="batch")
+        desc = "log-probs" if world_size == 1 else f"log-probs (rank 0 of {world_size})"
+        batches = tqdm(batches, desc=desc, unit="batch")
     was_training = model.training
     model.eval()
     try:
@@ -192,7 +222,6 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
                 logp[idx] = lp.double().cpu().numpy()
     finally:
         model.train(was_training)
-    return logp, n_tok
 
 
 def samples_append_eos(samples, append_eos: bool = True):

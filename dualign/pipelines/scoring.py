@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..models.scorers import (check_safety_sign, column_is_current, load_scorer, parse_named,
                               read_samples, write_scores)
 from ..runio import digest as runio_digest
@@ -105,8 +105,28 @@ def score_samples(samples_path, jobs, out, *, batch_size: int = 8, template: str
     the parts it lacks and writes the same scores.parquet, byte for byte, as an uninterrupted
     one; the parts are deleted once the column is in `out`.
 
-    Returns the scores table as written.
+    Under a distributed launch (WORLD_SIZE > 1: torchrun, `accelerate launch`) this is a
+    collective, called by every rank with the same arguments: rank r scores parts r, r + W, ...
+    of the one-process part plan on its own device (`dualign.parallel.rank_device`), rank 0
+    merges every part into `out` (the same file, byte for byte, as one process writes) and
+    speaks for the run in `log`. A killed launch, rerun the same way (any world size), scores
+    only the parts that are missing. Every rank must see the same `out` (one machine, or a
+    shared file system).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The scores table as written (on every rank).
+
+    Raises
+    ------
+    InputError
+        Bad samples, scorer specs or launcher variables.
+    OutputError
+        Under a distributed launch, a part another rank wrote is not visible to rank 0.
     """
+    from ..parallel import process_group, rank_device
+
     samples = read_samples(samples_path)
     out = Path(out)
     digest = file_digest(samples_path)
@@ -115,45 +135,93 @@ def score_samples(samples_path, jobs, out, *, batch_size: int = 8, template: str
     rows_per_part = max(1, int(batch_size)) * max(1, int(part_batches))
     parts = plan_parts(samples, rows_per_part)
     table = None
-    for col, spec, role in jobs:
-        prov = {"spec": spec, "template": template, "samples": digest}
-        folder = partial_dir(out) / runio_digest(col, 12)
-        if column_is_current(out, col, prov):
-            log(f"{out}: {col} is up to date")
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        # compared as JSON (a callable spec by its str: never reused across processes)
-        settings = json.loads(json.dumps(
-            {"column": col, "role": role, "provenance": prov, "batch_size": batch_size,
-             "rows_per_part": rows_per_part, "n_rows": len(samples), "dtype": dtype, "device": device},
-            sort_keys=True, default=str))
-        open_partial_dir(folder, settings)
-        values = np.zeros(len(samples))
-        todo = []
-        for i, rows in enumerate(parts):
-            got = _read_part(folder / f"part-{i:06d}.parquet", rows)
-            if got is None:
-                todo.append(i)
-            else:
-                values[rows] = got
-        if len(todo) < len(parts):
-            log(f"{col}: resuming, {len(parts) - len(todo)} of {len(parts)} parts already scored")
-        if todo:
-            scorer = load_scorer(spec, batch_size=batch_size, template=template, dtype=dtype, device=device)
-            score = scorer.reward if role == "reward" else scorer.safety
-            try:
-                for i in todo:
-                    rows = parts[i]
-                    v = score(prompts[rows].tolist(), responses[rows].tolist())
-                    write_parquet(pd.DataFrame({"row": rows, "value": v}), folder / f"part-{i:06d}.parquet")
-                    values[rows] = v
-            finally:
-                scorer.close()
-        table = write_scores(out, samples, {col: values}, provenance={col: prov})
-        shutil.rmtree(folder, ignore_errors=True)
-        _remove_if_empty(partial_dir(out))
-        log(f"{col}: mean {values.mean():.4f}, sd {values.std():.4f} ({spec})")
+    with process_group() as group:
+        # Every rank past its caller's clean-up (a forced stage deletes the old scores and parts
+        # on every rank) before rank 0 looks at the files: a late rank would delete new parts.
+        group.barrier()
+        say = log if group.rank == 0 else (lambda *a, **k: None)
+        run_device = rank_device(device, group)
+        for col, spec, role in jobs:
+            prov = {"spec": spec, "template": template, "samples": digest}
+            folder = partial_dir(out) / runio_digest(col, 12)
+            # compared as JSON (a callable spec by its str: never reused across processes);
+            # `device` as given, the same on every rank, not the rank's own GPU
+            settings = json.loads(json.dumps(
+                {"column": col, "role": role, "provenance": prov, "batch_size": batch_size,
+                 "rows_per_part": rows_per_part, "n_rows": len(samples), "dtype": dtype, "device": device},
+                sort_keys=True, default=str))
+            current = False
+            if group.rank == 0:
+                current = column_is_current(out, col, prov)
+                if current:
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    open_partial_dir(folder, settings)
+            # every rank takes rank 0's word (a collective, so the partial folder is ready when
+            # the others go on): ranks looking at the files each on its own could disagree
+            if group.broadcast(current):
+                say(f"{out}: {col} is up to date")
+                continue
+            # Rank r takes parts r, r + W, ... of a plan that does not depend on the world size:
+            # each part is scored in the batches one process scores it in (the same numbers),
+            # and parts left by a launch of any world size resume in any other.
+            mine = range(group.rank, len(parts), group.world_size)
+            values = np.zeros(len(samples))
+            todo = []
+            for i in mine:
+                got = _read_part(folder / _part_name(i), parts[i])
+                if got is None:
+                    todo.append(i)
+                else:
+                    values[parts[i]] = got
+            n_done = sum(group.gather(len(mine) - len(todo)))
+            if n_done:
+                say(f"{col}: resuming, {n_done} of {len(parts)} parts already scored")
+            if todo:
+                scorer = load_scorer(spec, batch_size=batch_size, template=template, dtype=dtype,
+                                     device=run_device)
+                score = scorer.reward if role == "reward" else scorer.safety
+                try:
+                    for i in todo:
+                        rows = parts[i]
+                        v = score(prompts[rows].tolist(), responses[rows].tolist())
+                        write_parquet(pd.DataFrame({"row": rows, "value": v}), folder / _part_name(i))
+                        values[rows] = v
+                finally:
+                    scorer.close()
+            group.barrier()  # every rank's parts are on disk
+            if group.rank == 0:
+                for i in range(len(parts)):
+                    if i % group.world_size:  # another rank's part
+                        values[parts[i]] = _merge_part(folder, i, parts[i], group.world_size)
+                table = write_scores(out, samples, {col: values}, provenance={col: prov})
+                shutil.rmtree(folder, ignore_errors=True)
+                _remove_if_empty(partial_dir(out))
+                log(f"{col}: mean {values.mean():.4f}, sd {values.std():.4f} ({spec})")
+            group.barrier()  # the column is in `out`
     return table if table is not None else pd.read_parquet(out)
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:06d}.parquet"
+
+
+def _merge_part(folder: Path, i: int, rows: np.ndarray, world_size: int) -> np.ndarray:
+    """Part `i`, written by rank i % world_size, read by rank 0 to merge.
+
+    Raises
+    ------
+    OutputError
+        The part is missing or does not hold `rows` (a rank writing elsewhere: `out` not on a
+        file system every rank sees).
+    """
+    path = folder / _part_name(i)
+    got = _read_part(path, rows)
+    if got is None:
+        raise OutputError(f"the part of rank {i % world_size} is not visible to rank 0: under a "
+                          "multi-machine launch the scores must be on a file system every rank sees",
+                          file=str(path))
+    return got
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -194,25 +262,41 @@ def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template
     Each model is loaded at most once, for all the tables that lack its current column.
     Tokenization (`template`, `append_eos`, `max_length`) must be the one the pre-aligned
     models were trained with, since their log-ratios are what DPO fitted.
+
+    Under a distributed launch this is a collective, called by every rank with the same
+    arguments: each rank loads the model (`load` places it) and computes its shard of the
+    batches (`dualign.models.logprobs.logprobs`); rank 0 decides which tables need the column
+    and writes them.
     """
     from ..models.logprobs import logprobs, samples_append_eos
+    from ..parallel import process_group
 
     paths = [Path(p) for p in samples_paths]
     digests = {p: file_digest(p) for p in paths}
-    for m in models:
-        col = f"logp/{m.name}"
-        prov = {p: {"model": m.ident, "template": template, "append_eos": append_eos,
-                    "max_length": max_length, "samples": digests[p]} for p in paths}
-        todo = [p for p in paths if force or not column_is_current(p.parent / "scores.parquet", col, prov[p])]
-        if not todo:
-            continue
-        model, tok = m.load()
-        for p in todo:
-            samples = read_samples(p)
-            lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                             batch_size=batch_size, template=template,
-                             append_eos=samples_append_eos(samples, append_eos),
-                             max_length=max_length)
-            write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
-            log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses (mean {lp.mean():.2f} nats)")
-        del model
+    with process_group() as group:
+        group.barrier()  # every rank past its caller's clean-up before rank 0 reads the tables
+        for m in models:
+            col = f"logp/{m.name}"
+            prov = {p: {"model": m.ident, "template": template, "append_eos": append_eos,
+                        "max_length": max_length, "samples": digests[p]} for p in paths}
+            todo = None
+            if group.rank == 0:
+                todo = [p for p in paths
+                        if force or not column_is_current(p.parent / "scores.parquet", col, prov[p])]
+            # rank 0's word on every rank: logprobs is a collective, all must run the same tables
+            todo = group.broadcast(todo)
+            if not todo:
+                continue
+            model, tok = m.load()
+            for p in todo:
+                samples = read_samples(p)
+                lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
+                                 batch_size=batch_size, template=template,
+                                 append_eos=samples_append_eos(samples, append_eos),
+                                 max_length=max_length)
+                if group.rank == 0:
+                    write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
+                    log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses "
+                        f"(mean {lp.mean():.2f} nats)")
+                group.barrier()  # the column is in the file before any rank reads it
+            del model
