@@ -108,7 +108,9 @@ def process_group():
     With WORLD_SIZE > 1 and no process group yet, one is initialized from the launcher's
     environment (MASTER_ADDR, MASTER_PORT): NCCL when CUDA is available (this rank's GPU made
     current first), else gloo; it is destroyed on leaving. A group someone else initialized
-    (accelerate, a calling pipeline) is used as it is and left open.
+    (accelerate, a calling pipeline) is used as it is and left open. Hold one group around
+    everything a process runs sharded (the pipelines do): a gloo group destroyed and set up
+    again in one process can hang or fail in the second rendezvous.
 
     Yields
     ------

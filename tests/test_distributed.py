@@ -263,8 +263,10 @@ SCORE_SCRIPT = textwrap.dedent('''
         from dualign.models.loading import load_policy
         from dualign.parallel import rank_device
         model = scoring.LogProbModel("ref", "tiny", lambda: load_policy(sys.argv[2], device=rank_device(None)))
-        for _ in range(2):  # the second call finds the column current, on every rank
-            scoring.logprob_columns([sys.argv[3]], [model], batch_size=int(sys.argv[4]))
+        from dualign.parallel import process_group
+        with process_group():  # one group around both calls, as a pipeline holds one for its run
+            for _ in range(2):  # the second call finds the column current, on every rank
+                scoring.logprob_columns([sys.argv[3]], [model], batch_size=int(sys.argv[4]))
         sys.exit(0)
     sys.exit(cli.main(sys.argv[1:]))
 ''')

@@ -48,14 +48,15 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
     assert s["margin"] == pytest.approx(dual["margins"][0])
     # the prediction on the held-out prompts: λ* on π_ref's samples of them, made before training
     from dualign.data.scores import scores_to_arrays
-    from dualign.pipelines.dual_stage import held_out_prediction
+    from dualign.pipelines.dual_stage import DualRecord, held_out_prediction
 
     ref_eval = pd.read_parquet(run / "eval" / "reference" / "scores.parquet")
-    h = held_out_prediction(dual, scores_to_arrays(ref_eval, "reward", ["safety/vowels"]), seed=cfg.seed)
-    assert s["predicted_gain_held_out"] == pytest.approx(h["safety_gain"]["safety/vowels"])
-    assert ev["scores"]["reward"]["predicted_gain_held_out"] == pytest.approx(h["reward_gain"])
+    h = held_out_prediction(DualRecord.read(run / "dual.json"), scores_to_arrays(ref_eval, "reward", ["safety/vowels"]),
+                            seed=cfg.seed)
+    assert s["predicted_gain_held_out"] == pytest.approx(h.safety_gain["safety/vowels"])
+    assert ev["scores"]["reward"]["predicted_gain_held_out"] == pytest.approx(h.reward_gain)
     lo, hi = s["achieved_gain_ci"]
-    assert s["held_out_prediction_within_achieved_ci"] == (lo <= h["safety_gain"]["safety/vowels"] <= hi)
+    assert s["held_out_prediction_within_achieved_ci"] == (lo <= h.safety_gain["safety/vowels"] <= hi)
     assert "held-out [95% CI]" in (run / "report.md").read_text()
     g = pd.read_parquet(run / "scores.parquet")["safety/vowels"]
     assert dual["constraints"][0]["unsafe_rate_reference"] == pytest.approx((g < 0).mean())
@@ -189,31 +190,34 @@ def test_held_out_prediction_is_the_tilt_of_the_held_out_reference_samples():
     predicted gains are the weighted means minus the plain ones, averaged over prompts."""
     import math
 
+    from dual_records import dual_record
+
     from dualign.data.scores import ScoreArrays
     from dualign.pipelines.dual_stage import held_out_prediction
 
     reward = np.array([[0.0, 0.1], [1.0, 0.0], [0.0, 0.0]])
     harm = np.array([[-1.0, 0.0], [0.0, -2.0], [-0.5, -0.5]])
     beta, lam = 0.5, 2.0
-    d = {"beta": beta, "lambda": [lam], "constraints": [{"name": "safety/harm", "kind": "margin"}]}
+    d = dual_record("unsigned", beta=beta, lam=(lam,), constraints=[{"name": "safety/harm", "kind": "margin"}])
     h = held_out_prediction(d, ScoreArrays(reward, harm[:, :, None], ["safety/harm"], np.arange(3)), n_boot=50)
     z = (reward + lam * harm) / beta
     w = np.exp(z - z.max(1, keepdims=True))
     w /= w.sum(1, keepdims=True)
-    assert h["reward_gain"] == pytest.approx(((w * reward).sum(1) - reward.mean(1)).mean(), abs=1e-12)
-    assert h["safety_gain"]["safety/harm"] == pytest.approx(((w * harm).sum(1) - harm.mean(1)).mean(), abs=1e-12)
-    assert h["kl"] == pytest.approx((w * np.log(2 * np.clip(w, 1e-300, None))).sum(1).mean(), abs=1e-9)
-    assert h["kl_ceiling"] == pytest.approx(math.log(2)) and h["n_prompts"] == 3 and h["n_samples_per_prompt"] == 2
-    lo, hi = h["safety_gain_ci"]["safety/harm"]
-    assert lo <= h["safety_gain"]["safety/harm"] <= hi
+    assert h.reward_gain == pytest.approx(((w * reward).sum(1) - reward.mean(1)).mean(), abs=1e-12)
+    assert h.safety_gain["safety/harm"] == pytest.approx(((w * harm).sum(1) - harm.mean(1)).mean(), abs=1e-12)
+    assert h.kl == pytest.approx((w * np.log(2 * np.clip(w, 1e-300, None))).sum(1).mean(), abs=1e-9)
+    assert h.kl_ceiling == pytest.approx(math.log(2)) and h.n_prompts == 3 and h.n_samples_per_prompt == 2
+    lo, hi = h.safety_gain_ci["safety/harm"]
+    assert lo <= h.safety_gain["safety/harm"] <= hi
     # a rate constraint's λ* weighs −1{unsafe}, not the score
-    d_rate = {**d, "constraints": [{"name": "safety/harm", "kind": "max_unsafe_rate"}]}
+    d_rate = dual_record("unsigned", beta=beta, lam=(lam,),
+                         constraints=[{"name": "safety/harm", "kind": "max_unsafe_rate"}])
     h = held_out_prediction(d_rate, ScoreArrays(reward, harm[:, :, None], ["safety/harm"], np.arange(3)), n_boot=5)
     g = -(harm < 0).astype(float)
     z = (reward + lam * g) / beta
     w = np.exp(z - z.max(1, keepdims=True))
     w /= w.sum(1, keepdims=True)
-    assert h["safety_gain"]["safety/harm"] == pytest.approx(((w * g).sum(1) - g.mean(1)).mean(), abs=1e-12)
+    assert h.safety_gain["safety/harm"] == pytest.approx(((w * g).sum(1) - g.mean(1)).mean(), abs=1e-12)
     with pytest.raises(ValueError, match="safety columns"):
         held_out_prediction(d, ScoreArrays(reward, harm[:, :, None], ["safety/other"], np.arange(3)))
 
@@ -265,8 +269,10 @@ def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
     res = solve_dual(reward, safety, beta=0.1, margins=[-10.0])
     assert res.lam[0] == 0 and res.predicted.kl == pytest.approx(math.log(k), abs=1e-9)
 
+    from dual_records import dual_record
+
     def dual(kl, k):
-        return {"n_samples_per_prompt": k, "predicted": {"kl": kl}}
+        return dual_record(n_samples_per_prompt=k, predicted={"kl": kl})
 
     assert sample_ceiling_note(dual(0.5 * math.log(4) - 1e-6, 4)) is None
     note = sample_ceiling_note(dual(1.2, 4))
@@ -277,7 +283,7 @@ def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
     from dualign.eval.report import kl_prediction_text
 
     def dual_ci(kl, k):
-        return {"n_samples_per_prompt": k, "predicted": {"kl": kl, "kl_ci": [kl - 0.1, kl + 0.1]}}
+        return dual_record(n_samples_per_prompt=k, predicted={"kl": kl, "kl_ci": (kl - 0.1, kl + 0.1)})
 
     assert kl_prediction_text(dual_ci(1.2, 4)) == "not predicted (≥ 1.2 nats: at 87% of log K, K = 4)"
     assert kl_prediction_text(dual_ci(0.5, 4)) == "0.500 [0.400, 0.600]"

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from dual_records import dual_record, golden_record
 from scipy.special import expit
 
 from dualign.cli import main
@@ -61,7 +62,10 @@ def _by_prompt(table: pd.DataFrame, col: str) -> np.ndarray:
 
 
 def test_mocan_runs_a_max_unsafe_rate_end_to_end(tmp_path, tiny_model_dir):
+    import dataclasses
+
     from dualign.pipelines import stages as S
+    from dualign.pipelines.dual_stage import DualRecord
     from dualign.pipelines.pairs import pairs_from_samples
     from dualign.runio import file_digest
 
@@ -119,9 +123,10 @@ def test_mocan_runs_a_max_unsafe_rate_end_to_end(tmp_path, tiny_model_dir):
     samples_pairs = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed)
     key = file_digest(run / "scores.parquet")
     stamp = (run / "pairs.parquet").stat().st_mtime_ns
-    S.pairs_stage(run, samples_pairs, dual["lambda"], ["safety/harm"], key=key, dual=dual)
+    record = DualRecord.read(run / "dual.json")
+    S.pairs_stage(run, samples_pairs, dual["lambda"], ["safety/harm"], key=key, dual=record)
     assert (run / "pairs.parquet").stat().st_mtime_ns == stamp  # current: cached
-    as_margin = {**dual, "constraints": [{**c, "kind": "margin"}]}
+    as_margin = dataclasses.replace(record, constraints=(dataclasses.replace(record.constraints[0], kind="margin"),))
     relabeled = S.pairs_stage(run, samples_pairs, dual["lambda"], ["safety/harm"], key=key, dual=as_margin)
     np.testing.assert_allclose(relabeled["label"], raw, atol=1e-12)
 
@@ -147,7 +152,7 @@ def test_labels_weigh_the_indicator_of_rate_constraints_only():
     pairs = pd.DataFrame({"reward_0": [0.0, 1.0], "reward_1": [1.0, 0.0],
                           "safety/harm_0": [0.7, -0.2], "safety/harm_1": [-2.0, 0.0],
                           "safety/tox_0": [0.5, -1.0], "safety/tox_1": [-0.5, 3.0]})
-    dual = {"constraints": [{"name": "safety/harm", "kind": "max_unsafe_rate"}, {"name": "safety/tox"}]}
+    dual = golden_record("rate")  # safety/harm as a maximum unsafe rate, safety/tox as a margin
     flags = rate_constraints(dual, ["safety/harm", "safety/tox"])
     assert flags == [True, False]
     out = label_pairs(pairs, [2.0, 0.5], safety=["safety/harm", "safety/tox"], indicator=flags)
@@ -171,9 +176,10 @@ def test_compare_scores_reads_a_rate_constraint_as_rates():
     ref = pd.DataFrame({"prompt_id": np.repeat(np.arange(n), k), "sample_id": np.tile(np.arange(k), n),
                         "reward": np.arange(n * k, dtype=float), "safety/harm": [-1, -1, 1, -1, 1, 1, -1, 0.0]})
     tr = ref.assign(**{"safety/harm": [1, -1, 1, 1, 1, 1, -1, 1.0]})
-    dual = {"predicted": {"reward_gain": 0.1, "reward_gain_ci": [0.0, 0.2]},
-            "constraints": [{"name": "safety/harm", "kind": "max_unsafe_rate", "margin": 0.3, "max_unsafe_rate": 0.2,
-                             "predicted_gain": 0.3, "predicted_gain_ci": [0.2, 0.4], "predicted_unsafe_rate": 0.2}]}
+    dual = dual_record("rate", predicted={"reward_gain": 0.1, "reward_gain_ci": (0.0, 0.2)},
+                       constraints=[{"name": "safety/harm", "kind": "max_unsafe_rate", "margin": 0.3,
+                                     "max_unsafe_rate": 0.2, "predicted_gain": 0.3, "predicted_gain_ci": (0.2, 0.4),
+                                     "predicted_unsafe_rate": 0.2}])
     e = compare_scores(ref, tr, safety=["safety/harm"], dual=dual, n_boot=50)["safety/harm"]
     assert e["unsafe_rate_reference"] == 0.5 and e["unsafe_rate_trained"] == 0.25
     assert e["predicted_unsafe_rate"] == 0.2 and e["max_unsafe_rate"] == 0.2 and "predicted_gain" not in e

@@ -76,7 +76,7 @@ def test_pecan_recovers_the_tilted_policy_from_prealigned_policies(tiny_tokenize
     margin = 0.5 * true_mg
     dual = S.dual_stage(run, folded, ["safety/harmless"], BETA, {"harmless": margin}, 0.5, 20, 0,
                         log=lambda *a: None)
-    lam = dual["lambda"][0]
+    lam = dual.lam[0]
     lam_true = float(solve_dual(reward_for_dual(REWARD, pi_ref), SAFETY, beta=BETA, margins=margin).lam[0])
     print(f"λ* from implicit scores {lam:.4f}, from the true r, g {lam_true:.4f}")
     assert lam_true > 0.1 and lam == pytest.approx(lam_true, abs=0.1)
@@ -85,7 +85,7 @@ def test_pecan_recovers_the_tilted_policy_from_prealigned_policies(tiny_tokenize
     source = run / "pairs_source" / "samples.parquet"
     write_parquet(dataset_as_samples(candidate_pairs()), source)
     pairs = pairs_from_scored_dataset(implicit([source], models)[0])
-    pairs = S.pairs_stage(run, pairs, dual["lambda"], ["safety/harmless"], key="bandit")
+    pairs = S.pairs_stage(run, pairs, dual.lam, ["safety/harmless"], key="bandit")
     result = S.train_stage(run, load_policy(str(ref_dir))[0], tok, pairs, BETA, FULL, {"method": "pecan"})
     _, pi = restricted_logp(result.model, tok)
 

@@ -128,10 +128,10 @@ def test_prompt_only_constants_change_nothing(reused_run):
     margin = json.loads((run / "dual.json").read_text())["margins"]
     a, b = (solve_dual_stage(scores_to_arrays(t, "reward", ["safety/harmless"]), 0.5, margin, n_boot=20,
                              progress=False) for t in (scores, moved))
-    assert b["lambda"][0] == pytest.approx(a["lambda"][0], rel=1e-7)
+    assert b.lam[0] == pytest.approx(a.lam[0], rel=1e-7)
     for k in ("reward_gain", "kl"):
-        assert b["predicted"][k] == pytest.approx(a["predicted"][k], rel=1e-6, abs=1e-9)
-    assert b["constraints"][0]["predicted_gain"] == pytest.approx(a["constraints"][0]["predicted_gain"], rel=1e-6)
+        assert getattr(b.predicted, k) == pytest.approx(getattr(a.predicted, k), rel=1e-6, abs=1e-9)
+    assert b.constraints[0].predicted_gain == pytest.approx(a.constraints[0].predicted_gain, rel=1e-6)
 
     pairs = pd.DataFrame({"reward_0": [0.3, -1.0], "reward_1": [0.1, 2.0], "safety/harmless_0": [1.0, 0.0],
                           "safety/harmless_1": [-0.5, 0.4]})

@@ -147,9 +147,9 @@ def test_all_safe_dual_record_says_inactive():
     rng = np.random.default_rng(0)
     scores = ScoreArrays(rng.normal(size=(8, 4)), np.abs(rng.normal(size=(8, 4, 1))), ["safety/harm"], np.arange(8))
     d = solve_dual_stage(scores, 0.1, [0.0], n_boot=20, progress=False, max_unsafe_rate=[0.0])
-    c = d["constraints"][0]
-    assert c["lambda"] == 0.0 and not c["active"] and c["predicted_unsafe_rate"] == 0.0
-    assert d["bootstrap"]["n_infeasible"] == 0
+    c = d.constraints[0]
+    assert c.lam == 0.0 and not c.active and c.predicted_unsafe_rate == 0.0
+    assert d.bootstrap["n_infeasible"] == 0
     assert "every sample is safe" in format_dual_summary(d)
 
 
@@ -251,18 +251,18 @@ def test_pipeline_dual_stage_solves_a_rate(tmp_path):
     logs = []
     d = dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=logs.append,
                    max_unsafe_rate={"harm": 0.2})
-    c = d["constraints"][0]
-    assert c["kind"] == "max_unsafe_rate" and c["active"] and c["predicted_unsafe_rate"] == pytest.approx(0.2)
-    assert d["predicted"]["unsafe_rate"]["safety/harm"] == pytest.approx(0.2)
+    c = d.constraints[0]
+    assert c.kind == "max_unsafe_rate" and c.active and c.predicted_unsafe_rate == pytest.approx(0.2)
+    assert d.predicted.unsafe_rate["safety/harm"] == pytest.approx(0.2)
     assert any(line.startswith("max unsafe rate for safety/harm: 0.2") for line in logs)
-    assert json.loads((tmp_path / "dual.json").read_text())["lambda"] == d["lambda"]
+    assert json.loads((tmp_path / "dual.json").read_text())["lambda"] == list(d.lam)
     # a rerun with the same rate is cached; another rate is not
     again = []
     dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=again.append, max_unsafe_rate={"harm": 0.2})
     assert not any(line.startswith("max unsafe rate") for line in again)
     other = dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=lambda _: None,
                        max_unsafe_rate={"harm": 0.25})
-    assert other["constraints"][0]["predicted_unsafe_rate"] == pytest.approx(0.25)
+    assert other.constraints[0].predicted_unsafe_rate == pytest.approx(0.25)
 
 
 # ----------------------------------------------------------------------------- config
@@ -382,5 +382,5 @@ def test_summary_explains_a_bound_the_reward_tilt_already_meets():
     reward, safety = np.array([[1.0, 0.0]]), np.array([[SAFE, UNSAFE]])
     d = solve_dual_stage(ScoreArrays(reward, safety[:, :, None], ["harm"], np.arange(1)), 0.2, [0.0],
                          n_boot=5, progress=False, max_unsafe_rate=[0.2])
-    assert d["lambda"] == [0.0] and d["constraints"][0]["predicted_unsafe_rate"] == pytest.approx(expit(-5))
+    assert list(d.lam) == [0.0] and d.constraints[0].predicted_unsafe_rate == pytest.approx(expit(-5))
     assert "π_ref's 50% exceeds 20%, but tilting toward reward already meets it" in format_dual_summary(d)

@@ -8,8 +8,9 @@ from ..runio import write_text
 from .summary import pct
 
 
-def sample_ceiling_note(dual: dict) -> str | None:
-    """A warning when the predicted KL(π_λ*‖π_ref) nears log K, else None.
+def sample_ceiling_note(dual) -> str | None:
+    """A warning when the predicted KL(π_λ*‖π_ref) of `dual` (a `DualRecord`,
+    `dualign.pipelines.dual_stage`) nears log K, else None.
 
     The dual sees π_λ* only as a reweighting of each prompt's K samples, and no reweighting
     of K samples is further than log K nats from the uniform one: near that ceiling the
@@ -17,7 +18,7 @@ def sample_ceiling_note(dual: dict) -> str | None:
     whole response space) can move further, with larger gains, than predicted."""
     if not kl_at_sample_ceiling(dual):
         return None
-    k, kl = dual["n_samples_per_prompt"], dual["predicted"]["kl"]
+    k, kl = dual.n_samples_per_prompt, dual.predicted.kl
     return (f"predicted KL {kl:.3g} nats is {kl / math.log(k):.0%} of its ceiling log K = {math.log(k):.3g} "
             f"with K = {k} samples per prompt: the samples bound the predictions, and the trained model may "
             f"move further (larger KL and gains) than predicted; the KL is not predicted, only bounded "
@@ -31,19 +32,18 @@ def at_sample_ceiling(kl: float, k: int) -> bool:
     return k >= 2 and kl >= 0.5 * math.log(k)
 
 
-def kl_at_sample_ceiling(dual: dict) -> bool:
-    """`at_sample_ceiling` of the dual's predicted KL (dual.json's record)."""
-    return at_sample_ceiling(dual["predicted"]["kl"], dual["n_samples_per_prompt"])
+def kl_at_sample_ceiling(dual) -> bool:
+    """`at_sample_ceiling` of the predicted KL of `dual` (a `DualRecord`)."""
+    return at_sample_ceiling(dual.predicted.kl, dual.n_samples_per_prompt)
 
 
-def kl_prediction_text(dual: dict) -> str:
-    """The predicted KL(π_λ*‖π_ref) as reports print it: the estimate with its CI, or, at the
-    sample ceiling (`kl_at_sample_ceiling`), "not predicted (≥ x nats, ...)"."""
-    p = dual["predicted"]
+def kl_prediction_text(dual) -> str:
+    """The predicted KL(π_λ*‖π_ref) of `dual` (a `DualRecord`) as reports print it: the estimate
+    with its CI, or, at the sample ceiling (`kl_at_sample_ceiling`), "not predicted (≥ x nats, ...)"."""
+    p, k = dual.predicted, dual.n_samples_per_prompt
     if kl_at_sample_ceiling(dual):
-        return (f"not predicted (≥ {p['kl']:.3g} nats: at {p['kl'] / math.log(dual['n_samples_per_prompt']):.0%} "
-                f"of log K, K = {dual['n_samples_per_prompt']})")
-    return f"{p['kl']:.3f} [{p['kl_ci'][0]:.3f}, {p['kl_ci'][1]:.3f}]"
+        return f"not predicted (≥ {p.kl:.3g} nats: at {p.kl / math.log(k):.0%} of log K, K = {k})"
+    return f"{p.kl:.3f} [{p.kl_ci[0]:.3f}, {p.kl_ci[1]:.3f}]"
 
 
 def off_support_note(behaviour: dict | None) -> str | None:
@@ -111,15 +111,15 @@ def _gap_note(scores: dict, kl: float | None = None, achieved_kl: float | None =
     return notes
 
 
-def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[str] = ()) -> Path:
-    """Write `run/report.md` and return its path.
+def write_report(run: Path, config: dict, dual, record: dict, notes: list[str] = ()) -> Path:
+    """Write `run/report.md` from the dual's `DualRecord` and eval.json's `record`; return its path.
 
     `notes` are paragraphs shown under the title (e.g. what PeCAN's score columns mean);
     `record["baselines"]`, when present, adds a table of every model on the same prompts."""
     run = Path(run)
     lines = [f"# dualign {record['method']} report", "",
-             f"Reference policy `{config.get('policy')}`, β = {dual['beta']:g}, "
-             f"{dual['n_prompts']} prompts × {dual['n_samples_per_prompt']} samples for the dual; "
+             f"Reference policy `{config.get('policy')}`, β = {dual.beta:g}, "
+             f"{dual.n_prompts} prompts × {dual.n_samples_per_prompt} samples for the dual; "
              f"evaluation on {record['n_eval_prompts']} held-out prompts × {record['n_samples_per_prompt']} samples.",
              ""]
     for note in notes:
@@ -127,26 +127,26 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
     lines += ["## The dual (solved before training)", "",
              "| constraint | margin | λ* | 95% CI | predicted gain | largest achievable |",
              "|---|---:|---:|---|---:|---:|"]
-    rates = [c for c in dual["constraints"] if c.get("kind") == "max_unsafe_rate"]
-    for c in dual["constraints"]:
-        lo, hi = c["lambda_ci"]
+    rates = [c for c in dual.constraints if c.is_rate]
+    for c in dual.constraints:
+        lo, hi = c.lambda_ci
         # a rate constraint's margin and gains are in units of −1{unsafe}: show them as rates
-        margin, gain, most = ((f"unsafe ≤ {pct(c['max_unsafe_rate'])}",
-                               f"unsafe {pct(c['predicted_unsafe_rate'])} (π_ref {pct(c['unsafe_rate_reference'])})",
-                               f"unsafe → {pct(c['min_unsafe_rate'])}") if c.get("kind") == "max_unsafe_rate" else
-                              (f"{c['margin']:.4g}", f"{c['predicted_gain']:+.4g}", f"{c['max_gain']:.4g}"))
-        lines.append(f"| {c['name']} | {margin} | {c['lambda']:.4g} | [{lo:.4g}, {hi:.4g}] | {gain} | {most} |")
+        margin, gain, most = ((f"unsafe ≤ {pct(c.max_unsafe_rate)}",
+                               f"unsafe {pct(c.predicted_unsafe_rate)} (π_ref {pct(c.unsafe_rate_reference)})",
+                               f"unsafe → {pct(c.min_unsafe_rate)}") if c.is_rate else
+                              (f"{c.margin:.4g}", f"{c.predicted_gain:+.4g}", f"{c.max_gain:.4g}"))
+        lines.append(f"| {c.name} | {margin} | {c.lam:.4g} | [{lo:.4g}, {hi:.4g}] | {gain} | {most} |")
     if rates:
         lines += ["", "A constraint stated as a maximum unsafe rate (unsafe: safety score < 0) is solved on "
                   "−1{unsafe}, and its λ* weighs that indicator in the pair labels: its row gives the bound, the "
                   "unsafe rate predicted for π_λ* (π_ref's on the same samples) and the smallest reachable rate, "
                   "approached only as λ → ∞."]
-    p = dual["predicted"]
+    p = dual.predicted
     ceiling = sample_ceiling_note(dual)
-    lines += ["", f"Predicted reward gain {p['reward_gain']:+.4g} (95% CI [{p['reward_gain_ci'][0]:+.4g}, "
-              f"{p['reward_gain_ci'][1]:+.4g}]), KL(π_λ*‖π_ref) {kl_prediction_text(dual)}, effective samples per "
-              f"prompt {p['ess_mean']:.3g} of {dual['n_samples_per_prompt']}. Solver: converged = "
-              f"{dual['converged']}, KKT residual {dual['kkt_residual']:.1e}."
+    lines += ["", f"Predicted reward gain {p.reward_gain:+.4g} (95% CI [{p.reward_gain_ci[0]:+.4g}, "
+              f"{p.reward_gain_ci[1]:+.4g}]), KL(π_λ*‖π_ref) {kl_prediction_text(dual)}, effective samples per "
+              f"prompt {p.ess_mean:.3g} of {dual.n_samples_per_prompt}. Solver: converged = "
+              f"{dual.converged}, KKT residual {dual.kkt_residual:.1e}."
               + (f" **Note:** {ceiling}." if ceiling else ""), "",
               "![dual function](figures/dual_function.png) ![safety scores](figures/safety_histogram.png)", ""]
     if record.get("behaviour"):
@@ -175,7 +175,7 @@ def write_report(run: Path, config: dict, dual: dict, record: dict, notes: list[
                       f"bound ≤ {pct(e['max_unsafe_rate'])}")
         lines.append(f"| {col} | {e['reference_mean']:.3f} | {e['trained_mean']:.3f} | "
                      f"{e['achieved_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pred} | {unsafe} |")
-    gaps = _gap_note(record["scores"], dual["predicted"]["kl"], record.get("kl", {}).get("achieved"),
+    gaps = _gap_note(record["scores"], dual.predicted.kl, record.get("kl", {}).get("achieved"),
                      record.get("behaviour"))
     rated = any("predicted_unsafe_rate" in e for e in record["scores"].values())
     lines += [""] + (["Where the prediction and the measurement disagree:", ""] + gaps if gaps else

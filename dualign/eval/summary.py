@@ -53,9 +53,9 @@ def bootstrap_mean(values, *, n_boot: int = 1000, level: float = 0.95, seed: int
 
 
 def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: str = "reward",
-                   safety: list[str] = (), dual: dict | None = None, n_boot: int = 1000,
+                   safety: list[str] = (), dual=None, n_boot: int = 1000,
                    seed: int = 0, other_rewards: list[str] = (), unsigned: list[str] = (),
-                   held_out: dict | None = None) -> dict:
+                   held_out=None) -> dict:
     """The `scores` block of eval.json: one entry per score column.
 
     Parameters
@@ -73,15 +73,15 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
         gains are in units of −1{unsafe}), its bound `max_unsafe_rate`, the
         `predicted_unsafe_rate` of π_λ*, the trained rate's CI `unsafe_rate_trained_ci` and
         `predicted_unsafe_rate_within_ci` instead.
-    dual : dict, optional
-        The dual.json record; adds predicted gains (with CIs) and margins.
+    dual : DualRecord, optional
+        The dual's record (`dualign.pipelines.dual_stage`); adds predicted gains (with CIs) and margins.
     other_rewards : list of str
         More reward-like columns (e.g. a real reward model next to an implicit reward),
         compared like `reward` but without predictions.
     unsigned : list of str
         Safety columns whose sign means nothing (PeCAN's implicit ĝ, defined up to a
         per-prompt constant): no unsafe rate.
-    held_out : dict, optional
+    held_out : HeldOutPrediction, optional
         `held_out_prediction` on these prompts' reference samples: adds
         `predicted_gain_held_out` and its CI to the reward and to each margin constraint, and
         `held_out_prediction_within_achieved_ci` (the check on the same prompts as the
@@ -98,28 +98,28 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
             entry["unsafe_rate_trained"] = float(_unsafe_fractions(trained, col).mean())
         if dual is not None:
             if col == reward:
-                entry["predicted_gain"] = dual["predicted"]["reward_gain"]
-                entry["predicted_gain_ci"] = dual["predicted"]["reward_gain_ci"]
+                entry["predicted_gain"] = dual.predicted.reward_gain
+                entry["predicted_gain_ci"] = list(dual.predicted.reward_gain_ci)
             else:
-                c = next((c for c in dual["constraints"] if c["name"] == col), None)
-                if c is not None and c.get("kind") == "max_unsafe_rate" and signed:
+                c = dual.constraint(col)
+                if c is not None and c.is_rate and signed:
                     # its λ* and gains are about −1{unsafe}: the raw score's gain has no prediction
                     rate, rate_ci = bootstrap_mean(_unsafe_fractions(trained, col).to_numpy(), n_boot=n_boot,
                                                    seed=seed)
-                    entry.update(kind="max_unsafe_rate", max_unsafe_rate=c["max_unsafe_rate"],
-                                 predicted_unsafe_rate=c["predicted_unsafe_rate"], unsafe_rate_trained_ci=rate_ci,
-                                 predicted_unsafe_rate_within_ci=bool(rate_ci[0] <= c["predicted_unsafe_rate"]
+                    entry.update(kind="max_unsafe_rate", max_unsafe_rate=c.max_unsafe_rate,
+                                 predicted_unsafe_rate=c.predicted_unsafe_rate, unsafe_rate_trained_ci=rate_ci,
+                                 predicted_unsafe_rate_within_ci=bool(rate_ci[0] <= c.predicted_unsafe_rate
                                                                       <= rate_ci[1]))
                 elif c is not None:
-                    entry.update(margin=c["margin"], predicted_gain=c["predicted_gain"],
-                                 predicted_gain_ci=c["predicted_gain_ci"])
+                    entry.update(margin=c.margin, predicted_gain=c.predicted_gain,
+                                 predicted_gain_ci=list(c.predicted_gain_ci))
         if held_out is not None and entry.get("kind") != "max_unsafe_rate":
             if col == reward:
-                entry["predicted_gain_held_out"] = held_out["reward_gain"]
-                entry["predicted_gain_held_out_ci"] = held_out["reward_gain_ci"]
-            elif col in held_out["safety_gain"]:
-                entry["predicted_gain_held_out"] = held_out["safety_gain"][col]
-                entry["predicted_gain_held_out_ci"] = held_out["safety_gain_ci"][col]
+                entry["predicted_gain_held_out"] = held_out.reward_gain
+                entry["predicted_gain_held_out_ci"] = list(held_out.reward_gain_ci)
+            elif col in held_out.safety_gain:
+                entry["predicted_gain_held_out"] = held_out.safety_gain[col]
+                entry["predicted_gain_held_out_ci"] = list(held_out.safety_gain_ci[col])
         lo, hi = entry["achieved_gain_ci"]
         if "predicted_gain" in entry:
             entry["prediction_within_achieved_ci"] = bool(lo <= entry["predicted_gain"] <= hi)

@@ -18,12 +18,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError
 from ..runio import write_json, write_text
 from .config import OUT_HELP, MoCANConfig
+
+if TYPE_CHECKING:
+    from .dual_stage import DualRecord
 
 METHODS = ("mocan", "dpo_h", "dpo_s", "safedpo", "sacpo", "p_sacpo", "primal_dual")
 LABELS = {"mocan": "MoCAN", "dpo_h": "DPO_H", "dpo_s": "DPO_S", "safedpo": "SafeDPO", "sacpo": "SACPO",
@@ -133,7 +137,7 @@ class CompareConfig(MoCANConfig):
 
 # ----------------------------------------------------------------------------- the rivals
 
-def train_rival(method: str, cfg: CompareConfig, seed_dir: Path, seed: int, prefs, *, dual: dict,
+def train_rival(method: str, cfg: CompareConfig, seed_dir: Path, seed: int, prefs, *, dual: DualRecord,
                 prompts: list[str], jobs, log=print) -> dict:
     """Train (or find trained) one rival → {"model_dir", "base", "wall_s", "trained_tokens",
     "generated_tokens", "scored_responses", ...}. `base` is the model an adapter sits on."""
@@ -204,19 +208,18 @@ def _train_sacpo(cfg: CompareConfig, seed_dir: Path, prefs, seed: int, log) -> d
             "trained_tokens": trained_tokens(tok, h_pairs, cfg1) + trained_tokens(tok, s_pairs, cfg2)}
 
 
-def _train_primal_dual(cfg: CompareConfig, out: Path, seed: int, dual: dict, prompts, jobs, log) -> dict:
+def _train_primal_dual(cfg: CompareConfig, out: Path, seed: int, dual: DualRecord, prompts, jobs, log) -> dict:
     """The Safe-RLHF-style baseline held to MoCAN's constraint: E_π[g] ≥ E_ref[g] + margin, with
     E_ref[g] the mean safety of π_ref's own samples (the dual's scores)."""
     from ..models.loading import load_policy
     from ..models.scorers import load_scorer
     from ..train.primal_dual import train_primal_dual
 
-    if len(dual["constraints"]) != 1 or dual["constraints"][0].get("kind") == "max_unsafe_rate":
+    if len(dual.constraints) != 1 or dual.constraints[0].is_rate:
         raise InputError("the primal–dual baseline is built for one margin constraint", field="safety")
-    c = dual["constraints"][0]
-    target = float(c["reference_mean"] + c["margin"]) if "reference_mean" in c else None
-    if target is None:
-        raise InputError("dual.json lacks the reference's mean safety; rerun the dual stage", field="safety")
+    # DualRecord.read has refused a dual.json without the reference's mean safety
+    c = dual.constraints[0]
+    target = float(c.reference_mean + c.margin)
     pcfg = cfg.primal_dual_config(out, seed, safety_target=target)
     model, tok = load_policy(cfg.policy)
     specs = {col: spec for col, spec, _ in jobs}
@@ -224,7 +227,7 @@ def _train_primal_dual(cfg: CompareConfig, out: Path, seed: int, dual: dict, pro
     safety = {col: load_scorer(spec) for col, spec, role in jobs if role == "safety"}
     log(f"  primal–dual: GRPO on r + λ·g, λ by projected dual ascent, target E[g] ≥ {target:.3f}")
     res = train_primal_dual(model, tok, prompts, reward, safety, pcfg, out, resume=True,
-                            metadata={"method": "primal_dual", "base_model": cfg.policy, "margins": dual["margins"]})
+                            metadata={"method": "primal_dual", "base_model": cfg.policy, "margins": list(dual.margins)})
     rows = [json.loads(line) for line in Path(res.log_path).read_text().splitlines() if line.strip()]
     episodes = sum(int(r.get("episodes", 0)) for r in rows)
     return {"model_dir": str(res.model_dir), "generated_tokens": int(res.generated_tokens),
@@ -272,6 +275,7 @@ def _run_compare(cfg: CompareConfig, log) -> Path:
     from ..data.preferences import load_preferences
     from ..models.loading import load_policy
     from . import stages as S
+    from .dual_stage import DualRecord
     from .mocan import run_mocan
     from .scoring import score_jobs
 
@@ -288,7 +292,7 @@ def _run_compare(cfg: CompareConfig, log) -> Path:
         log(f"== seed {seed}: MoCAN up to its dual")
         run_mocan(mcfg, stop="dual", log=log)
         before = _stage_seconds(seed_dir / "mocan", ("sample", "score", "dual"))
-        dual = json.loads((seed_dir / "mocan" / "dual.json").read_text())
+        dual = DualRecord.read(seed_dir / "mocan" / "dual.json")
         prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
         rivals = {}
         for m in cfg.methods:
@@ -394,14 +398,16 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
     the constraint holds, and compute (wall time, tokens, estimated FLOPs)."""
     import pandas as pd
 
+    from .dual_stage import DualRecord
+
     run = seed_dir / "mocan"
     ev = json.loads((run / "eval.json").read_text())
-    dual = json.loads((run / "dual.json").read_text())
+    dual = DualRecord.read(run / "dual.json")
     safety_cols = [c for c, _, role in jobs if role == "safety"]
     n_scorers = len(jobs)
     samples = pd.read_parquet(run / "samples.parquet", columns=["n_tokens"])
     gen = int(samples["n_tokens"].sum())
-    margins = {c["name"]: c.get("margin") for c in dual["constraints"]}
+    margins = {c.name: c.margin for c in dual.constraints}
     rows = {}
     models = {"mocan": ev["scores"], **ev.get("baselines", {})}
     kls = {"mocan": (ev["kl"]["achieved"], ev["kl"]["achieved_ci"]),
@@ -459,7 +465,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
         c["flops_total"] = c["flops_sampling"] + c["flops_scoring"] + c["flops_training"]
     for m in rows:
         rows[m]["compute"] = compute.get(m, {})
-    return {"models": rows, "reference": ref, "margins": margins, "lambda": dual["lambda"],
+    return {"models": rows, "reference": ref, "margins": margins, "lambda": list(dual.lam),
             "n_eval_prompts": ev["n_eval_prompts"], "n_params": n_params}
 
 

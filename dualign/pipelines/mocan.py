@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data.preferences import load_preferences
 from ..models.loading import load_policy
+from ..parallel import process_group, rank_device
 from ..runio import file_digest, run_lock, write_json, write_parquet
 from . import stages as S
 from .config import MoCANConfig
@@ -25,7 +26,10 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
     model name), other models evaluated next to MoCAN's on the same prompts, with their KL
     (`dualign compare`)."""
     cfg.validate()
-    with run_lock(cfg.out):  # a second run into the same folder is refused, not mixed in
+    # under torchrun / accelerate launch, one process group for the whole run: every sharded stage
+    # (sampling, scoring, log-probs) and the Trainer use it. A gloo group torn down and set up again
+    # in one process can fail to connect (it did at the third stage, every 2-rank run)
+    with run_lock(cfg.out), process_group():  # run_lock: a second run into the folder is refused
         return _run_mocan(cfg, start, stop, log, baselines)
 
 
@@ -40,7 +44,9 @@ def _run_mocan(cfg: MoCANConfig, start: str | None, stop: str | None, log, basel
         jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
         safety_cols = [c for c, _, role in jobs if role == "safety"]
         prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
-        policy, tok = load_policy(cfg.policy)
+        # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
+        # cuda:0; one process: the default device, as before
+        policy, tok = load_policy(cfg.policy, device=rank_device(None))
 
         clock("sample", f"[1/7 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
         samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
@@ -76,16 +82,16 @@ def _run_mocan(cfg: MoCANConfig, start: str | None, stop: str | None, log, basel
             pair_scores = S.score_stage(run / "pairs_source" / "samples.parquet", jobs, force=force["pairs"], log=log)
             pairs, key = pairs_from_scored_dataset(pair_scores), file_digest(run / "pairs_source" / "scores.parquet")
         # dual.json's constraint kinds say which λ* multiply −1{unsafe} (rate constraints) in the labels
-        pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, force=force["pairs"], dual=dual)
+        pairs = S.pairs_stage(run, pairs, dual.lam, safety_cols, key=key, force=force["pairs"], dual=dual)
         log(labels_decided_line(pairs))
         if not todo("train"):
             return run
         clock("train", f"[5/7 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
-        meta = {"method": "mocan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
+        meta = {"method": "mocan", "base_model": cfg.policy, "lambda": list(dual.lam), "margins": list(dual.margins),
                 "beta": cfg.beta, "data": cfg.pairs, "scores": {c: s for c, s, _ in jobs}}
         if cfg.max_unsafe_rate:  # the model card says which λ* weigh −1{unsafe} rather than the score
             meta.update(max_unsafe_rate=dict(cfg.max_unsafe_rate),
-                        lambda_scores={c["name"]: c.get("score", c["name"]) for c in dual["constraints"]})
+                        lambda_scores={c.name: c.score or c.name for c in dual.constraints})
         result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
         if not todo("evaluate"):
             return run

@@ -5,11 +5,16 @@ a preference dataset whose two responses get scored (the paper relabels PKU-Safe
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from ..dual.unsafe_rate import unsafe_indicator
 from ..train.losses import pseudo_preference_labels
+
+if TYPE_CHECKING:
+    from .dual_stage import DualRecord
 
 
 def pairs_from_samples(scores: pd.DataFrame, pairs_per_prompt: int = 2, seed: int = 0) -> pd.DataFrame:
@@ -67,20 +72,20 @@ def combined_score(pairs: pd.DataFrame, side: int, reward: str, safety: list[str
     return out
 
 
-def rate_constraints(dual: dict, safety: list[str]) -> list[bool]:
-    """Which of the `safety` columns the dual record `dual` (dual.json) states as a maximum
-    unsafe rate (constraint `kind` "max_unsafe_rate"): the `indicator` of `label_pairs`.
+def rate_constraints(dual: DualRecord, safety: list[str]) -> list[bool]:
+    """Which of the `safety` columns the dual record `dual` states as a maximum unsafe rate
+    (constraint `kind` "max_unsafe_rate"): the `indicator` of `label_pairs`.
 
     Raises
     ------
     ValueError
         A column the record has no constraint for (labels would weigh it with no λ*)."""
-    kinds = {c["name"]: c.get("kind", "margin") for c in dual["constraints"]}
-    missing = [c for c in safety if c not in kinds]
+    rate = {c.name: c.is_rate for c in dual.constraints}
+    missing = [c for c in safety if c not in rate]
     if missing:
         raise ValueError(f"the dual record has no constraint {', '.join(missing)} "
-                         f"(its constraints: {', '.join(kinds)})")
-    return [kinds[c] == "max_unsafe_rate" for c in safety]
+                         f"(its constraints: {', '.join(rate)})")
+    return [rate[c] for c in safety]
 
 
 def label_pairs(pairs: pd.DataFrame, lam, reward: str = "reward", safety: list[str] | None = None,

@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..data.preferences import load_preferences
 from ..models.loading import load_policy, load_tokenizer
+from ..parallel import process_group, rank_device
 from ..runio import file_digest, run_lock, write_json, write_parquet
 from . import stages as S
 from .config import PeCANConfig
@@ -39,7 +40,10 @@ HELPFUL = "helpful"
 
 def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = None, log=print) -> Path:
     cfg.validate()
-    with run_lock(cfg.out):  # a second run into the same folder is refused, not mixed in
+    # under torchrun / accelerate launch, one process group for the whole run: every sharded stage
+    # (sampling, scoring, log-probs) and the Trainer use it. A gloo group torn down and set up again
+    # in one process can fail to connect (it did at the third stage, every 2-rank run)
+    with run_lock(cfg.out), process_group():  # run_lock: a second run into the folder is refused
         return _run_pecan(cfg, start, stop, log)
 
 
@@ -76,7 +80,9 @@ def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Pa
             logprob_columns(paths, models, force=force_, **tokenization)
             return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
 
-        policy, tok = load_policy(cfg.policy)
+        # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
+        # cuda:0; one process: the default device, as before
+        policy, tok = load_policy(cfg.policy, device=rank_device(None))
         clock("sample", f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
         samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
                                  num_samples=cfg.num_samples, force=force["sample"])
@@ -106,11 +112,11 @@ def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Pa
             if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
                 # π_ref's log-probs of the pairs are already here: training needs no pass of its own
                 pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
-        pairs = S.pairs_stage(run, pairs, dual["lambda"], safety_cols, key=key, scale=scale, force=force["pairs"])
+        pairs = S.pairs_stage(run, pairs, dual.lam, safety_cols, key=key, scale=scale, force=force["pairs"])
         if not todo("train"):
             return run
         clock("train", f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
-        meta = {"method": "pecan", "base_model": cfg.policy, "lambda": dual["lambda"], "margins": dual["margins"],
+        meta = {"method": "pecan", "base_model": cfg.policy, "lambda": list(dual.lam), "margins": list(dual.margins),
                 "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
                 "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles.items()}}
         result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
@@ -245,7 +251,8 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, ref_logps=None, force:
         if not force and S.is_current(run, f"pre_align_{name}", key):
             continue
         log(f"{name}: plain DPO on {len(pairs)} pairs ({label}_response_id)")
-        model, tok = load_policy(cfg.policy)  # fresh: LoRA wraps the model it trains in place
+        # fresh: LoRA wraps the model it trains in place; on this rank's GPU under a launch
+        model, tok = load_policy(cfg.policy, device=rank_device(None))
         meta = {"method": "dpo_h" if name == HELPFUL else "dpo_s", "base_model": cfg.policy,
                 "beta": cfg.beta, "data": prefs.attrs.get("source"), "label": f"{label}_response_id"}
         train_preferences(model, tok, pairs, tcfg, resume="auto" if not force else False, metadata=meta)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..runio import write_json
+
+if TYPE_CHECKING:
+    from .dual_stage import DualRecord, HeldOutPrediction
 
 STAGES = ("sample", "score", "dual", "pairs", "train", "evaluate", "report")
 
@@ -181,8 +185,9 @@ def resolve_margins(arrays, beta: float, margins: dict, fraction: float,
 
 def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fraction: float,
                n_boot: int, seed: int, *, force: bool = False, log=print, signed: bool = True,
-               max_unsafe_rate: dict | None = None) -> dict:
-    """Solve the dual on the scored samples → dual.json and figures/ (skipped when current).
+               max_unsafe_rate: dict | None = None) -> DualRecord:
+    """Solve the dual on the scored samples → dual.json and figures/ (skipped when current);
+    returns its `DualRecord`, solved or read back.
     `signed=False`: safety scores without a meaningful sign (as `solve_dual_stage`).
     `max_unsafe_rate`: constraint name → largest unsafe rate allowed, instead of a margin
     (the dual then runs on −1{unsafe} for that constraint: λ* applies to that indicator).
@@ -197,7 +202,7 @@ def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fract
     from ..dual import unsafe_rate
     from ..errors import InputError
     from ..runio import array_digest
-    from .dual_stage import format_dual_summary, solve_dual_stage, write_dual_outputs
+    from .dual_stage import DualRecord, format_dual_summary, solve_dual_stage, write_dual_outputs
 
     run = Path(run)
     rates = dict(max_unsafe_rate or {})
@@ -211,7 +216,7 @@ def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fract
     key = stage_key(array_digest(arrays.reward, arrays.safety), beta, resolved, n_boot, seed,
                     *([per_col] if rates else []))
     if not force and is_current(run, "dual", key):
-        d = json.loads((run / "dual.json").read_text())
+        d = DualRecord.read(run / "dual.json")
     else:
         for j, (name, m, c) in enumerate(zip(safety_cols, resolved, arrays.safety_names)):
             if per_col[j] is not None:
@@ -229,11 +234,11 @@ def dual_stage(run: Path, scores, safety_cols, beta: float, margins: dict, fract
 
 
 def pairs_stage(run: Path, pairs, lam, safety_cols, *, key: str, scale: float = 1.0, force: bool = False,
-                dual: dict | None = None):
+                dual: DualRecord | None = None):
     """Label pairs with λ* → pairs.parquet and the TRL export pairs_trl.jsonl.
 
     `scale` multiplies the score difference inside σ (1: the consistent label; PeCAN's
-    label_scale="paper" passes 1/β). `dual` is the dual.json record λ* comes from: a
+    label_scale="paper" passes 1/β). `dual` is the dual record λ* comes from: a
     constraint of kind "max_unsafe_rate" there was solved on g = −1{unsafe}, so its λ*
     multiplies that indicator of the safety column, not the raw score (`rate_constraints`);
     without `dual`, every λ* multiplies its raw score.
@@ -286,9 +291,9 @@ def train_stage(run: Path, model, tokenizer, pairs, beta: float, train: dict, me
 
 
 def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, method: str,
-                   dual: dict, force: bool = False, log=print, score=None, reward_cols=None,
+                   dual: DualRecord, force: bool = False, log=print, score=None, reward_cols=None,
                    safety_cols=None, unsigned_cols=(), baselines: dict | None = None,
-                   baseline_logps: dict | None = None, held_out: dict | None = None,
+                   baseline_logps: dict | None = None, held_out: HeldOutPrediction | None = None,
                    baseline_kl: bool = False) -> dict:
     """Sample the reference and the trained model on held-out prompts with the same settings,
     score both, compare → eval.json; and judge their behaviour (refusal of harmful prompts,
@@ -314,7 +319,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     baseline_logps : dict name -> column, optional
         A baseline's own log-probs in its scored table (PeCAN: `logp/helpful` for DPO_H),
         next to `logp/ref`: its KL(π‖π_ref) goes to `eval.json["baselines_kl"][name]`.
-    held_out : dict, optional
+    held_out : HeldOutPrediction, optional
         `held_out_prediction_of` the reference's evaluation samples, when the recipe already
         made it before training; else it is made here.
     baseline_kl : bool
@@ -374,7 +379,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
     if held_out is None:
         held_out = held_out_prediction_of(ref_scores, dual, reward_cols[0], safety_cols, seed=cfg.seed)
     scores = compare(trained_scores, dual=dual, held_out=held_out)
-    record = {"method": method, "beta": dual["beta"], "lambda": dual["lambda"],
+    record = {"method": method, "beta": dual.beta, "lambda": list(dual.lam),
               "n_eval_prompts": len(prompts), "n_samples_per_prompt": cfg.eval_num_samples,
               "scores": scores, "train": result.summary(),
               "examples": _examples(ref_scores, trained_scores, reward_cols + safety_cols)}
@@ -419,7 +424,7 @@ def _own_logps(paths, name: str, ident: str, load, run: Path, cfg, force: bool, 
                     max_length=tcfg.max_length, batch_size=tcfg.ref_batch_size, force=force, log=log)
 
 
-def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_name: str, cfg, dual: dict,
+def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_name: str, cfg, dual: DualRecord,
                 *, force: bool = False, log=print) -> dict:
     """KL(π_θ‖π_ref) of the trained model, estimated on its own evaluation samples.
 
@@ -450,7 +455,7 @@ def achieved_kl(run: Path, result, base_spec: str, samples_path: Path, trained_n
                    run, cfg, force, log)
     table = pd.read_parquet(Path(samples_path).parent / "scores.parquet")
     return {**kl_of_own_samples(table, "logp/trained", f"logp/{REF}", cfg),
-            "predicted": dual["predicted"]["kl"], "predicted_ci": dual["predicted"]["kl_ci"],
+            "predicted": dual.predicted.kl, "predicted_ci": list(dual.predicted.kl_ci),
             "predicted_is_lower_bound": kl_at_sample_ceiling(dual)}
 
 
@@ -497,14 +502,15 @@ def reference_eval_samples(run: Path, ref_model, tokenizer, prompts, cfg, base_s
                         num_samples=cfg.eval_num_samples, force=force)
 
 
-def held_out_prediction_of(ref_scores, dual: dict, reward_col: str, safety_cols, *, seed: int = 0) -> dict | None:
+def held_out_prediction_of(ref_scores, dual: DualRecord, reward_col: str, safety_cols, *,
+                           seed: int = 0) -> HeldOutPrediction | None:
     """`held_out_prediction` of dual record `dual` on the scored reference samples of the
     evaluation prompts; None where the dual's constraints are not these safety columns, or
     the prompts have fewer than 2 samples each (a tilt needs two)."""
     from ..data.scores import scores_to_arrays
     from .dual_stage import held_out_prediction
 
-    if [c["name"] for c in dual["constraints"]] != list(safety_cols):
+    if dual.names != list(safety_cols):
         return None
     arrays = scores_to_arrays(ref_scores, reward_col, list(safety_cols), source="eval/reference/scores.parquet")
     if arrays.reward.shape[1] < 2:
@@ -512,18 +518,19 @@ def held_out_prediction_of(ref_scores, dual: dict, reward_col: str, safety_cols,
     return held_out_prediction(dual, arrays, seed=seed)
 
 
-def held_out_prediction_line(h: dict) -> str:
+def held_out_prediction_line(h: HeldOutPrediction) -> str:
     """One line: the predicted gains on the held-out prompts, with CIs, and the KL (a lower
     bound when at its log K ceiling, `at_sample_ceiling`)."""
     from ..eval.report import at_sample_ceiling
 
-    gains = [f"reward {h['reward_gain']:+.3f} [{h['reward_gain_ci'][0]:+.3f}, {h['reward_gain_ci'][1]:+.3f}]"]
-    gains += [f"{c} {g:+.3f} [{h['safety_gain_ci'][c][0]:+.3f}, {h['safety_gain_ci'][c][1]:+.3f}]"
-              for c, g in h["safety_gain"].items()]
-    at_ceiling = at_sample_ceiling(h["kl"], h["n_samples_per_prompt"])
-    return (f"predicted on the {h['n_prompts']} held-out prompts (λ* on π_ref's {h['n_samples_per_prompt']} samples "
-            f"of each): " + ", ".join(gains) + f"; KL {'≥ ' if at_ceiling else ''}{h['kl']:.3f} nats"
-            + (f" (at its ceiling log {h['n_samples_per_prompt']})" if at_ceiling else ""))
+    k = h.n_samples_per_prompt
+    gains = [f"reward {h.reward_gain:+.3f} [{h.reward_gain_ci[0]:+.3f}, {h.reward_gain_ci[1]:+.3f}]"]
+    gains += [f"{c} {g:+.3f} [{h.safety_gain_ci[c][0]:+.3f}, {h.safety_gain_ci[c][1]:+.3f}]"
+              for c, g in h.safety_gain.items()]
+    at_ceiling = at_sample_ceiling(h.kl, k)
+    return (f"predicted on the {h.n_prompts} held-out prompts (λ* on π_ref's {k} samples "
+            f"of each): " + ", ".join(gains) + f"; KL {'≥ ' if at_ceiling else ''}{h.kl:.3f} nats"
+            + (f" (at its ceiling log {k})" if at_ceiling else ""))
 
 
 def _examples(ref_scores, trained_scores, columns, n: int = 6) -> list[dict]:
@@ -565,7 +572,7 @@ def prompts_of(source: str, column: str = "prompt", split: str | None = None, li
     return prompts[:limit] if limit else prompts
 
 
-def report_stage(run: Path, config: dict, dual: dict, record: dict, notes: list[str] = ()) -> Path:
+def report_stage(run: Path, config: dict, dual: DualRecord, record: dict, notes: list[str] = ()) -> Path:
     """report.md (with `notes` under its title) and the before/after figure."""
     import pandas as pd
 

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..eval.report import kl_at_sample_ceiling
 from ..runio import run_lock, write_json, write_text
 from .config import MoCANConfig
+from .dual_stage import DualRecord
 
 KINDS = ("fraction", "margin", "lambda")
 POINTS_DIR = "points"
@@ -193,10 +194,10 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
     the behavioural rates where the run has them."""
     rows = []
     for name, run in points:
-        dual = json.loads((run / "dual.json").read_text())
+        dual = DualRecord.read(run / "dual.json")
         ev = json.loads((run / "eval.json").read_text())
-        row = {"point": name, "run": str(run.relative_to(root)), "lambda": dual["lambda"],
-               "margins": dual["margins"], "ess_fraction": dual["predicted"]["ess_fraction"], "scores": {}}
+        row = {"point": name, "run": str(run.relative_to(root)), "lambda": list(dual.lam),
+               "margins": list(dual.margins), "ess_fraction": dual.predicted.ess_fraction, "scores": {}}
         for col, s in ev["scores"].items():
             lo, hi = s["achieved_gain_ci"]
             # the check uses the prediction for the measured (held-out) prompts where there is one
@@ -205,10 +206,10 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                                   "achieved": s["achieved_gain"], "achieved_ci": [lo, hi],
                                   "holds": _within(s["predicted_gain"] if here is None else here, lo, hi)}
             if "unsafe_rate_trained" in s:
-                c = next(c for c in dual["constraints"] if c["name"] == col)
+                c = dual.constraint(col)
                 row["scores"][col].update(unsafe_rate_reference=s["unsafe_rate_reference"],
                                           unsafe_rate_trained=s["unsafe_rate_trained"],
-                                          unsafe_rate_predicted=c.get("predicted_unsafe_rate"))
+                                          unsafe_rate_predicted=None if c is None else c.predicted_unsafe_rate)
         kl = ev["kl"]
         lo, hi = kl["achieved_ci"]
         # at the log K ceiling the dual's KL is a lower bound, not a prediction: nothing to hold
