@@ -15,7 +15,8 @@ The pieces, in the order `train_preferences` uses them:
    DeepSpeed/FSDP, gradient accumulation, mixed precision, `report_to` and checkpoints
    come from `Trainer`.
 4. Save: PEFT adapter (default) or merged/full safetensors weights, the tokenizer, a model
-   card (README.md) and `dualign_train.json`; `load_trained` reads them back.
+   card (README.md) and `dualign_train.json`; `load_trained` reads them back. Under a
+   distributed launch rank 0 alone writes, after every rank has helped gather the weights.
 
 A killed run resumes from its last checkpoint and ends with the same weights as an
 uninterrupted one (same seed): checkpoints hold optimizer, scheduler and RNG states, and
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -41,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..runio import array_digest, atomic_path, write_json
+from ..runio import array_digest, atomic_path, dist_info, write_json
 from .frozen_blocks import transformer_blocks
 from .losses import hard_labels
 # Re-exported: callers and tests import these names from `dualign.train.preference`.
@@ -53,7 +55,8 @@ from .preference_config import (MODEL_DIRNAME, REF_CACHE_FILE, RESULT_FILE, RUN_
                                 PreferenceConfig, _cuda_available)
 from .reference import (_model_fingerprint, _pad_id, _runs_from_block, _split_block_inputs,  # noqa: F401
                         reference_logps)
-from .saving import TrainResult, _cell, _load_base, _quiet_peft, load_trained, model_card, save_trained  # noqa: F401
+from .saving import (TrainResult, _cell, _load_base, _quiet_peft, load_trained, model_card,  # noqa: F401
+                     save_trained, save_trained_on_ranks)
 
 
 def preference_trainer_class():
@@ -70,12 +73,13 @@ def preference_trainer_class():
 # `reference_logps` is looked up in this module's namespace when called, so a spy set on
 # `dualign.train.preference.reference_logps` sees every reference pass of a training run.
 def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_digest, out: Path,
-                            record_block: int = 0):
+                            record_block: int = 0, write: bool = True):
     """Reference log-probs from the pairs' columns, the output dir's cache, or computed (and
     cached). With `record_block` (`cache_frozen_blocks`) the reference pass always runs, for
     the block inputs it records (they are not kept on disk: a resumed run records them
     again), but given or cached log-probs still win, so a resumed run trains on the values
-    it started with. Returns (ref_logp_0, ref_logp_1, block inputs or None, seconds spent
+    it started with. `write=False` (ranks other than 0 of a launch) computes without writing
+    the cache. Returns (ref_logp_0, ref_logp_1, block inputs or None, seconds spent
     computing)."""
     known = None
     if "ref_logp_0" in pairs.columns and "ref_logp_1" in pairs.columns:
@@ -97,6 +101,8 @@ def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_di
     seconds = time.perf_counter() - t0
     if known is not None:
         return *known, blocks[0], seconds
+    if not write:
+        return r0, r1, (blocks[0] if blocks else None), seconds
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         with open(tmp, "wb") as f:
@@ -153,13 +159,21 @@ def _drop_incomplete_checkpoints(out: Path) -> None:
         if not _checkpoint_complete(cp):
             warnings.warn(f"{cp}: incomplete checkpoint (a save was interrupted); removing it and "
                           "resuming from the last complete one", stacklevel=3)
-            shutil.rmtree(cp, ignore_errors=True)  # another rank of a distributed run may race us
+            shutil.rmtree(cp, ignore_errors=True)
 
 
 def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig | None = None,
                       resume: bool = True, metadata: dict | None = None,
                       callbacks: list | None = None) -> TrainResult:
     """Train `model` on preference pairs with the soft-label DPO loss (docs/design.md §3).
+
+    Under a distributed launch (torchrun, `accelerate launch`) every rank calls it with its
+    own copy of the model: the HF Trainer runs data-parallel (DDP: per-device batch b on W
+    ranks trains on the same pairs, step by step, as one process with batch W·b), rank 0
+    alone clears, caches and writes (`save_trained_on_ranks` gathers sharded weights on
+    every rank first), and every rank returns the same result once the files are on disk.
+    The shared-prompt layout runs in one process only; `cache_frozen_blocks` under DDP and
+    in one process only (FSDP, DeepSpeed: off, with a warning).
 
     Parameters
     ----------
@@ -197,6 +211,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     """
     from transformers import set_seed
 
+    from ..parallel import process_group
+
     config = config or PreferenceConfig()
     if config.use_lora and hasattr(model, "peft_config"):
         raise InputError("the model already carries a PEFT adapter: merge it first "
@@ -221,84 +237,168 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     run_digest = array_digest(np.frombuffer(
         f"{tdig}:{data_digest}:{config.training_digest()}".encode(), dtype=np.uint8))
 
+    # Built before anything touches `out`: under a launch (torchrun, accelerate launch) the
+    # arguments set up the ranks' process group (accelerate's), or join the caller's, and the
+    # decisions and writes below go through it.
+    args = config.training_arguments(**_cpu_launch(config))
+    engine = _sharded_engine(args)
+    # ZeRO-0/1/2 keep whole weights on every rank; FSDP, ZeRO-3 (or an unknown stage) may not
+    if engine in ("FSDP", "DeepSpeed ZeRO-3", "DeepSpeed") and config.use_lora and config.save_format == "merged":
+        raise InputError(f"under {engine} the weights are sharded over the ranks and the adapter cannot be "
+                         "merged into them; use save_format='adapter' and merge afterwards "
+                         "(load_trained(..., merge=True))", field="save_format")
+    with process_group() as group:
+        # Rank 0 reads the folder and decides for all: ranks that looked for themselves could
+        # see it while rank 0 clears it, and go different ways (one waiting for the others forever).
+        action, resume, done = group.broadcast(_resume_plan(out, run_digest, resume) if group.rank == 0 else None)
+        if action == "other run":
+            raise InputError("holds a run with other data or settings; choose another output_dir "
+                             "or pass resume=False to start over", file=str(out))
+        if action == "finished":
+            return _finished_result(model, tokenizer, out, done, labels)
+        if group.rank == 0:
+            if resume:
+                _drop_incomplete_checkpoints(out)
+            else:
+                _clear_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json({"run_digest": run_digest, "config": config.to_dict()}, out / RUN_FILE)
+        group.barrier()  # the folder cleared before any rank reads its reference cache or checkpoints
+
+        # Reference log-probs before any adapter exists: the model as given *is* π_ref. Every
+        # rank computes them (each needs them, and the recorded block inputs); rank 0 caches.
+        block = _first_adapted_block(model, config.lora_last_layers) if config.cache_frozen_blocks else 0
+        if block and engine:  # module swapping inside FSDP / DeepSpeed wrappers: never run
+            if group.rank == 0:
+                warnings.warn(f"cache_frozen_blocks is verified under DDP and one process only; training "
+                              f"without it under {engine}", stacklevel=2)
+            block = 0
+        ref0, ref1, block_inputs, ref_seconds = _cached_reference_logps(
+            model, tokenizer, pairs, config, feats, tdig, out, record_block=block, write=group.rank == 0)
+        if block_inputs is not None:  # train from the frozen blocks' output (`cache_frozen_blocks`)
+            feats = [{**f, **b} for f, b in zip(feats, block_inputs)]
+        else:
+            block = 0
+
+        set_seed(config.seed)  # LoRA init draws from the global RNG
+        if config.use_lora:
+            model = _add_lora(model, config)
+        pad_id = _pad_id(tokenizer)
+
+        share = _can_share_prompt(config, args) and _supports_shared_prompt(model)
+        if config.share_prompt and not share and group.rank == 0 and _launched(args):
+            warnings.warn("share_prompt is verified in one process only; under a distributed launch each "
+                          "step runs the concatenated layout (same loss, prompts run twice)", stacklevel=2)
+        Trainer = preference_trainer_class()
+        trainer = Trainer(model=model, args=args,
+                          train_dataset=PreferenceDataset(feats, labels, ref0, ref1, offsets),
+                          data_collator=PreferenceCollator(pad_id, share_prompt=share),
+                          processing_class=tokenizer,
+                          callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight,
+                          frozen_blocks=block)
+        trainer.group_by_length = config.group_by_length
+        if config.use_lora and config.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs
+
+        # the checkpoint rank 0 sees (a rank that listed for itself could see a newer one appear)
+        cps = _checkpoints(out) if resume else []
+        resumed_from = group.broadcast(str(cps[-1]) if cps else None)
+        t0 = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resumed_from)
+        runtime = time.perf_counter() - t0
+
+        # What every rank returns is rank 0's record: the final loss averages only the steps
+        # since the last log on each rank, and the timings are each rank's own.
+        loss, runtime, ref_seconds, history = group.broadcast(
+            (float(output.training_loss), runtime, ref_seconds, list(trainer.state.log_history)))
+        model_dir = out / MODEL_DIRNAME
+        result = TrainResult(model=trainer.model, tokenizer=tokenizer, model_dir=model_dir, output_dir=out,
+                             global_step=int(trainer.state.global_step),
+                             train_loss=loss, train_runtime=runtime,
+                             ref_seconds=ref_seconds, ref_logp_0=np.asarray(ref0),
+                             ref_logp_1=np.asarray(ref1), labels=np.asarray(labels),
+                             log_history=history, resumed_from=resumed_from)
+        # every rank takes part (sharded weights are gathered); rank 0 writes, then all wait for it
+        result.model = save_trained_on_ranks(trainer, tokenizer, model_dir, config, metadata, result, pairs,
+                                             group)
+        if group.rank == 0:
+            write_json({"run_digest": run_digest, **result.summary()}, out / RESULT_FILE)
+        group.barrier()  # no rank returns before the finished run is on disk (a pipeline reads it next)
+        return result
+
+
+def _resume_plan(out: Path, run_digest: str, resume) -> tuple[str, bool, dict | None]:
+    """What a run with `run_digest` does with the folder `out` (read only).
+
+    Returns
+    -------
+    (action, resume, done)
+        action: "finished" (the same run finished there: load it, `done` is its result
+        record), "other run" (checkpoints or a model of another run, and `resume=True`: an
+        error) or "train"; resume: whether to resume from checkpoints (False: clear first);
+        `resume="auto"` resolved.
+    """
     prev = _read_json(out / RUN_FILE)
     has_state = bool(_checkpoints(out)) or (out / MODEL_DIRNAME).exists()
     other_run = has_state and prev is not None and prev.get("run_digest") != run_digest
     if resume == "auto":
         resume = not other_run
     elif resume and other_run:
-        raise InputError("holds a run with other data or settings; choose another output_dir "
-                         "or pass resume=False to start over", file=str(out))
-    if not resume and out.exists():
-        for cp in _checkpoint_dirs(out):
-            shutil.rmtree(cp)
-        for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
-            (out / name).unlink(missing_ok=True)
-        if (out / MODEL_DIRNAME).exists():
-            shutil.rmtree(out / MODEL_DIRNAME)
-    done = _read_json(out / RESULT_FILE)
-    if resume and done is not None and done.get("run_digest") == run_digest \
-            and (out / MODEL_DIRNAME).exists():
-        return _finished_result(model, tokenizer, out, done, labels)
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({"run_digest": run_digest, "config": config.to_dict()}, out / RUN_FILE)
-
-    # Reference log-probs before any adapter exists: the model as given *is* π_ref.
-    block = _first_adapted_block(model, config.lora_last_layers) if config.cache_frozen_blocks else 0
-    ref0, ref1, block_inputs, ref_seconds = _cached_reference_logps(model, tokenizer, pairs, config, feats,
-                                                                    tdig, out, record_block=block)
-    if block_inputs is not None:  # train from the frozen blocks' output (`cache_frozen_blocks`)
-        feats = [{**f, **b} for f, b in zip(feats, block_inputs)]
-    else:
-        block = 0
-
-    set_seed(config.seed)  # LoRA init draws from the global RNG
-    if config.use_lora:
-        model = _add_lora(model, config)
-    pad_id = _pad_id(tokenizer)
-
-    Trainer = preference_trainer_class()
-    args = config.training_arguments()
-    trainer = Trainer(model=model, args=args,
-                      train_dataset=PreferenceDataset(feats, labels, ref0, ref1, offsets),
-                      data_collator=PreferenceCollator(
-                          pad_id, share_prompt=_can_share_prompt(config, args) and _supports_shared_prompt(model)),
-                      processing_class=tokenizer,
-                      callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight,
-                      frozen_blocks=block)
-    trainer.group_by_length = config.group_by_length
-    if config.use_lora and config.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing into inputs
-
+        return "other run", True, None
     if resume:
-        _drop_incomplete_checkpoints(out)
-    cps = _checkpoints(out) if resume else []
-    resumed_from = str(cps[-1]) if cps else None
-    t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resumed_from)
-    runtime = time.perf_counter() - t0
+        done = _read_json(out / RESULT_FILE)
+        if done is not None and done.get("run_digest") == run_digest and (out / MODEL_DIRNAME).exists():
+            return "finished", True, done
+    return "train", bool(resume), None
 
-    model = trainer.model
-    model.eval()
-    model_dir = out / MODEL_DIRNAME
-    result = TrainResult(model=model, tokenizer=tokenizer, model_dir=model_dir, output_dir=out,
-                         global_step=int(trainer.state.global_step),
-                         train_loss=float(output.training_loss), train_runtime=runtime,
-                         ref_seconds=ref_seconds, ref_logp_0=np.asarray(ref0),
-                         ref_logp_1=np.asarray(ref1), labels=np.asarray(labels),
-                         log_history=list(trainer.state.log_history), resumed_from=resumed_from)
-    result.model = save_trained(model, tokenizer, model_dir, config, metadata, result, pairs)
-    write_json({"run_digest": run_digest, **result.summary()}, out / RESULT_FILE)
-    return result
+
+def _clear_run(out: Path) -> None:
+    """Delete what an earlier run left in `out`: checkpoints, result, reference cache, run record, model."""
+    if not out.exists():
+        return
+    for cp in _checkpoint_dirs(out):
+        shutil.rmtree(cp)
+    for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
+        (out / name).unlink(missing_ok=True)
+    if (out / MODEL_DIRNAME).exists():
+        shutil.rmtree(out / MODEL_DIRNAME)
+
+
+def _cpu_launch(config: PreferenceConfig) -> dict:
+    """`use_cpu=True` under a distributed launch on a machine without CUDA (unless the settings
+    say otherwise): without it accelerate finds no GPU backend and runs every rank as a
+    separate one-process training on all the data (no DDP, no sharded batches)."""
+    if dist_info().world_size > 1 and "use_cpu" not in config.training_args and not _cuda_available():
+        return {"use_cpu": True}
+    return {}
+
+
+def _launched(args) -> bool:
+    """Whether training runs under a distributed launch or a sharding engine."""
+    return args.world_size > 1 or _sharded_engine(args) is not None
+
+
+def _sharded_engine(args) -> str | None:
+    """The engine that wraps the model beyond DDP, from the arguments or from `accelerate
+    launch`'s environment: "FSDP", "DeepSpeed ZeRO-3" (weights sharded over the ranks),
+    "DeepSpeed ZeRO-2" (optimizer states and gradients sharded), or None (one process or DDP)."""
+    env = lambda k: os.environ.get(k, "false").lower() in ("1", "true", "yes")  # noqa: E731
+    if getattr(args, "fsdp", None) or env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    ds = getattr(args, "deepspeed", None)
+    if not (ds or env("ACCELERATE_USE_DEEPSPEED")):
+        return None
+    # the plugin the arguments built (from their config or accelerate's environment) knows the stage
+    plugin = getattr(args, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None) or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return f"DeepSpeed ZeRO-{stage}" if str(stage) in ("0", "1", "2", "3") else "DeepSpeed"
 
 
 def _can_share_prompt(config: PreferenceConfig, args) -> bool:
     """The shared-prompt layout needs a key/value cache (none under gradient checkpointing)
     and runs two forward passes per step, which is verified single-process only; DDP,
     DeepSpeed and FSDP get the one-pass concatenated layout."""
-    distributed = args.world_size > 1 or bool(args.deepspeed) or bool(args.fsdp)
-    return config.share_prompt and not config.gradient_checkpointing and not distributed
+    return config.share_prompt and not config.gradient_checkpointing and not _launched(args)
 
 
 

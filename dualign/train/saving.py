@@ -1,6 +1,7 @@
 """What a preference-training run hands back and leaves on disk: `TrainResult`, `save_trained`
 (PEFT adapter or merged/full safetensors weights, the tokenizer, a model card and
-`dualign_train.json`, written atomically), `model_card`, and `load_trained`, which reads a saved
+`dualign_train.json`, written atomically), `save_trained_on_ranks` (the same after training,
+on every rank of a distributed launch: rank 0 writes), `model_card`, and `load_trained`, which reads a saved
 model back (an adapter onto its base, optionally merged). `_quiet_peft` silences a peft warning
 that says nothing to our users; LoRA wrapping uses it too.
 """
@@ -89,9 +90,19 @@ def _quiet_peft():
 
 
 def save_trained(model, tokenizer, model_dir: Path, config: PreferenceConfig, metadata: dict,
-                 result: TrainResult, pairs: pd.DataFrame | None = None):
+                 result: TrainResult, pairs: pd.DataFrame | None = None, state_dict: dict | None = None):
     """Write the trained model (adapter or merged safetensors), tokenizer, model card and
     `dualign_train.json` into `model_dir` (atomically: a temp dir renamed at the end).
+
+    One process writes; under a distributed launch `save_trained_on_ranks` calls this on
+    rank 0 only.
+
+    Parameters
+    ----------
+    state_dict : dict, optional
+        The weights to write, when the model's own parameters are not them (sharded by
+        ZeRO-3 or FSDP: the full state dict gathered from the ranks). Default: the model's.
+        Ignored with `save_format="merged"` (the merged model's own weights are written).
 
     Returns
     -------
@@ -104,9 +115,10 @@ def save_trained(model, tokenizer, model_dir: Path, config: PreferenceConfig, me
     is_peft = hasattr(model, "peft_config")
     if is_peft and config.save_format == "merged":
         model = model.merge_and_unload()
-        is_peft = False
+        is_peft, state_dict = False, None
+    kw = {"state_dict": state_dict} if state_dict is not None else {}
     # safetensors only (transformers 5 and peft write nothing else by default; be explicit)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **kw)
     tokenizer.save_pretrained(tmp)
     info = {"config": config.to_dict(), "metadata": metadata, "result": result.summary(),
             "format": "peft-adapter" if is_peft else "full", "log_history": result.log_history}
@@ -115,6 +127,46 @@ def save_trained(model, tokenizer, model_dir: Path, config: PreferenceConfig, me
     if model_dir.exists():
         shutil.rmtree(model_dir)
     tmp.rename(model_dir)
+    return model
+
+
+def save_trained_on_ranks(trainer, tokenizer, model_dir: Path, config: PreferenceConfig, metadata: dict,
+                          result: TrainResult, pairs: pd.DataFrame | None, group):
+    """`save_trained` after `trainer.train()`, in one process or on every rank of a launch.
+
+    Every rank calls it. Each takes part in building the state dict where the engine
+    needs that (ZeRO-3 and FSDP gather the sharded weights: a collective), only rank 0
+    writes `model_dir`, and every rank waits for it (a barrier) before returning, so no
+    rank reads a half-written model. With `save_format="merged"` every rank merges its own
+    copy of the adapter (DDP keeps the copies equal); the caller refuses "merged" where the
+    weights are sharded.
+
+    Parameters
+    ----------
+    trainer : transformers.Trainer
+        After training; `trainer.model_wrapped` is what its accelerator prepared (DDP,
+        FSDP, a DeepSpeed engine, or the model itself in one process).
+    group : dualign.parallel.Group
+        The ranks of this run (`process_group()`); world size 1 in one process.
+    tokenizer, model_dir, config, metadata, result, pairs : as `save_trained`
+
+    Returns
+    -------
+    The trained model in eval mode, unwrapped (the same on every rank under DDP): the
+    merged model with `save_format="merged"`.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    if hasattr(model, "peft_config") and config.save_format == "merged":
+        model, state_dict = model.merge_and_unload(), None
+        model.eval()
+    else:
+        # a collective under ZeRO-3 / FSDP (FSDP gives rank 0 the full dict, the others an
+        # empty one); under DDP and in one process the model's own state dict, nothing copied
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if group.rank == 0:
+        save_trained(model, tokenizer, model_dir, config, metadata, result, pairs, state_dict=state_dict)
+    group.barrier()
     return model
 
 

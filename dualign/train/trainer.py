@@ -41,14 +41,19 @@ class PreferenceTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        # One order for all ranks, grouped by the global batch of an optimizer step: accelerate
+        # deals its consecutive per-rank batches round-robin, so DDP with per-device batch b on
+        # W ranks trains on exactly the pairs one process with batch W·b does, step by step.
         return EpochSeededLengthSampler(
-            ds.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            ds.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
             seed=self.args.seed, group_by_length=getattr(self, "group_by_length", True))
 
     def policy_logps(self, model, inputs):
         """log π_θ(y1|x), log π_θ(y0|x), each shape (B,) (see `pair_logps`)."""
         if self.frozen_blocks and "inputs_embeds" in inputs:
-            with from_block(model, self.frozen_blocks):
+            # the block list is cut in the model itself (a DDP wrapper has no `config`); the
+            # forward still goes through the wrapper, which syncs the gradients
+            with from_block(self.accelerator.unwrap_model(model), self.frozen_blocks):
                 return pair_logps(model, inputs)
         return pair_logps(model, inputs)
 
@@ -76,8 +81,13 @@ class PreferenceTrainer(Trainer):
         return (loss, {"logp_1": logp_1, "logp_0": logp_0}) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        for k, v in self._pref_metrics.items():
-            if v:
-                logs[k] = float(np.mean(v))
+        means = {k: float(np.mean(v)) for k, v in self._pref_metrics.items() if v}
+        if self.args.world_size > 1 and means:
+            # every rank logs at the same steps with the same keys in the same order: average
+            # the ranks (equal batches), so the logged margins are the global batch's, as the loss is
+            t = torch.tensor(list(means.values()), dtype=torch.float64, device=self.args.device)
+            t = self.accelerator.reduce(t, reduction="mean")
+            means = dict(zip(means, t.tolist()))
+        logs.update(means)
         self._pref_metrics = {}
         super().log(logs, start_time)
