@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/frozen_blocks.py
 	$(BIN)/python bench/scorers.py
 	$(BIN)/python bench/stages.py --quick
+	$(BIN)/python bench/one_shot_vs_primal_dual.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
