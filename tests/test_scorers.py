@@ -258,3 +258,14 @@ def test_write_scores_merges_on_keys(tmp_path):
     # the old column follows its (prompt_id, sample_id) key, not the row position
     want = shuffled["prompt_id"].to_numpy() * 2 + shuffled["sample_id"].to_numpy()
     np.testing.assert_array_equal(out["reward"], want)
+
+
+def test_score_jobs_are_named_score_jobs():
+    from dualign.pipelines.scoring import ScoreJob, score_jobs
+
+    jobs = score_jobs("reward:/r", {"harm": "harm:/c", "tox": "cost:/t"})
+    assert jobs == [ScoreJob("reward", "reward:/r", "reward"), ScoreJob("safety/harm", "harm:/c", "safety"),
+                    ScoreJob("safety/tox", "cost:/t", "safety")]
+    assert [j.column for j in jobs if j.role == "safety"] == ["safety/harm", "safety/tox"]
+    column, spec, role = jobs[0]  # still a tuple where one is unpacked
+    assert (column, spec, role) == ("reward", "reward:/r", "reward")

@@ -224,7 +224,7 @@ def _train_primal_dual(cfg: CompareConfig, out: Path, seed: int, dual: DualRecor
     model, tok = load_policy(cfg.policy)
     specs = {col: spec for col, spec, _ in jobs}
     reward = load_scorer(specs["reward"])
-    safety = {col: load_scorer(spec) for col, spec, role in jobs if role == "safety"}
+    safety = {j.column: load_scorer(j.spec) for j in jobs if j.role == "safety"}
     log(f"  primal–dual: GRPO on r + λ·g, λ by projected dual ascent, target E[g] ≥ {target:.3f}")
     res = train_primal_dual(model, tok, prompts, reward, safety, pcfg, out, resume=True,
                             metadata={"method": "primal_dual", "base_model": cfg.policy, "margins": list(dual.margins)})
@@ -320,7 +320,7 @@ def _run_compare(cfg: CompareConfig, log) -> Path:
     log(table)
     from ..data.scores import read_score_arrays
 
-    safety_cols = [c for c, _, role in jobs if role == "safety"]
+    safety_cols = [j.column for j in jobs if j.role == "safety"]
     arrays = read_score_arrays(root / f"seed-{cfg.seeds[0]}" / "mocan" / "scores.parquet", "reward", safety_cols)
     plot_compare(record, arrays, cfg.beta, root / "figures" / "compare.png")
     return root
@@ -403,7 +403,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
     run = seed_dir / "mocan"
     ev = json.loads((run / "eval.json").read_text())
     dual = DualRecord.read(run / "dual.json")
-    safety_cols = [c for c, _, role in jobs if role == "safety"]
+    safety_cols = [j.column for j in jobs if j.role == "safety"]
     n_scorers = len(jobs)
     samples = pd.read_parquet(run / "samples.parquet", columns=["n_tokens"])
     gen = int(samples["n_tokens"].sum())

@@ -42,7 +42,7 @@ def _run_mocan(cfg: MoCANConfig, start: str | None, stop: str | None, log, basel
         force, todo = S.stage_plan(start, stop)
 
         jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
-        safety_cols = [c for c, _, role in jobs if role == "safety"]
+        safety_cols = [j.column for j in jobs if j.role == "safety"]
         prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
         # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
         # cuda:0; one process: the default device, as before

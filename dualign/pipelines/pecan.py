@@ -56,7 +56,7 @@ def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Pa
         force, todo = S.stage_plan(start, stop, STAGES)
 
         # every file is read and checked (and every scorer sign) before any model loads
-        jobs = [(f"scorer/{c}", spec, role) for c, spec, role in score_jobs(cfg.reward, cfg.safety)] \
+        jobs = [j._replace(column=f"scorer/{j.column}") for j in score_jobs(cfg.reward, cfg.safety)] \
             if cfg.reward or cfg.safety else []
         sets = preference_sets(cfg)
         names = list(cfg.safety_sources())
@@ -130,7 +130,7 @@ def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Pa
             tables = implicit(paths, force_)
             return [S.score_stage(p, jobs, force=force_, log=log) for p in paths] if jobs else tables
 
-        scorer_cols = [c for c, _, _ in jobs]
+        scorer_cols = [j.column for j in jobs]
         record = S.evaluate_stage(
             run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
             log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],

@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,8 +25,16 @@ from ..runio import digest as runio_digest
 from ..runio import file_digest, open_partial_dir, write_parquet
 
 
-def score_jobs(reward: str | None, safety: list[str] | dict | None) -> list[tuple[str, str, str]]:
-    """(column, spec, role) for a reward spec and `NAME=SPEC` safety specs (or a name → spec
+class ScoreJob(NamedTuple):
+    """One score column to compute: where it goes, which scorer makes it, and what it is."""
+
+    column: str  # "reward", "safety/<name>" (PeCAN's evaluation prefixes "scorer/")
+    spec: str  # a scorer spec, `dualign.models.scorers.load_scorer`'s argument
+    role: str  # "reward" or "safety"
+
+
+def score_jobs(reward: str | None, safety: list[str] | dict | None) -> list[ScoreJob]:
+    """The `ScoreJob`s of a reward spec and `NAME=SPEC` safety specs (or a name → spec
     dict), checking every safety sign before any model is loaded.
 
     Raises
@@ -39,12 +47,12 @@ def score_jobs(reward: str | None, safety: list[str] | dict | None) -> list[tupl
     safety = list(safety or [])
     if not reward and not safety:
         raise InputError("nothing to score: give a reward and/or safety scorers")
-    jobs = [("reward", reward, "reward")] if reward else []
+    jobs = [ScoreJob("reward", reward, "reward")] if reward else []
     for s in safety:
         name, spec = parse_named(s)
         check_safety_sign(spec, name)
-        jobs.append((f"safety/{name}", spec, "safety"))
-    if len({c for c, _, _ in jobs}) != len(jobs):
+        jobs.append(ScoreJob(f"safety/{name}", spec, "safety"))
+    if len({j.column for j in jobs}) != len(jobs):
         raise InputError("two safety constraints share a name", field="safety")
     return jobs
 

@@ -302,7 +302,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
 
     Parameters
     ----------
-    jobs : list of (column, spec, role)
+    jobs : list of ScoreJob
         Scorers run on every model's samples (`score_jobs`).
     score : callable(list of samples paths, force) -> list of DataFrame, optional
         Replaces scoring by `jobs` (PeCAN adds implicit scores from log-probs); it gets
@@ -338,7 +338,7 @@ def evaluate_stage(run: Path, result, base_spec: str, prompts, jobs, cfg, *, met
         score = lambda paths, force: [score_stage(p, jobs, force=force, log=log) for p in paths]  # noqa: E731
     reward_cols = list(reward_cols or ["reward"])
     if safety_cols is None:
-        safety_cols = [c for c, _, role in jobs if role == "safety"]
+        safety_cols = [j.column for j in jobs if j.role == "safety"]
     # the training record changes with every training, sharded weights or not
     trained_name = model_ident(result.model_dir, run, weights=result.output_dir / RESULT_FILE)
     model = result.model
