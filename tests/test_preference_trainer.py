@@ -18,13 +18,7 @@ from dualign.train.preference import (PreferenceCollator, preference_trainer_cla
                                       tokenize_pairs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is as fast, and immune to other processes on the 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n=10, seed=0):

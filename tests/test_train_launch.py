@@ -25,7 +25,6 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from dualign.train import PreferenceConfig, load_trained, train_preferences
 
@@ -89,13 +88,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # each launched rank runs one thread (OMP_NUM_THREADS=1); the one-process runs here too
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the launched ranks run one thread too
 
 
 def _pairs() -> pd.DataFrame:
