@@ -11,9 +11,11 @@ methods), printing whether each meets the constraint, its reward, and the comput
 The claim (issue 13) is that MoCAN reaches the same constraint at matched or better reward with
 at least 5× less compute. It can only be judged where both methods meet the margin: the bench
 says which did, and prints the ratios of wall time and of estimated FLOPs (sampling + scoring +
-training) either way. The primal–dual loop runs its fixed budget of `--pd-steps` GRPO steps; it
-does not stop when the constraint is first met (its λ is still moving then), so its compute is
-that budget's. Run it alone: a second heavy process on the two cores slows both many times over.
+training) either way. The primal–dual loop stops once the constraint has held on its episode
+window for `--pd-stop-when-met` optimizer steps in a row (default 3; `PrimalDualConfig.stop_when_met`),
+else at its budget of `--pd-steps`: its compute is what reaching the constraint cost, or the
+whole budget when it never did. Run it alone: a second heavy process on the two cores slows both
+many times over.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ def run(args) -> Path:
 
     cfg = compare_demo_config(new_run_dir(args.out, "one-shot-vs-pd"), quick=args.quick)
     cfg.methods = list(METHODS)
-    if args.pd_steps:
-        cfg.primal_dual = {**cfg.primal_dual, "max_steps": args.pd_steps}
+    cfg.primal_dual = {**cfg.primal_dual, "stop_when_met": args.pd_stop_when_met,
+                       **({"max_steps": args.pd_steps} if args.pd_steps else {})}
     return run_compare(cfg)
 
 
@@ -83,6 +85,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the quick compare demo's sizes (a smoke run)")
     ap.add_argument("--pd-steps", type=int, default=0, help="primal–dual GRPO steps (default: the compare demo's)")
+    ap.add_argument("--pd-stop-when-met", type=int, default=3,
+                    help="stop primal–dual after the constraint held this many steps in a row (0: never)")
     ap.add_argument("--out", default=None, help="run folder (default: a new one under runs/)")
     ap.add_argument("--from", dest="from_dir", default=None, help="summarize a finished compare run instead")
     args = ap.parse_args(argv)

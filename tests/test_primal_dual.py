@@ -292,3 +292,40 @@ def test_lambda_moves_once_per_generation_batch_with_num_iterations(tiny_tokeniz
     assert rows[1]["reward"] is None and rows[1]["lambda"] == rows[0]["lambda"]
     trl_state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert res.trained_tokens == 2 * trl_state["num_input_tokens_seen"]  # two passes per batch
+
+
+def test_met_streak_counts_trailing_steps_with_a_full_window_meeting_every_target():
+    from dualign.train.primal_dual import met_streak
+
+    def row(slack, size=8):
+        return {"window_size": size, "slack": slack}
+
+    rows = [row({"a": 0.1, "b": 0.0}), row({"a": -0.1, "b": 0.2}), row({"a": 0.0, "b": 0.3}),
+            row({"a": 0.2, "b": 0.1})]
+    assert met_streak(rows, cost_window=8) == 2  # the second row misses "a"
+    assert met_streak(rows[:1], cost_window=8) == 1
+    assert met_streak(rows + [row({"a": 0.5, "b": 0.5}, size=4)], cost_window=8) == 0  # window not full yet
+    assert met_streak(rows + [row({"a": None, "b": 0.5})], cost_window=8) == 0  # an empty window's mean
+    assert met_streak([], cost_window=8) == 0
+
+
+def test_stop_when_met_ends_the_loop_at_the_constraint_and_a_rerun_finds_it_finished(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    cfg = PrimalDualConfig(safety_target=-5.0, max_steps=6, stop_when_met=2, cost_window=8, num_generations=4,
+                           per_device_train_batch_size=8, max_new_tokens=6, lora_r=4, lora_alpha=8,
+                           save_steps=6, learning_rate=1e-2, beta=0.1)
+    reward, safety = _scorers()
+    res = train_primal_dual(make_tiny_llama(len(tok), seed=0), tok, PROMPTS, reward, {"vowels": safety["met"]},
+                            cfg, out_dir=tmp_path)
+    rows = _rows(res.log_path)
+    # the target is met from the first full window (8 episodes = one step): stopped after 2 steps of 6
+    assert [r["met_streak"] for r in rows] == [1, 2] and res.global_step == 2
+    assert res.lambda_history.shape == (2, 1)
+    again = train_primal_dual(make_tiny_llama(len(tok), seed=0), tok, PROMPTS, reward,
+                              {"vowels": safety["met"]}, cfg, out_dir=tmp_path)
+    assert again.global_step == 2 and again.final_lambda == res.final_lambda
+    # never met: the whole budget, streak 0 throughout
+    cfg_unmet = PrimalDualConfig(**{**cfg.to_dict(), "safety_target": 5.0})
+    res = train_primal_dual(make_tiny_llama(len(tok), seed=0), tok, PROMPTS, reward, {"vowels": safety["met"]},
+                            cfg_unmet, out_dir=tmp_path / "unmet")
+    assert res.global_step == 6 and {r["met_streak"] for r in _rows(res.log_path)} == {0}

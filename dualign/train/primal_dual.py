@@ -134,6 +134,10 @@ class PrimalDualConfig:
     learning_rate: float = field(default=1e-4, metadata={"help": "Policy learning rate (AdamW)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts (if max_steps ≤ 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps (> 0 overrides num_train_epochs)."})
+    stop_when_met: int = field(default=0, metadata={
+        "help": "Stop once every constraint has been met (window mean ≥ target, the window full) for this "
+                "many optimizer steps in a row; 0: run the whole step budget. What a compute comparison "
+                "with a one-shot method needs: the loop's cost to reach the constraint, not its budget's."})
     per_device_train_batch_size: int = field(default=8, metadata={
         "help": "Completions per micro-batch (GRPO counts completions, not prompts); times "
                 "gradient_accumulation_steps it must be a multiple of num_generations."})
@@ -173,7 +177,8 @@ class PrimalDualConfig:
 
     # Fields that do not change the trained weights or λ: a resumed run may change them.
     # The step counts are here too: a run stopped at max_steps resumes with more.
-    _NOT_IN_RUN_DIGEST = ("save_steps", "save_total_limit", "report_to", "max_steps", "num_train_epochs")
+    _NOT_IN_RUN_DIGEST = ("save_steps", "save_total_limit", "report_to", "max_steps", "num_train_epochs",
+                          "stop_when_met")
 
     def __post_init__(self):
         if isinstance(self.safety_target, dict):
@@ -209,7 +214,7 @@ class PrimalDualConfig:
         for name in ("cost_window", "max_new_tokens", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "num_iterations", "lora_r", "lora_alpha", "save_steps"):
             _number(name, getattr(self, name), low=1, integer=True)
-        for name in ("max_prompt_length", "lora_last_layers", "seed"):
+        for name in ("max_prompt_length", "lora_last_layers", "seed", "stop_when_met"):
             _number(name, getattr(self, name), low=0, integer=True)
         _number("num_generations", self.num_generations, low=2, integer=True)
         _number("max_steps", self.max_steps, integer=True)
@@ -283,6 +288,21 @@ def _cuda_available() -> bool:
 
 # ---------------------------------------------------------------------------------------
 # the dual update
+
+def met_streak(rows: Sequence[dict], cost_window: int) -> int:
+    """How many of the last log rows (`PrimalDualCallback`'s, oldest first) in a row have every
+    constraint met: a full window (`window_size` ≥ `cost_window`) whose mean reaches each target
+    (every `slack` ≥ 0). 0 when the last row misses. Recomputed from the log, so a resumed run
+    counts the steps before its interruption."""
+    n = 0
+    for r in reversed(rows):
+        slack = r.get("slack") or {}
+        if r.get("window_size", 0) < cost_window or not slack or \
+                any(v is None or v < 0 for v in slack.values()):
+            break
+        n += 1
+    return n
+
 
 def lagrange_step(lam, window_safety_means, targets, lr: float, lam_max) -> np.ndarray:
     """One projected dual-ascent step on the constraint slack.
@@ -499,8 +519,10 @@ def _callback_class():
             Where the per-step rows are written (JSON Lines, rewritten atomically).
         """
 
-        def __init__(self, state: LagrangeState, lambda_lr: float, lambda_max: float, log_path: Path):
+        def __init__(self, state: LagrangeState, lambda_lr: float, lambda_max: float, log_path: Path,
+                     stop_when_met: int = 0):
             self.state, self.lr, self.lam_max, self.log_path = state, lambda_lr, lambda_max, Path(log_path)
+            self.stop_when_met = stop_when_met
 
         def on_step_end(self, args, state, control, **kwargs):
             from accelerate.utils import gather_object
@@ -531,6 +553,12 @@ def _callback_class():
                 "generated_tokens": facts["generated_tokens"], "trained_tokens": facts["trained_tokens"],
                 "generated_tokens_total": self.state.generated_tokens,
                 "trained_tokens_total": self.state.trained_tokens, "kl": None})
+            # every rank holds the same log rows (the dual step runs on the gathered episodes)
+            streak = met_streak(self.state.history, self.state.window.maxlen)
+            self.state.history[-1]["met_streak"] = streak
+            if self.stop_when_met and streak >= self.stop_when_met:
+                control.should_training_stop = True
+                control.should_save = True  # the stopping step is a checkpoint a rerun finds finished
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             rows = self.state.history
@@ -836,7 +864,7 @@ def train_primal_dual(policy, tokenizer, prompts: list[str], reward_scorer, safe
     dataset = datasets.Dataset.from_dict({"prompt": prompts,
                                           "n_prompt_tokens": [len(prompt_ids[p]) for p in prompts]})
     reward_fn = ShapedReward(state, reward_scorer, safety_scorers, config.num_iterations)
-    cb = _callback_class()(state, config.lambda_lr, config.lambda_max, log_path)
+    cb = _callback_class()(state, config.lambda_lr, config.lambda_max, log_path, config.stop_when_met)
     peft_config = _peft_config(policy, config) if config.use_lora else None
     Trainer = _trainer_class()
     from .preference import _quiet_peft
