@@ -63,7 +63,7 @@ def test_altered_shipped_file_trains_instead(tmp_path, monkeypatch, no_training)
 
 
 def test_heads_for_other_data_train_instead(tmp_path, monkeypatch, no_training):
-    monkeypatch.setattr(scorer_mod, "demo_scorers_key", lambda: "0" * 64)
+    monkeypatch.setattr(scorer_mod, "demo_scorers_key", lambda source=None: "0" * 64)
     messages = []
     with pytest.raises(TrainingCalled):
         demo_scorers(cache_dir=tmp_path, log=messages.append)

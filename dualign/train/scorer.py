@@ -443,18 +443,25 @@ DEMO_VERSION = 2  # 2: pairs of two safe answers no longer ranked by the cost mo
 SHIPPED_DEMO_SCORERS = "demo_scorers.json"  # manifest of the heads shipped next to the demo data
 
 
-def demo_scorers_key() -> str:
-    """sha256 hex digest naming the demo scorers: the demo data files, the backbone, the pooling
-    and `DEMO_VERSION` (bumped when the training of the heads changes). The cache folder is
-    `demo-<first 12 hex digits>`; the shipped heads carry the full digest."""
-    import hashlib
-
+def _demo_data_digests() -> dict:
+    """The demo data files' digests, as the heads record them (`source`)."""
     from ..data.demo_data import demo_path
     from ..runio import file_digest
 
-    return hashlib.sha256(json.dumps([DEMO_VERSION, DEFAULT_BACKBONE, DEFAULT_POOLING,
-                                      file_digest(demo_path("train")),
-                                      file_digest(demo_path("test"))]).encode()).hexdigest()
+    return {"data": "dualign demo", "train_digest": file_digest(demo_path("train")),
+            "test_digest": file_digest(demo_path("test"))}
+
+
+def demo_scorers_key(source: dict | None = None) -> str:
+    """sha256 hex digest naming the demo scorers: the demo data files (`source`, default
+    `_demo_data_digests()`), the backbone, the pooling and `DEMO_VERSION` (bumped when the
+    training of the heads changes). The cache folder is `demo-<first 12 hex digits>`; the
+    shipped heads carry the full digest."""
+    from ..runio import digest
+
+    source = source or _demo_data_digests()
+    return digest([DEMO_VERSION, DEFAULT_BACKBONE, DEFAULT_POOLING, source["train_digest"], source["test_digest"]],
+                  length=64)
 
 
 def demo_scorers(cache_dir=None, *, retrain: bool = False, log=print) -> tuple[Path, Path]:
@@ -487,21 +494,19 @@ def demo_scorers(cache_dir=None, *, retrain: bool = False, log=print) -> tuple[P
         Training is needed and the embedded model is not installed (the message gives the
         install command).
     """
-    from ..data.demo_data import demo_path, demo_preferences
+    from ..data.demo_data import demo_preferences
     from ..models.head_scorer import CONFIG_FILE
     from ..models.loading import cache_dir as default_cache
-    from ..runio import file_digest
 
     root = Path(cache_dir) if cache_dir is not None else default_cache()
-    key = demo_scorers_key()
+    source = _demo_data_digests()
+    key = demo_scorers_key(source)
     base = root / "scorers" / f"demo-{key[:12]}"
     dirs = {k: base / k for k in ("reward", "cost")}
     if not retrain and (all((d / CONFIG_FILE).exists() for d in dirs.values())
                         or _install_shipped_demo_scorers(key, dirs, log)):
         return dirs["reward"], dirs["cost"]
     train, test = demo_preferences("train"), demo_preferences("test")
-    source = {"data": "dualign demo", "train_digest": file_digest(demo_path("train")),
-              "test_digest": file_digest(demo_path("test"))}
     loaded = None
     for kind in ("reward", "cost"):
         if not retrain and (dirs[kind] / CONFIG_FILE).exists():
@@ -520,15 +525,24 @@ def _shipped_file(kind: str, name: str) -> Path:
     return demo_dir() / f"demo_scorer_{kind}{'.json' if name == CONFIG_FILE else '.safetensors'}"
 
 
+def _copy_into_place(src: Path, dst: Path) -> None:
+    """Copy a file so that `dst` appears only complete (renamed into place)."""
+    import shutil
+
+    from ..runio import atomic_path
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def _install_shipped_demo_scorers(key: str, dirs: dict, log) -> bool:
     """Copy the shipped heads into `dirs` (each file renamed into place, the config last) when
     the manifest names `key` and every file's digest matches; False (nothing written) when
     there is no manifest, it is for other demo data, or a file differs."""
-    import shutil
 
     from ..data.demo_data import demo_dir
     from ..models.head_scorer import CONFIG_FILE, WEIGHTS_FILE
-    from ..runio import atomic_path, file_digest
+    from ..runio import file_digest
 
     manifest = demo_dir() / SHIPPED_DEMO_SCORERS
     if not manifest.exists():
@@ -547,8 +561,7 @@ def _install_shipped_demo_scorers(key: str, dirs: dict, log) -> bool:
     for kind, d in dirs.items():
         d.mkdir(parents=True, exist_ok=True)
         for name in names:
-            with atomic_path(d / name) as tmp:
-                shutil.copyfile(_shipped_file(kind, name), tmp)
+            _copy_into_place(_shipped_file(kind, name), d / name)
     log(f"demo scorers: the shipped heads ({shipped.get('made_by', 'ship_demo_scorers')}), "
         f"held-out pairwise accuracy reward {shipped.get('test_accuracy', {}).get('reward', float('nan')):.3f}, "
         f"cost {shipped.get('test_accuracy', {}).get('cost', float('nan')):.3f}")
@@ -560,18 +573,16 @@ def ship_demo_scorers(cache_dir=None, *, retrain: bool = True, log=print) -> Pat
     the cached ones) and write them, with a manifest of their digests, next to the demo data
     for the package to ship (`python dualign/data/demo/build.py --scorers`). Returns the
     manifest's path."""
-    import shutil
 
     from ..data.demo_data import demo_dir
     from ..models.head_scorer import CONFIG_FILE, WEIGHTS_FILE
-    from ..runio import atomic_path, file_digest, write_json
+    from ..runio import file_digest, write_json
 
     dirs = dict(zip(("reward", "cost"), demo_scorers(cache_dir, retrain=retrain, log=log)))
     files, accuracy = {}, {}
     for kind, d in dirs.items():
         for name in (WEIGHTS_FILE, CONFIG_FILE):
-            with atomic_path(_shipped_file(kind, name)) as tmp:
-                shutil.copyfile(d / name, tmp)
+            _copy_into_place(d / name, _shipped_file(kind, name))
             files[f"{kind}/{name}"] = file_digest(_shipped_file(kind, name))
         accuracy[kind] = json.loads((d / CONFIG_FILE).read_text())["metrics"]["test"]["pairwise_accuracy"]
     manifest = demo_dir() / SHIPPED_DEMO_SCORERS
