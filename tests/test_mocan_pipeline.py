@@ -144,6 +144,19 @@ def test_until_stops_after_the_dual(tmp_path, tiny_model_dir):
     assert list(json.loads((run / "timings.json").read_text())["seconds"]) == ["sample", "score", "dual"]
 
 
+def test_held_out_prediction_reweights_more_reference_samples_when_asked(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, eval_prompts=None, reference_eval_samples=4)
+    lines = []
+    run = run_mocan(cfg, stop="dual", log=lines.append)
+    ref = pd.read_parquet(run / "eval" / "reference" / "samples.parquet")
+    assert ref.groupby("prompt_id").size().eq(4).all()  # π_ref: 4 per held-out prompt, the trained model 2
+    assert any("π_ref's 4 samples of each" in str(line) for line in lines)
+    with pytest.raises(InputError, match="reference_eval_samples"):
+        make_cfg(tmp_path, tiny_model_dir, reference_eval_samples=1).validate()
+
+
 def test_infeasible_margin_stops_before_training(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, margins={"vowels": 50.0})
     with pytest.raises(InfeasibleMarginError, match="safety/vowels"):
@@ -207,6 +220,10 @@ def test_held_out_prediction_is_the_tilt_of_the_held_out_reference_samples():
     assert h.safety_gain["safety/harm"] == pytest.approx(((w * harm).sum(1) - harm.mean(1)).mean(), abs=1e-12)
     assert h.kl == pytest.approx((w * np.log(2 * np.clip(w, 1e-300, None))).sum(1).mean(), abs=1e-9)
     assert h.kl_ceiling == pytest.approx(math.log(2)) and h.n_prompts == 3 and h.n_samples_per_prompt == 2
+    # with K = 2 the jackknife doubles the gains and the KL (each leave-one-out tilt is one sample)
+    assert h.bias_corrected["reward_gain"] == pytest.approx(2 * h.reward_gain, abs=1e-12)
+    assert h.bias_corrected["safety_gain"]["safety/harm"] == pytest.approx(2 * h.safety_gain["safety/harm"], abs=1e-12)
+    assert h.bias_corrected["kl"] == pytest.approx(2 * h.kl, abs=1e-9) and h.bias_corrected["k"] == 2
     lo, hi = h.safety_gain_ci["safety/harm"]
     assert lo <= h.safety_gain["safety/harm"] <= hi
     # a rate constraint's λ* weighs −1{unsafe}, not the score

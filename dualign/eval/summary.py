@@ -86,6 +86,9 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
         `predicted_gain_held_out` and its CI to the reward and to each margin constraint, and
         `held_out_prediction_within_achieved_ci` (the check on the same prompts as the
         measurement).
+
+    Where the records carry them (`bias_corrected`), the predictions without their K-sample
+    bias come next to each: `predicted_gain_corrected`, `predicted_gain_held_out_corrected`.
     """
     out = {}
     for col in [reward, *other_rewards, *safety]:
@@ -97,9 +100,12 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
             entry["unsafe_rate_reference"] = float(_unsafe_fractions(reference, col).mean())
             entry["unsafe_rate_trained"] = float(_unsafe_fractions(trained, col).mean())
         if dual is not None:
+            corrected = dual.predicted.bias_corrected
             if col == reward:
                 entry["predicted_gain"] = dual.predicted.reward_gain
                 entry["predicted_gain_ci"] = list(dual.predicted.reward_gain_ci)
+                if corrected:
+                    entry["predicted_gain_corrected"] = corrected["reward_gain"]
             else:
                 c = dual.constraint(col)
                 if c is not None and c.is_rate and signed:
@@ -113,13 +119,20 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
                 elif c is not None:
                     entry.update(margin=c.margin, predicted_gain=c.predicted_gain,
                                  predicted_gain_ci=list(c.predicted_gain_ci))
+                    if corrected and col in corrected["safety_gain"]:
+                        entry["predicted_gain_corrected"] = corrected["safety_gain"][col]
         if held_out is not None and entry.get("kind") != "max_unsafe_rate":
+            held_corrected = held_out.bias_corrected
             if col == reward:
                 entry["predicted_gain_held_out"] = held_out.reward_gain
                 entry["predicted_gain_held_out_ci"] = list(held_out.reward_gain_ci)
+                if held_corrected:
+                    entry["predicted_gain_held_out_corrected"] = held_corrected["reward_gain"]
             elif col in held_out.safety_gain:
                 entry["predicted_gain_held_out"] = held_out.safety_gain[col]
                 entry["predicted_gain_held_out_ci"] = list(held_out.safety_gain_ci[col])
+                if held_corrected:
+                    entry["predicted_gain_held_out_corrected"] = held_corrected["safety_gain"][col]
         lo, hi = entry["achieved_gain_ci"]
         if "predicted_gain" in entry:
             entry["prediction_within_achieved_ci"] = bool(lo <= entry["predicted_gain"] <= hi)

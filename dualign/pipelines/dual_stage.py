@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.scores import ScoreArrays
-from ..dual import (DualProblem, bootstrap_dual, min_unsafe_rate, unsafe_indicator, unsafe_rate,
+from ..dual import (DualProblem, bootstrap_dual, min_unsafe_rate, sample_bias, unsafe_indicator, unsafe_rate,
                     unsafe_rate_constraints)
 from ..errors import InputError
 from ..eval.report import kl_prediction_text, sample_ceiling_note
@@ -204,6 +204,10 @@ class PredictedRecord(_JsonRecord):
     unsafe_rate : dict str -> float, or None
         Constraint name → π_λ*'s predicted unsafe rate (as `ConstraintRecord.predicted_unsafe_rate`);
         None (absent from the JSON) for safety scores without a meaningful sign.
+    bias_corrected : dict or None
+        The same predictions with their 1/K sample bias removed (`bias_corrected_of`): keys
+        reward_gain, safety_gain (constraint name → gain), kl, k. None (absent) in records
+        written before dualign computed it.
     """
 
     reward_reference_mean: float
@@ -215,6 +219,7 @@ class PredictedRecord(_JsonRecord):
     ess_min: float
     ess_fraction: float
     unsafe_rate: dict | None = None
+    bias_corrected: dict | None = None
 
     @classmethod
     def from_json(cls, d: dict, file=None, where: str = "predicted.") -> PredictedRecord:
@@ -375,6 +380,8 @@ class HeldOutPrediction(_JsonRecord):
         log K.
     ess_mean : float
         Mean effective sample size per prompt (1 to K).
+    bias_corrected : dict or None
+        As `PredictedRecord.bias_corrected`, on these samples.
     """
 
     n_prompts: int
@@ -386,6 +393,7 @@ class HeldOutPrediction(_JsonRecord):
     kl: float
     kl_ceiling: float
     ess_mean: float
+    bias_corrected: dict | None = None
 
 
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
@@ -456,6 +464,8 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             kl=pred.kl, kl_ci=tuple(ci["kl"][0].tolist()),
             ess_mean=pred.ess_mean, ess_min=pred.ess_min, ess_fraction=pred.ess_fraction,
             unsafe_rate={c.name: c.predicted_unsafe_rate for c in constraints} if signed else None,
+            bias_corrected=bias_corrected_of(DualProblem(scores.reward, G, beta, margins), est.lam,
+                                             scores.safety_names),
         ),
         bootstrap=bs.to_dict(),
         solver=est.options | {"n_evals": est.n_evals},
@@ -485,6 +495,8 @@ def format_dual_summary(d: DualRecord) -> str:
     lines.append(f"  effective samples per prompt: mean {p.ess_mean:.3g} of {d.n_samples_per_prompt}"
                  f" (min {p.ess_min:.3g})" + ("   ← few: predictions rest on few samples; draw more"
                                               if p.ess_fraction < 0.1 else ""))
+    if p.bias_corrected:
+        lines.append("  " + bias_corrected_line(p.bias_corrected))
     ceiling = sample_ceiling_note(d)
     if ceiling:
         lines.append(f"  note: {ceiling}")
@@ -494,6 +506,13 @@ def format_dual_summary(d: DualRecord) -> str:
                  + (f" (one-step, {boot.get('n_resolved', 0)} re-solved)" if boot.get("method") == "one_step" else "")
                  + (f", {boot['n_infeasible']} infeasible" if boot["n_infeasible"] else ""))
     return "\n".join(lines)
+
+
+def bias_corrected_line(b: dict) -> str:
+    """The `bias_corrected` predictions of a record as one summary line."""
+    gains = ", ".join(f"{nm} {v:+.4g}" for nm, v in b["safety_gain"].items())
+    return (f"without the bias of K = {b['k']} samples (jackknife): reward gain {b['reward_gain']:+.4g}, {gains}, "
+            f"KL {b['kl']:.3g} nats (the largest moved {b['relative_shift']:.0%})")
 
 
 def _pct(x: float) -> str:
@@ -583,7 +602,21 @@ def held_out_prediction(d: DualRecord, scores: ScoreArrays, *, n_boot: int = 100
         reward_gain_ci=tuple(float(v) for v in np.quantile(br, q)),
         safety_gain={nm: float(v) for nm, v in zip(names, p.safety_gain)},
         safety_gain_ci={nm: tuple(float(v) for v in np.quantile(bg[:, j], q)) for j, nm in enumerate(names)},
-        kl=p.kl, kl_ceiling=float(np.log(k)), ess_mean=p.ess_mean)
+        kl=p.kl, kl_ceiling=float(np.log(k)), ess_mean=p.ess_mean,
+        bias_corrected=bias_corrected_of(DualProblem(scores.reward, G, d.beta), lam, names))
+
+
+def bias_corrected_of(problem: DualProblem, lam, names) -> dict | None:
+    """π_λ's predicted gains and KL with their 1/K sample bias removed (`dualign.dual.sample_bias`,
+    a jackknife over each prompt's samples), as dual.json stores them: reward_gain,
+    safety_gain (name → gain), kl, k, and relative_shift (how far the correction moved the
+    largest of them, relative). None with one sample per prompt."""
+    if problem.k < 2:
+        return None
+    b = sample_bias(problem, lam)
+    return {"reward_gain": b.reward_gain_corrected,
+            "safety_gain": {nm: float(v) for nm, v in zip(names, b.safety_gain_corrected)},
+            "kl": b.kl_corrected, "k": b.k, "relative_shift": b.relative_shift()}
 
 
 def write_dual_outputs(d: DualRecord, scores: ScoreArrays, out_json=None, plot_dir=None) -> list[Path]:

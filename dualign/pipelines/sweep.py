@@ -200,11 +200,16 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                "margins": list(dual.margins), "ess_fraction": dual.predicted.ess_fraction, "scores": {}}
         for col, s in ev["scores"].items():
             lo, hi = s["achieved_gain_ci"]
-            # the check uses the prediction for the measured (held-out) prompts where there is one
+            # the check uses the prediction for the measured (held-out) prompts where there is one,
+            # without its K-sample bias where the record has that
             here = s.get("predicted_gain_held_out")
+            checked = next(v for v in (s.get("predicted_gain_held_out_corrected"), here,
+                                       s.get("predicted_gain_corrected"), s["predicted_gain"]) if v is not None)
             row["scores"][col] = {"predicted": s["predicted_gain"], "predicted_held_out": here,
-                                  "achieved": s["achieved_gain"], "achieved_ci": [lo, hi],
-                                  "holds": _within(s["predicted_gain"] if here is None else here, lo, hi)}
+                                  "predicted_corrected": s.get("predicted_gain_corrected"),
+                                  "predicted_held_out_corrected": s.get("predicted_gain_held_out_corrected"),
+                                  "checked": checked, "achieved": s["achieved_gain"], "achieved_ci": [lo, hi],
+                                  "holds": _within(checked, lo, hi)}
             if "unsafe_rate_trained" in s:
                 c = dual.constraint(col)
                 row["scores"][col].update(unsafe_rate_reference=s["unsafe_rate_reference"],
@@ -212,13 +217,16 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                                           unsafe_rate_predicted=None if c is None else c.predicted_unsafe_rate)
         kl = ev["kl"]
         lo, hi = kl["achieved_ci"]
-        # at the log K ceiling the dual's KL is a lower bound, not a prediction: nothing to hold
+        # at the log K ceiling the dual's KL is a lower bound, not a prediction: nothing to hold.
+        # Otherwise the KL checked is the dual's without its K-sample bias (the held-out prompts'
+        # reference samples are usually fewer per prompt, so their KL is the more biased one)
         bound = kl_at_sample_ceiling(dual)
-        row["kl"] = {"predicted": kl["predicted"], "achieved": kl["achieved"], "achieved_ci": [lo, hi],
-                     "predicted_is_lower_bound": bound,
-                     "holds": None if bound else bool(_within(kl["predicted"], lo, hi)
-                                                      or abs(kl["achieved"] - kl["predicted"])
-                                                      <= KL_TOLERANCE * kl["predicted"])}
+        corrected = (dual.predicted.bias_corrected or {}).get("kl")
+        checked = kl["predicted"] if corrected is None else corrected
+        row["kl"] = {"predicted": kl["predicted"], "predicted_corrected": corrected, "checked": checked,
+                     "achieved": kl["achieved"], "achieved_ci": [lo, hi], "predicted_is_lower_bound": bound,
+                     "holds": None if bound else bool(_within(checked, lo, hi)
+                                                      or abs(kl["achieved"] - checked) <= KL_TOLERANCE * checked)}
         if "behaviour" in ev:
             row["behaviour"] = {suite: {"metric": s["metric"], **{m: s["models"][m] for m in s["models"]}}
                                 for suite, s in ev["behaviour"]["suites"].items()}
@@ -236,21 +244,30 @@ def format_sweep_table(summary: dict) -> str:
     """The paper's table in Markdown: one row per point and score, predicted next to achieved."""
     lines = ["| point | λ* | score | predicted: dual's prompts | predicted: held-out | achieved [95% CI] | holds |",
              "|---|---:|---|---:|---:|---|---|"]
+
+    def pred(v, corrected, sign="+"):  # "K-sample estimate → without its bias"
+        if v is None:
+            return "–"
+        return f"{v:{sign}.3f}" + ("" if corrected is None else f" → {corrected:{sign}.3f}")
+
     for r in summary["points"]:
         lam = ", ".join(f"{x:.3g}" for x in r["lambda"]) + (" (not binding)" if not any(r["lambda"]) else "")
         for col, s in r["scores"].items():
-            here = "–" if s.get("predicted_held_out") is None else f"{s['predicted_held_out']:+.3f}"
-            lines.append(f"| {r['point']} | {lam} | {col} gain | {s['predicted']:+.3f} | {here} | "
+            dual_text = pred(s["predicted"], s.get("predicted_corrected"))
+            lines.append(f"| {r['point']} | {lam} | {col} gain | {dual_text} | "
+                         f"{pred(s.get('predicted_held_out'), s.get('predicted_held_out_corrected'))} | "
                          f"{_ci(s['achieved'], s['achieved_ci'])} | {'yes' if s['holds'] else '**no**'} |")
         k = r["kl"]
-        pred, holds = ((f"≥ {k['predicted']:.3f} (not predicted)", "–") if k.get("predicted_is_lower_bound")
-                       else (f"{k['predicted']:.3f}", "yes" if k["holds"] else "**no**"))
-        lines.append(f"| {r['point']} | {lam} | KL, nats | {pred} | – | "
+        text, holds = ((f"≥ {k['predicted']:.3f} (not predicted)", "–") if k.get("predicted_is_lower_bound")
+                       else (pred(k["predicted"], k.get("predicted_corrected"), ""), "yes" if k["holds"] else "**no**"))
+        lines.append(f"| {r['point']} | {lam} | KL, nats | {text} | – | "
                      f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | {holds} |")
     out = ["# dualign sweep", "", "Predicted by the dual before training (on the training prompts' π_ref samples, "
            "and with λ* on π_ref's samples of the held-out prompts) against what each trained model achieved on "
            "the held-out prompts (95% bootstrap CI over prompts); a gain holds when the held-out prediction (the "
-           "dual's where there is none) lies inside the CI. "
+           "dual's where there is none) lies inside the CI. A prediction reads `K-sample estimate → without its "
+           "bias`: a reweighting of K samples per prompt under-predicts how far π_λ* moves, and the jackknife over "
+           "each prompt's samples removes most of that bias; the check uses the corrected value. "
            f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI; where the dual's KL "
            "sits at its sample ceiling (half of log K or more) it is only a lower bound and is not checked.", "",
            *lines]
