@@ -12,16 +12,25 @@
     allows (`bench/roofline.py`: peak ÷ the model's linear-layer FLOPs per token), and the
     ratio (target ≥ 50%).
 Tokens counted are the generated tokens up to and including the stop token.
+
+    .venv/bin/python bench/sampling.py --demo-stage [--num-samples 4] [--batch-size 128] [--repeats 3]
+
+runs instead the demo's sample stage shape (the 106 train prompts of dualign/data/demo/prompts.jsonl
+x K, 48 new tokens, temperature 1, top-p 0.9, the demo's batch plan) with the old KV cache
+(`cache="dynamic"`, grown by concatenation) and the preallocated one (`cache="buffer"`),
+alternately in one process, `--repeats` times each: tokens/s, the roofline ratio of every run,
+their mean and spread, and whether both caches gave the same tokens.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 
-from dualign.models.generation import _stop_ids, generate_batch, plan_batches, sample
+from dualign.models.generation import _stop_ids, generate_batch, plan_batches, row_uniforms, sample
 from dualign.models.loading import EMBEDDED_DEFAULT, load_policy
 from dualign.models.text import encode_prompt
 from roofline import linear_flops_per_token, matmul_peak_gflops
@@ -65,19 +74,83 @@ def timed(f):
     return r, time.perf_counter() - t
 
 
+def demo_stage(model, tok, num_samples, batch_size, repeats, caches=("dynamic", "buffer"), n_prompts=None,
+               max_new_tokens=48):
+    """The demo's sample stage (train prompts x K, its batch plan and seeds) once per cache
+    per repeat, alternating caches so a change in machine load hits both alike."""
+    import pandas as pd
+
+    from dualign.data.demo_data import demo_path
+
+    q = pd.read_json(demo_path("prompts"), lines=True)
+    enc = [encode_prompt(tok, p) for p in q[q["split"] == "train"]["prompt"]][:n_prompts]
+    batches = plan_batches([len(e) for e in enc], num_samples, batch_size)
+    us = [row_uniforms(0, rows, max_new_tokens) for rows in batches]
+
+    def stage(cache):
+        return [generate_batch(model, tok, [enc[p] for p, _ in rows], max_new_tokens=max_new_tokens,
+                               temperature=1.0, top_p=0.9, uniforms=u, cache=cache)
+                for rows, u in zip(batches, us)]
+
+    peak, per_token = matmul_peak_gflops(), linear_flops_per_token(model)
+    ceiling = peak * 1e9 / per_token
+    print(f"demo sample stage: {len(enc)} prompts x K={num_samples} = {len(enc) * num_samples} rows, "
+          f"{len(batches)} batches of <= {batch_size}, {max_new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s, "
+          f"{per_token / 1e9:.3f} GFLOP/token -> ceiling {ceiling:.0f} tok/s")
+    generate_batch(model, tok, [enc[0]] * 4, max_new_tokens=4, temperature=0)  # warm-up
+    rates, outs = {c: [] for c in caches}, {}
+    for r in range(repeats):
+        for cache in (caches if r % 2 == 0 else caches[::-1]):
+            load = os.getloadavg()[0]
+            res, dt = timed(lambda c=cache: stage(c))
+            n = sum(len(t) for b in res for t, _ in b)
+            rates[cache].append(n / dt)
+            outs.setdefault(cache, res)
+            print(f"run {r + 1} cache={cache:7s}: {n} tokens in {dt:6.1f}s = {n / dt:6.1f} tok/s = "
+                  f"{n / dt / ceiling:.1%} of the ceiling (load average before the run {load:.2f})", flush=True)
+    # the ratio's denominator is the machine's peak: measured again at the end, the higher of
+    # the two (another job running during one measurement lowers it and would flatter the ratio)
+    peak2 = matmul_peak_gflops()
+    if peak2 > peak:
+        ceiling = peak2 * 1e9 / per_token
+        print(f"fp32 matmul peak measured again: {peak2:.0f} GFLOP/s (ceiling {ceiling:.0f} tok/s); "
+              f"the summary below uses it")
+    if len(outs) == 2:
+        same = sum(a == b for x, y in zip(*outs.values()) for a, b in zip(x, y))
+        print(f"tokens identical between the caches: {same}/{len(enc) * num_samples} rows")
+    for cache, v in rates.items():
+        print(f"cache={cache:7s}: {statistics.mean(v):6.1f} tok/s (min {min(v):.1f}, max {max(v):.1f}) = "
+              f"{statistics.mean(v) / ceiling:.1%} of the ceiling (min {min(v) / ceiling:.1%}, "
+              f"max {max(v) / ceiling:.1%})")
+    if len(rates) == 2:
+        print(f"RATIO buffer/dynamic tokens/s: "
+              f"{statistics.mean(rates['buffer']) / statistics.mean(rates['dynamic']):.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=EMBEDDED_DEFAULT)
-    ap.add_argument("--n-prompts", type=int, default=8)
+    ap.add_argument("--n-prompts", type=int, default=None,
+                    help="default 8 (--demo-stage: all 106 train prompts; fewer: the first n)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--num-samples", type=int, default=2, help="K for the sampling comparison")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 8 (--demo-stage: 128, the demo's)")
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help="K for the sampling comparison; default 2 (--demo-stage: 4, the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--demo-stage", action="store_true",
+                    help="time the demo's sample stage shape with the old and the new KV cache instead")
+    ap.add_argument("--repeats", type=int, default=3, help="--demo-stage: runs per cache")
+    ap.add_argument("--caches", default="dynamic,buffer", help="--demo-stage: which caches to time")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
 
     model, tok = load_policy(a.model)
+    if a.demo_stage:
+        return demo_stage(model, tok, a.num_samples or 4, a.batch_size or 128, a.repeats,
+                          tuple(a.caches.split(",")), a.n_prompts)
+    a.num_samples, a.batch_size, a.n_prompts = a.num_samples or 2, a.batch_size or 8, a.n_prompts or 8
     prompts = (PROMPTS * (a.n_prompts // len(PROMPTS) + 1))[:a.n_prompts]
     prompts = [p if i < len(PROMPTS) else f"{p} (variant {i})" for i, p in enumerate(prompts)]
     enc = [encode_prompt(tok, p) for p in prompts]

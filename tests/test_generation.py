@@ -195,3 +195,100 @@ def test_inverse_cdf_never_picks_a_zero_mass_token():
     u = torch.tensor([0.0, 0.49, 0.5, 1.0 - 1e-12], dtype=torch.float64)
     assert _inverse_cdf(probs, u)[:, 0].tolist() == [1, 1, 3, 3]
     assert _inverse_cdf(probs, torch.ones(4, dtype=torch.float64))[:, 0].tolist() == [3] * 4  # rounding edge
+
+
+# ----------------------------------------------------------------------------- the preallocated KV cache
+
+def _with_stops(model, stops):
+    """A copy of `model` that also stops at `stops` (so rows finish at different steps)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.generation_config.eos_token_id = [int(m.config.eos_token_id)] + [int(s) for s in stops]
+    return m
+
+
+def test_buffer_cache_gives_the_dynamic_cache_tokens(tiny_model, tiny_tokenizer):
+    """The preallocated cache (and mask) and transformers' DynamicCache decode the same tokens,
+    sampled and greedy, with prompts of several lengths sharing a prefill, and rows leaving
+    the batch at different steps (20 frequent tokens made stop tokens)."""
+    enc = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS for _ in range(3)]
+    u = np.random.default_rng(0).random((len(enc), 12))
+    first = generate_batch(tiny_model, tiny_tokenizer, enc, max_new_tokens=12, temperature=1.0, uniforms=u)
+    common = pd.Series([t for toks, _ in first for t in toks]).value_counts().index[:20].tolist()
+    model = _with_stops(tiny_model, common)
+    for kw in (dict(temperature=1.0, top_p=0.9, uniforms=u), dict(temperature=0.7, top_k=20, uniforms=u),
+               dict(temperature=0)):
+        buf = generate_batch(model, tiny_tokenizer, enc, max_new_tokens=12, cache="buffer", **kw)
+        dyn = generate_batch(model, tiny_tokenizer, enc, max_new_tokens=12, cache="dynamic", **kw)
+        assert buf == dyn
+        if kw["temperature"] == 1.0:
+            lengths = [len(t) for t, _ in buf]
+            assert len(set(lengths)) >= 4 and max(lengths) == 12  # rows left at several steps, some ran on
+    with pytest.raises(ValueError, match="cache"):
+        generate_batch(model, tiny_tokenizer, enc[:1], max_new_tokens=2, temperature=0, cache="static")
+
+
+def test_buffer_cache_forward_equals_dynamic_cache_step_by_step(tiny_model):
+    """Logits, keys and values after a left-padded prefill and decoding steps with a row
+    dropped: the same numbers with either cache; attention sees only the filled positions."""
+    from transformers import DynamicCache
+
+    from dualign.models.kvcache import BufferCache
+    from dualign.models.loading import cache_kwarg
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, tiny_model.config.vocab_size, (3, 6), generator=g)
+    att = torch.ones((3, 6), dtype=torch.long)
+    att[0, :2] = 0  # left padding
+    caches = {"buffer": BufferCache(6 + 4), "dynamic": DynamicCache()}
+    logits = {}
+    with torch.no_grad():
+        for name, c in caches.items():
+            a = att.clone()
+            kv = {cache_kwarg(tiny_model): c}
+            out = tiny_model(input_ids=ids, attention_mask=a, position_ids=(a.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=True, **kv)
+            steps = [out.logits[:, -1]]
+            nxt, rows = steps[0].argmax(-1, keepdim=True), torch.arange(3)
+            for s in range(3):
+                if s == 1:  # row 1 leaves the batch
+                    rows = torch.tensor([0, 2])
+                    c.batch_select_indices(rows)
+                    nxt, a = nxt[[0, 2]], a[[0, 2]]
+                a = torch.cat([a, a.new_ones((len(a), 1))], -1)
+                out = tiny_model(input_ids=nxt, attention_mask=a, position_ids=a.sum(-1, keepdim=True) - 1,
+                                 use_cache=True, **kv)
+                steps.append(out.logits[:, -1])
+                nxt = steps[-1].argmax(-1, keepdim=True)
+            logits[name] = steps
+    for b, d in zip(logits["buffer"], logits["dynamic"]):
+        assert torch.equal(b, d)
+    buf, dyn = caches["buffer"].layers[0], caches["dynamic"].layers[0]
+    assert buf.get_seq_length() == dyn.get_seq_length() == 9 and buf.keys.shape == dyn.keys.shape
+    assert torch.equal(buf.keys, dyn.keys) and torch.equal(buf.values, dyn.values)
+    assert buf.capacity == 10 and buf._k.shape[2] == 10  # one buffer, written in place
+
+
+def test_buffer_layer_in_place_writes_crop_and_overflow():
+    from dualign.models.kvcache import BufferCache, BufferLayer
+
+    layer = BufferLayer(5)
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    layer.update(k, v)
+    buffer = layer._k.data_ptr()
+    k2, v2 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    keys, values = layer.update(k2, v2)
+    assert layer._k.data_ptr() == buffer  # no reallocation while it fits
+    assert torch.equal(keys, torch.cat([k, k2], 2)) and torch.equal(values, torch.cat([v, v2], 2))
+    layer.crop(-1)
+    assert layer.get_seq_length() == 2 and torch.equal(layer.keys, k)
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(1)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, k[1:]) and torch.equal(layer.values, v[1:])
+    layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))  # fills it: 5 of 5
+    with pytest.raises(ValueError, match="capacity 5"):
+        layer.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    with pytest.raises(ValueError, match="capacity"):
+        BufferCache(0)
