@@ -33,7 +33,7 @@ def main() -> None:
     from dualign.pipelines.demo import demo_config, pecan_demo_config
     from dualign.pipelines.mocan import run_mocan
     from dualign.pipelines.pecan import run_pecan
-    from dualign.pipelines.stages import StageClock
+    from dualign.pipelines.run import StageClock
 
     out = Path(args.out or tempfile.mkdtemp(prefix="dualign-bench-stages-"))
     t0 = time.perf_counter()

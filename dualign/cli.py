@@ -1,5 +1,11 @@
 """The `dualign` command. One subcommand per pipeline stage; each is `_add_<name>` (its flags)
-plus `cmd_<name>` (what it does). Errors meant for the user print as one line, exit code 2."""
+plus `cmd_<name>` (what it does). Errors meant for the user print as one line, exit code 2.
+
+One module, though over 500 lines: each `_add_<name>` / `cmd_<name>` pair is small and stands
+alone, the shared flag helpers (`_add_sampling_args`, `_add_pipeline`, `_TRUST`) keep the commands'
+flags alike, and torch and the other heavy imports happen inside the command that needs them,
+so the file's length costs nothing at start-up.
+"""
 from __future__ import annotations
 
 import argparse
@@ -396,15 +402,26 @@ def cmd_sample(args) -> int:
 
 def _add_logprobs(sub):
     from .models.loading import EMBEDDED_DEFAULT
+    from .train.preference_config import PreferenceConfig
 
     p = sub.add_parser("logprobs", help="add log π(response|prompt) under a model to scores.parquet",
                        description="Sequence log-probabilities of the samples under --model, written as "
-                                   "column logp/NAME of scores.parquet (next to the samples by default).")
+                                   "column logp/NAME of scores.parquet (next to the samples by default). "
+                                   "Made as the pipelines make theirs (same provenance): a column made here "
+                                   "with the model, template, EOS and --max-length a pipeline uses (its "
+                                   "training settings; e.g. PeCAN's logp/ref under --model its policy) is "
+                                   "reused there, not computed again.")
     p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--samples", required=True, metavar="RUN_DIR/samples.parquet")
     p.add_argument("--name", required=True, help="column suffix: logp/NAME (e.g. ref)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", help="prompt template (default: the one the samples were drawn with)")
+    p.add_argument("--max-length", type=int, default=PreferenceConfig.max_length, metavar="N",
+                   help="cut prompt + response to N tokens, the response first (default "
+                        f"{PreferenceConfig.max_length}, the training's default; 0: no cut)")
+    p.add_argument("--no-eos", action="store_true",
+                   help="do not count the EOS that ends each response (training's append_eos: false); "
+                        "a response cut at max_new_tokens never counts one")
     p.add_argument("--dtype")
     p.add_argument("--device")
     p.add_argument("--out", metavar="FILE", help="default: scores.parquet next to the samples")
@@ -416,43 +433,36 @@ def _add_logprobs(sub):
 def cmd_logprobs(args) -> int:
     from .errors import InputError
     from .models.generation import check_device
-    from .models.scorers import column_is_current, read_samples, write_scores
-    from .runio import check_name, check_output_file, file_digest, run_lock
+    from .models.scorers import read_samples
+    from .pipelines.scoring import LogProbModel, logprob_columns
+    from .runio import check_name, check_output_file, run_lock
 
     # every setting checked before the model loads; NAME (column logp/NAME) is a plain name
     check_name(args.name, "--name")
     if args.batch_size < 1:
         raise InputError(f"must be >= 1; got {args.batch_size}", field="--batch-size")
+    if args.max_length < 0:
+        raise InputError(f"must be >= 0 (0: no cut); got {args.max_length}", field="--max-length")
     check_device(args.device)
     out = Path(args.out) if args.out else Path(args.samples).parent / "scores.parquet"
     check_output_file(out)
-    samples = read_samples(args.samples)
+    samples = read_samples(args.samples)  # a bad samples file is a one-line error, before any model loads
     template = args.template
     if template is None:
         template = (samples.attrs.get("dualign") or {}).get("template")
-    col = f"logp/{args.name}"
-    prov = {"model": args.model, "template": template, "samples": file_digest(args.samples)}
-    if column_is_current(out, col, prov):
-        print(f"{out}: {col} is up to date")
-        return 0
-    from .models.loading import load_policy
-    from .models.logprobs import logprobs, samples_append_eos
-    from .parallel import rank_device
-    from .runio import dist_info
 
-    launch = dist_info()
-    with run_lock(out.parent):  # another run adding a column to the same file would lose one
+    def load():
+        from .models.loading import load_policy
+        from .parallel import rank_device
+
         # under a distributed launch each rank takes its own GPU and its shard of the batches
-        model, tok = load_policy(args.model, dtype=args.dtype, device=rank_device(args.device, launch))
-        # a sample cut at max_new_tokens never emitted EOS: its probability is that of the prefix
-        eos = samples_append_eos(samples)
-        lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
-                         batch_size=args.batch_size, template=template, append_eos=eos,
-                         progress=not args.no_progress)
-        if launch.rank == 0:  # every rank holds all the log-probs; one writes them
-            write_scores(out, samples, {col: lp}, provenance={col: prov})
-    if launch.rank == 0:
-        print(f"wrote {out}: {col} for {len(lp)} samples (mean {lp.mean():.3f} nats)")
+        return load_policy(args.model, dtype=args.dtype, device=rank_device(args.device))
+
+    # the model's identity as the pipelines record a policy spec (PeCAN's logp/ref: the spec)
+    with run_lock(out.parent):  # another run adding a column to the same file would lose one
+        logprob_columns([args.samples], [LogProbModel(args.name, str(args.model), load)], template=template,
+                        append_eos=not args.no_eos, max_length=args.max_length or None,
+                        batch_size=args.batch_size, scores_paths=[out], progress=not args.no_progress)
     return 0
 
 

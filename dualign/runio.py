@@ -1,4 +1,10 @@
-"""Run-directory I/O: atomic writes, content digests and reading user tables with clear errors."""
+"""Run-directory I/O: atomic writes, content digests and reading user tables with clear errors.
+
+One module, though over 500 lines: it is everything a run does to files (checked, atomic
+writes; the one digest scheme; user tables read with one-line errors; run folders, names and
+their locks), under one error convention (OutputError / InputError naming the file);
+`dist_info` is here for `run_lock`, which rank 0 alone takes.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -172,29 +178,57 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+# ----------------------------------------------------------------------------- digests
+# One scheme for every key a cache, a run record or a provenance holds: sha256 over a stream of
+# parts, hex, cut to a length. A part is bytes (as is) or an array (its dtype and shape, then its
+# bytes, so equal bytes of another dtype or shape differ). The helpers below are the ways an
+# object becomes such a stream; none hashes any other way.
+
+def stream_digest(parts, length: int = 16) -> str:
+    """sha256 hex digest (first `length` digits) of a stream of parts, read one at a time.
+
+    Parameters
+    ----------
+    parts : iterable of bytes or array_like
+        bytes (bytearray, memoryview) go in as they are; anything else as a numpy array:
+        its dtype and shape, then its bytes in C order. A generator is consumed lazily, so a
+        caller can stream a large file or a model's weights without holding them all.
+    length : int
+        Hex digits kept (64: the whole digest).
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, (bytes, bytearray, memoryview)):
+            h.update(part)
+        else:
+            a = np.ascontiguousarray(part)
+            h.update(str(a.dtype).encode() + str(a.shape).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:length]
+
+
 def digest(obj, length: int = 16) -> str:
-    """sha256 hex digest (first `length` digits) of a JSON-serializable object, keys sorted,
-    other objects by `str`: the one digest of settings, keys and texts every cache uses."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    """Digest of a JSON-serializable object (keys sorted, other objects by `str`): the one
+    digest of settings, keys and texts every cache uses."""
+    return stream_digest([json.dumps(obj, sort_keys=True, default=str).encode()], length)
 
 
-def file_digest(path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (hex, first 16 characters: enough to tell inputs apart)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()[:16]
+def file_digest(path, chunk: int = 1 << 20, length: int = 16) -> str:
+    """Digest of a file's bytes (enough, at 16 hex digits, to tell inputs apart)."""
+    def chunks():
+        with open(path, "rb") as f:
+            while b := f.read(chunk):
+                yield b
+
+    return stream_digest(chunks(), length)
 
 
-def array_digest(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+def array_digest(*arrays, length: int = 16) -> str:
+    """Digest of arrays (anything `numpy.asarray` takes): each one's dtype, shape and bytes, in order."""
+    return stream_digest((np.asarray(a) for a in arrays), length)
 
+
+# ----------------------------------------------------------------------------- user tables
 
 def read_table(path, *, required: tuple[str, ...] = (), text_columns: tuple[str, ...] = (),
                columns=None) -> pd.DataFrame:

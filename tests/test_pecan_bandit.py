@@ -22,6 +22,7 @@ from conftest import make_tiny_llama
 from dualign.dual import solve_dual
 from dualign.models.loading import load_policy
 from dualign.pipelines import stages as S
+from dualign.pipelines.config import PeCANConfig
 from dualign.pipelines.implicit import add_implicit_columns
 from dualign.pipelines.scoring import logprob_columns
 from dualign.pipelines.pairs import dataset_as_samples, pairs_from_scored_dataset
@@ -74,8 +75,9 @@ def test_pecan_recovers_the_tilted_policy_from_prealigned_policies(tiny_tokenize
     folded["reward"] = reward_for_dual(r_hat, pi_ref).ravel()
     true_mg = solve_dual(reward_for_dual(REWARD, pi_ref), SAFETY, beta=BETA, margins=0.0).max_gain[0]
     margin = 0.5 * true_mg
-    dual = S.dual_stage(run, folded, ["safety/harmless"], BETA, {"harmless": margin}, 0.5, 20, 0,
-                        log=lambda *a: None)
+    settings = PeCANConfig(beta=BETA, margins={"harmless": margin}, margin_fraction=0.5, bootstrap=20, seed=0,
+                           train=FULL)
+    dual = S.dual_stage(run, folded, ["safety/harmless"], settings, log=lambda *a: None)
     lam = dual.lam[0]
     lam_true = float(solve_dual(reward_for_dual(REWARD, pi_ref), SAFETY, beta=BETA, margins=margin).lam[0])
     print(f"λ* from implicit scores {lam:.4f}, from the true r, g {lam_true:.4f}")
@@ -86,7 +88,7 @@ def test_pecan_recovers_the_tilted_policy_from_prealigned_policies(tiny_tokenize
     write_parquet(dataset_as_samples(candidate_pairs()), source)
     pairs = pairs_from_scored_dataset(implicit([source], models)[0])
     pairs = S.pairs_stage(run, pairs, dual.lam, ["safety/harmless"], key="bandit")
-    result = S.train_stage(run, load_policy(str(ref_dir))[0], tok, pairs, BETA, FULL, {"method": "pecan"})
+    result = S.train_stage(run, load_policy(str(ref_dir))[0], tok, pairs, settings, {"method": "pecan"})
     _, pi = restricted_logp(result.model, tok)
 
     target = tilted(pi_ref, REWARD + lam_true * SAFETY)  # π_{λ*} of the true problem

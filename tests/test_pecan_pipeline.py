@@ -140,7 +140,7 @@ def test_prompt_only_constants_change_nothing(reused_run):
                                label_pairs(pairs, [0.8], safety=["safety/harmless"])["label"], atol=1e-12)
 
 
-@pytest.mark.parametrize("scale", ["beta", "paper"])
+@pytest.mark.parametrize("scale", ["consistent", "paper"])
 def test_pseudo_labels_match_a_hand_computation(reused_run, tmp_path, tiny_model_dir, aligned_dirs, scale):
     cfg, run = reused_run
     if scale == "paper":  # a copy of the run, relabeled: samples, scores and the dual are reused
@@ -218,7 +218,8 @@ def test_end_to_end_artifacts_resume_and_baselines(tmp_path, tiny_model_dir):
     lines = []
     run_pecan(load_config(PeCANConfig, None, {**cfg.to_dict(), "out": str(moved)}), log=lines.append)
     assert {p: p.stat().st_mtime_ns for p in moved_stamps} == moved_stamps
-    assert not any("plain DPO" in str(x) or "logp/" in str(x) for x in lines), lines
+    # current columns are announced ("... logp/helpful is up to date"), never recomputed ("wrote ...")
+    assert not any("plain DPO" in str(x) or ("logp/" in str(x) and "up to date" not in str(x)) for x in lines), lines
 
     # --from pairs relabels (paper scale) but keeps the pre-aligned models and the samples
     run_pecan(load_config(PeCANConfig, None, {**cfg.to_dict(), "label_scale": "paper"}), start="pairs",
@@ -273,6 +274,8 @@ def test_config_yaml_flags_and_validation(tmp_path, capsys):
     cfg = load_config(PeCANConfig, y, {"pre_align.num_train_epochs": 2, "num_samples": 3})
     assert cfg.pre_align == {"learning_rate": 0.001, "num_train_epochs": 2} and cfg.num_samples == 3
     assert cfg.validate().safety_sources() == {"harm": "s.jsonl"}
+    # "beta", the name earlier versions gave the consistent labels, still reads as them
+    assert load_config(PeCANConfig, y, {"label_scale": "beta"}).validate().label_scale == "consistent"
     for kw, msg in [(dict(label_scale="nope"), "label_scale"), (dict(preferences="x.jsonl"), "not both"),
                     (dict(helpful_preferences=""), "no helpfulness"),
                     (dict(margins={"tone": 1.0}), "unknown constraint")]:

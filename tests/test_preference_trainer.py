@@ -130,6 +130,45 @@ def test_reference_logps_computed_once_and_only_policy_runs(tiny_tokenizer, tmp_
         torch.testing.assert_close(_state(again.model)[k], v)
 
 
+@pytest.mark.parametrize("settings", [{}, {"save_format": "merged"}, {"use_lora": False},
+                                      {"lora_last_layers": 1, "cache_frozen_blocks": True}],
+                         ids=["lora", "lora-merged", "full", "lora-frozen-blocks"])
+def test_training_leaves_the_callers_model_as_it_was(tiny_tokenizer, tmp_path, settings):
+    """The model passed in stays π_ref: its logits, weights and mode are the same after training
+    and after a rerun that finds the training finished; what comes back is another model,
+    trained. With LoRA the returned model holds the caller's very weight tensors (no second
+    copy), but for the layers a merge changed."""
+    tok = tiny_tokenizer
+    model = make_tiny_llama(len(tok), seed=0)
+    ids = torch.tensor([tok("Q: what is two plus two?\nA: four, I think")["input_ids"]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    before, weights = logits(model), _state(model)
+    cfg = PreferenceConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                           learning_rate=5e-2, template="Q: {prompt}\nA:", **settings)
+    trained = train_preferences(model, tok, _pairs(6), cfg, resume=False)
+    finished = train_preferences(model, tok, _pairs(6), cfg, resume=True)
+    assert finished.skipped and not hasattr(model, "peft_config") and not model.training
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    for res in (trained, finished):
+        assert res.model is not model
+        assert (logits(res.model) - before).abs().max() > 1e-3  # trained: it moved away from π_ref
+    torch.testing.assert_close(logits(finished.model), logits(trained.model), rtol=1e-5, atol=1e-6)
+    if settings.get("use_lora", True):
+        shared = {p.data_ptr() for p in model.parameters()}
+        own = [n for n, p in trained.model.named_parameters() if p.data_ptr() not in shared]
+        if settings.get("save_format") == "merged":  # the merged layers hold their own weights
+            assert own and all("proj" in n for n in own)
+            assert trained.model.model.embed_tokens.weight is model.model.embed_tokens.weight
+        else:  # only the adapter is new; every other tensor is π_ref's
+            assert own and all("lora_" in n for n in own)
+            assert {p.data_ptr() for n, p in finished.model.named_parameters() if "lora_" not in n} <= shared
+
+
 class _KillAt:
     """A TrainerCallback that kills the run (raises) when `global_step` reaches `step`."""
 
@@ -188,7 +227,7 @@ def test_resume_refuses_a_different_run(tiny_tokenizer, tmp_path):
                            per_device_train_batch_size=4)
     train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), cfg, resume=False)
     other = PreferenceConfig(**{**cfg.to_dict(), "learning_rate": 1.0})
-    with pytest.raises(InputError, match="other data or settings"):
+    with pytest.raises(InputError, match="other data, settings or base model"):
         train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume=True)
     # resume=False starts over in the same directory
     res = train_preferences(make_tiny_llama(len(tok)), tok, _pairs(4), other, resume=False)

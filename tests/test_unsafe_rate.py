@@ -227,6 +227,7 @@ def test_bootstrap_holds_a_rate_bound_absolute():
 
 
 def test_dual_stage_rejects_rates_on_unsigned_scores_and_both_margin_and_rate(tmp_path):
+    from dualign.pipelines.config import MoCANConfig
     from dualign.pipelines.stages import dual_stage, resolve_margins
 
     scores = ScoreArrays(np.zeros((2, 2)), np.array([[[SAFE], [UNSAFE]]] * 2), ["safety/harm"], np.arange(2))
@@ -236,12 +237,16 @@ def test_dual_stage_rejects_rates_on_unsigned_scores_and_both_margin_and_rate(tm
         resolve_margins(scores, 0.1, {"harm": 0.1}, 0.5, {"harm": 0.1})
     assert resolve_margins(scores, 0.1, {}, 0.5, {"harm": 0.2}) == [pytest.approx(0.3)]
     with pytest.raises(InputError, match="no meaningful sign"):
-        dual_stage(tmp_path, None, ["safety/harm"], 0.1, {}, 0.5, 5, 0, signed=False,
-                   max_unsafe_rate={"harm": 0.1})
+        dual_stage(tmp_path, None, ["safety/harm"], MoCANConfig(beta=0.1, bootstrap=5, max_unsafe_rate={"harm": 0.1}),
+                   signed=False)
 
 
 def test_pipeline_dual_stage_solves_a_rate(tmp_path):
+    from dualign.pipelines.config import MoCANConfig
     from dualign.pipelines.stages import dual_stage
+
+    def settings(rate):
+        return MoCANConfig(beta=0.1, margin_fraction=0.5, bootstrap=20, seed=0, max_unsafe_rate={"harm": rate})
 
     rng = np.random.default_rng(4)
     n, k = 30, 4
@@ -249,8 +254,7 @@ def test_pipeline_dual_stage_solves_a_rate(tmp_path):
                           "reward": rng.normal(size=n * k),
                           "safety/harm": rng.normal(0.3, 1.0, size=n * k)})
     logs = []
-    d = dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=logs.append,
-                   max_unsafe_rate={"harm": 0.2})
+    d = dual_stage(tmp_path, table, ["safety/harm"], settings(0.2), log=logs.append)
     c = d.constraints[0]
     assert c.kind == "max_unsafe_rate" and c.active and c.predicted_unsafe_rate == pytest.approx(0.2)
     assert d.predicted.unsafe_rate["safety/harm"] == pytest.approx(0.2)
@@ -258,10 +262,9 @@ def test_pipeline_dual_stage_solves_a_rate(tmp_path):
     assert json.loads((tmp_path / "dual.json").read_text())["lambda"] == list(d.lam)
     # a rerun with the same rate is cached; another rate is not
     again = []
-    dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=again.append, max_unsafe_rate={"harm": 0.2})
+    dual_stage(tmp_path, table, ["safety/harm"], settings(0.2), log=again.append)
     assert not any(line.startswith("max unsafe rate") for line in again)
-    other = dual_stage(tmp_path, table, ["safety/harm"], 0.1, {}, 0.5, 20, 0, log=lambda _: None,
-                       max_unsafe_rate={"harm": 0.25})
+    other = dual_stage(tmp_path, table, ["safety/harm"], settings(0.25), log=lambda _: None)
     assert other.constraints[0].predicted_unsafe_rate == pytest.approx(0.25)
 
 

@@ -49,6 +49,10 @@ with replacement; its prompt weights are their multiplicities / N):
     (the cost moves toward "full"); at 30k prompts × 128 samples none is in those cases (the
     correction stays under 0.1 of the step), and the 1,000 replicates take about 0.4 s against
     about 400 s re-solved.
+
+One module, though over 500 lines: the two methods draw the same resamples, report the same
+fields, and the one-step method falls back to the full re-solve replicate by replicate, so they
+share `_Replicates` and the solve; most of the length is the one-step expansion described above.
 """
 from __future__ import annotations
 

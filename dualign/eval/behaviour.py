@@ -30,6 +30,11 @@ behaviour.json)::
 
 A suite the detector cannot judge (a safe/unsafe guard on benign prompts) has `skipped`
 (the reason) and no `models`.
+
+One module, though over 500 lines: suites, detectors and rates are one measurement (the
+detectors' verdicts are cached per suite and model, and the rates and tables read them back),
+used together by `dualign evaluate` and the pipelines' evaluate stage. The detectors (phrases,
+classifier, guard) are where it would split should it grow.
 """
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ prompt/response pairs) are sent once. Requests are rate-limited (a minimum inter
 request starts, shared by all worker threads) and retried with exponential backoff and jitter
 on HTTP 408/409/429/5xx, timeouts and connection errors; the client's own retry is off so
 each retry is logged.
+
+One module, though over 500 lines: the protocol (messages, verdict parsing, the both-orders
+rule), its reply cache and the rate-limited, retrying client are one evaluation; the pure parts
+are separate functions, tested without a network, and only `judge_pairwise` ties them together.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ Two backbone families:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -152,7 +152,7 @@ def pooled_features(model, tokenizer, prompts: Sequence[str], responses: Sequenc
     import torch
 
     from .logprobs import length_batches, pad_pairs
-    from .text import encode_pairs
+    from .text import encode_pairs, pad_id
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
@@ -172,14 +172,14 @@ def pooled_features(model, tokenizer, prompts: Sequence[str], responses: Sequenc
     lengths = [len(p) + len(r) for p, r in pairs]
     base = getattr(model, "base_model", model)  # skips the LM head: only hidden states needed
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=desc, unit="pair")
     with torch.inference_mode():
         for idx in length_batches(lengths, batch_size, max_batch_tokens):
-            ids, att, pos, resp = pad_pairs([pairs[i] for i in idx], pad_id, padding_side="right")
+            ids, att, pos, resp = pad_pairs([pairs[i] for i in idx], pad, padding_side="right")
             kw = {"input_ids": ids.to(device), "attention_mask": att.to(device)}
             if not encoder:
                 kw["position_ids"] = pos.to(device)
@@ -211,22 +211,25 @@ def _looks_like_encoder(model) -> bool:
 def features_key(backbone: str, pooling: str, template: str | None, max_length: int | None,
                  prompts: Sequence[str], responses: Sequence[str]) -> str:
     """A digest naming the features of exactly these pairs under these settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps([str(backbone), pooling, template, max_length, 1]).encode())
-    for p, r in zip(prompts, responses):
-        h.update(p.encode("utf-8") + b"\x00" + r.encode("utf-8") + b"\x01")
-    return h.hexdigest()[:24]
+    from ..runio import stream_digest
+
+    head = json.dumps([str(backbone), pooling, template, max_length, 1]).encode()
+    pairs = (p.encode("utf-8") + b"\x00" + r.encode("utf-8") + b"\x01" for p, r in zip(prompts, responses))
+    return stream_digest(itertools.chain([head], pairs), 24)
 
 
 def settings_key(backbone: str, pooling: str, template: str | None, max_length: int | None) -> str:
     """A digest naming the feature settings (one cache sub-directory per settings)."""
-    return hashlib.sha256(json.dumps([str(backbone), pooling, template, max_length, 1]).encode()).hexdigest()[:16]
+    from ..runio import digest
+
+    return digest([str(backbone), pooling, template, max_length, 1])
 
 
 def row_keys(prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
     """A digest per (prompt, response) pair: the cache's row names."""
-    return [hashlib.sha256(p.encode("utf-8") + b"\x00" + r.encode("utf-8")).hexdigest()[:24]
-            for p, r in zip(prompts, responses)]
+    from ..runio import stream_digest
+
+    return [stream_digest([p.encode("utf-8") + b"\x00" + r.encode("utf-8")], 24) for p, r in zip(prompts, responses)]
 
 
 def _cache_root(cache_dir) -> Path:
@@ -275,14 +278,14 @@ def store_features(backbone: str, prompts: Sequence[str], responses: Sequence[st
     """
     from safetensors.numpy import save_file
 
-    from ..runio import atomic_path
+    from ..runio import atomic_path, stream_digest
 
     keys = row_keys(prompts, responses)
     x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
     if x.shape[0] != len(keys):
         raise ValueError(f"{x.shape[0]} feature rows for {len(keys)} pairs")
     d = _cache_root(cache_dir) / settings_key(backbone, pooling, template, max_length)
-    f = d / f"{hashlib.sha256(''.join(keys).encode()).hexdigest()[:24]}.safetensors"
+    f = d / f"{stream_digest([''.join(keys).encode()], 24)}.safetensors"
     with atomic_path(f) as tmp:
         save_file({"features": x}, str(tmp), metadata={"rows": json.dumps(keys), "backbone": str(backbone)})
     return f

@@ -7,7 +7,6 @@ directory under the cache (`~/.cache/dualign`, or `$DUALIGN_CACHE`) and loaded f
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -136,9 +135,11 @@ def embedded_model_dir() -> Path:
 
 
 def _gguf_cache_dir(gguf_file: Path) -> Path:
+    from ..runio import stream_digest
+
     st = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir() / "gguf" / f"{gguf_file.stem}-{key[:12]}"
+    key = stream_digest([f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()], 12)
+    return cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
 
 
 def resolve_spec(spec: str) -> tuple[Path | str, bool]:

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..parallel import process_group
-from .text import encode_pairs, response_logps
+from .text import encode_pairs, pad_id, response_logps
 
 
 def _forward_params(model) -> set[str]:
@@ -166,9 +166,7 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     n_tok = np.array([len(r) for _, r in pairs], dtype=np.int64)
     if n == 0:
         return logp, n_tok
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     params = _forward_params(model)
     # PEFT wrappers forward **kwargs; look at the wrapped model's signature too
     base = getattr(model, "get_base_model", None)
@@ -181,7 +179,7 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
         # each batch holds the rows it holds in one process, so each row gets the same number,
         # bit for bit; round robin over batches sorted longest first evens out the ranks' loads.
         mine = batches[group.rank::group.world_size]
-        _forward_batches(model, params, pairs, mine, pad_id, padding_side, device, logp,
+        _forward_batches(model, params, pairs, mine, pad, padding_side, device, logp,
                          progress and group.rank == 0, group.world_size)
         if group.distributed:
             rows = np.array([i for idx in mine for i in idx], dtype=np.int64)

@@ -16,6 +16,10 @@ Sign. dualign's constraints want *safety* scores (higher = safer). A cost model 
 into one by negation, and only when declared: by a spec prefix (`reward:`, `safety:`,
 `cost:`) or by the scorer's own config (`kind` in `dualign_scorer.json`, `score_type` in a
 safe-rlhf config). A constraint whose sign is declared nowhere is an error, never a guess.
+
+One module, though over 500 lines: the four kinds sit behind one `load_scorer`, and the sign
+rules read every kind's spec and config; the score-table helpers (`write_scores`, `read_samples`,
+`column_is_current`) are here because every scorer's output goes through them.
 """
 from __future__ import annotations
 

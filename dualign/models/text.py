@@ -12,6 +12,17 @@ from typing import Sequence
 PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
+def pad_id(tokenizer) -> int:
+    """The token id padding is filled with: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded positions are always masked out (attention mask, loss mask), so the id only has to be
+    a valid one; one rule everywhere keeps batches of the same rows byte-identical across stages.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
 def format_prompt(tokenizer, prompt: str, template: str | None = None) -> str:
     """The text the model sees before its answer.
 

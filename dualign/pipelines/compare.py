@@ -195,6 +195,7 @@ def _train_sacpo(cfg: CompareConfig, seed_dir: Path, prefs, seed: int, log) -> d
     stamp = merged_dir / "source.json"
     source = {"adapter": str(r1.model_dir), "key": _model_key(r1.model_dir)}
     if not (stamp.exists() and json.loads(stamp.read_text()) == source):
+        # merging writes into the frozen weights r1.model shares with `model` (π_ref, not used after)
         save_merged(r1.model, tok, merged_dir)
         write_json(source, stamp)
     beta2 = cfg.beta / cfg.sacpo_lambda
@@ -274,6 +275,7 @@ def run_compare(cfg: CompareConfig, log=print) -> Path:
 def _run_compare(cfg: CompareConfig, log) -> Path:
     from ..data.preferences import load_preferences
     from ..models.loading import load_policy
+    from ..data.prompts import config_prompts
     from . import stages as S
     from .dual_stage import DualRecord
     from .mocan import run_mocan
@@ -293,7 +295,7 @@ def _run_compare(cfg: CompareConfig, log) -> Path:
         run_mocan(mcfg, stop="dual", log=log)
         before = _stage_seconds(seed_dir / "mocan", ("sample", "score", "dual"))
         dual = DualRecord.read(seed_dir / "mocan" / "dual.json")
-        prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
+        prompts = config_prompts(cfg)
         rivals = {}
         for m in cfg.methods:
             if m == "mocan":
@@ -439,7 +441,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
 
     tok = load_tokenizer(cfg.policy)
     mocan_pairs = pd.read_parquet(run / "pairs.parquet")
-    tcfg_tokens = trained_tokens(tok, mocan_pairs, S.train_config(run, cfg.beta, cfg.train))
+    tcfg_tokens = trained_tokens(tok, mocan_pairs, S.train_config(run, cfg))
     pair_src = run / "pairs_source" / "samples.parquet"
     # π_ref's samples and, when MoCAN relabels a dataset, both responses of every pair
     scored = len(samples) + (len(pd.read_parquet(pair_src, columns=["prompt_id"])) if pair_src.exists() else 0)

@@ -90,6 +90,10 @@ class PipelineConfig:
         "use at most this many dataset pairs (0: all).")})
     eval_num_samples: int = field(default=2, metadata={"help": (
         "responses per eval prompt and model.")})
+    reference_eval_samples: int = field(default=0, metadata={"help": (
+        "π_ref's responses per eval prompt (0: `eval_num_samples`). The held-out prediction reweights "
+        "them, and a reweighting of K samples per prompt under-predicts how far π_λ* moves (its KL is "
+        "at most log K): `num_samples` makes it as good as the dual's own.")})
     behaviour_suites: list | str | None = field(default=None, metadata={"help": (
         "extra prompt suites of the behavioural evaluation (refusal of harmful prompts, over-refusal "
         "of benign ones, judged without the training's score models): `NAME=KIND:FILE` (KIND harmful, "
@@ -119,7 +123,15 @@ class PipelineConfig:
         if self.num_samples < 2:
             raise InputError(f"the dual needs >= 2 samples per prompt, got {self.num_samples}",
                              field="num_samples")
+        if self.reference_eval_samples and self.reference_eval_samples < self.eval_num_samples:
+            raise InputError(f"must be 0 or >= eval_num_samples ({self.eval_num_samples}): π_ref is sampled at "
+                             f"least as often as the trained model; got {self.reference_eval_samples}",
+                             field="reference_eval_samples")
         self._validate_training("train")
+
+    def reference_eval_count(self) -> int:
+        """π_ref's responses per eval prompt (`reference_eval_samples`, or `eval_num_samples`)."""
+        return self.reference_eval_samples or self.eval_num_samples
 
     def _validate_training(self, section: str) -> None:
         """Training settings (`section`: "train", or PeCAN's "pre_align", which sits on top of
@@ -231,8 +243,9 @@ class PeCANConfig(PipelineConfig):
     pre_align: dict = field(default_factory=dict, metadata={"help": (
         "`PreferenceConfig` fields for DPO_H and DPO_S; unset ones come from `train` (β is always "
         "`beta`; labels are the hard 0/1 preferences: plain DPO).")})
-    label_scale: str = field(default="beta", metadata={"help": (
-        "\"beta\" (default): p = σ(Δr̂ + λ*ᵀΔĝ) with r̂ = β·log π_r/π_ref, whose DPO optimum is π_λ* = "
+    label_scale: str = field(default="consistent", metadata={"help": (
+        "\"consistent\" (default; \"beta\" in earlier versions): p = σ(Δr̂ + λ*ᵀΔĝ) with r̂ = "
+        "β·log π_r/π_ref, whose DPO optimum is π_λ* = "
         "π_ref (π_r/π_ref)(π_g/π_ref)^λ*, the policy the dual's predictions describe. \"paper\": the "
         "paper's code, without β inside σ: p = σ((Δr̂ + λ*ᵀΔĝ)/β), whose optimum is π_ref exp((r̂ + "
         "λ*ᵀĝ)/β²), a sharper policy than the dual solved for (its predictions do not apply to it).")})
@@ -281,8 +294,10 @@ class PeCANConfig(PipelineConfig):
         if not self.safety_sources():
             raise InputError("no safety preferences: set `preferences`, `safety_preferences` (NAME: FILE) "
                              "or pre-aligned `safety_models` (NAME: DIR)", field="safety_preferences")
-        if self.label_scale not in ("beta", "paper"):
-            raise InputError(f"must be 'beta' or 'paper', not {self.label_scale!r}", field="label_scale")
+        if self.label_scale == "beta":  # the name earlier versions gave the consistent labels
+            self.label_scale = "consistent"
+        if self.label_scale not in ("consistent", "paper"):
+            raise InputError(f"must be 'consistent' or 'paper', not {self.label_scale!r}", field="label_scale")
         if self.max_unsafe_rate:
             raise InputError("PeCAN's safety scores are implicit (β·log π_g/π_ref, defined up to a per-prompt "
                              "constant): they have no meaningful sign, so no unsafe rate to bound; state the "

@@ -12,24 +12,29 @@ stage.
 Label scale. The paper's code labels pairs with σ(Δ log π_r/π_ref + λᵀΔ log π_g/π_ref),
 i.e. without the β of r̂ = β log π_r/π_ref. Trained with the β-DPO loss, that label's
 optimum is π_ref exp((r̂ + λᵀĝ)/β²), not the π_λ = π_ref exp((r̂ + λᵀĝ)/β) the dual solved
-for; `label_scale="beta"` (default) is the consistent target — with λ* = 0 it is π_r
+for; `label_scale="consistent"` (default) is the consistent target — with λ* = 0 it is π_r
 itself — and `"paper"` reproduces the paper's code.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..data.preferences import load_preferences
+from ..data.prompts import config_prompts
 from ..models.loading import load_policy, load_tokenizer
-from ..parallel import process_group, rank_device
-from ..runio import file_digest, run_lock, write_json, write_parquet
+from ..parallel import rank_device
+from ..runio import file_digest, write_parquet
 from . import stages as S
 from .config import PeCANConfig
+from .evaluate import EvalPlan, evaluate_stage
 from .implicit import add_implicit_columns
 from .pairs import dataset_as_samples, pairs_from_samples, pairs_from_scored_dataset
+from .run import Run, is_current, mark_done, stage_key
 from .scoring import REF, LogProbModel, logprob_columns, score_jobs
 
 __all__ = ["PeCANConfig", "run_pecan", "STAGES"]
@@ -39,111 +44,116 @@ HELPFUL = "helpful"
 
 
 def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = None, log=print) -> Path:
-    cfg.validate()
-    # under torchrun / accelerate launch, one process group for the whole run: every sharded stage
-    # (sampling, scoring, log-probs) and the Trainer use it. A gloo group torn down and set up again
-    # in one process can fail to connect (it did at the third stage, every 2-rank run)
-    with run_lock(cfg.out), process_group():  # run_lock: a second run into the folder is refused
-        return _run_pecan(cfg, start, stop, log)
-
-
-def _run_pecan(cfg: PeCANConfig, start: str | None, stop: str | None, log) -> Path:
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    clock = S.StageClock(run, log)  # timings.json: wall time per stage
-    try:
-        write_json(cfg.to_dict(), run / "config.json")
-        force, todo = S.stage_plan(start, stop, STAGES)
-
+    """Run (or resume) PeCAN in `cfg.out`; returns the run directory."""
+    with Run(cfg, STAGES, start, stop, log) as run:
         # every file is read and checked (and every scorer sign) before any model loads
         jobs = [j._replace(column=f"scorer/{j.column}") for j in score_jobs(cfg.reward, cfg.safety)] \
             if cfg.reward or cfg.safety else []
         sets = preference_sets(cfg)
         names = list(cfg.safety_sources())
         safety_cols = [f"safety/{n}" for n in names]
-        roles = {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
-        prompts = S.prompts_of(cfg.prompts, cfg.prompt_column, cfg.prompt_split, cfg.max_prompts or None)
+        prompts, eval_prompts = config_prompts(cfg), config_prompts(cfg, evaluation=True)
         align = pre_align_config(cfg)
+        tokenization = S.tokenization_of(align)
 
-        tokenization = dict(template=align.template, append_eos=align.append_eos, max_length=align.max_length,
-                            batch_size=align.ref_batch_size, log=log)
+        run.begin("pre_align", f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
+        source = reference_logps_of_pairs(run.dir, cfg, sets, tokenization, force=run.force("pre_align"), log=log)
+        policies = pre_align_stage(run.dir, cfg, sets, ref_logps=source, force=run.force("pre_align"), log=log)
 
-        clock("pre-align", f"[1/8 pre-align] DPO_H on helpfulness, DPO_S on {', '.join(names)} (β = {cfg.beta})")
-        source = reference_logps_of_pairs(run, cfg, sets, tokenization, force=force["pre_align"])
-        policies = pre_align_stage(run, cfg, sets, ref_logps=source, force=force["pre_align"], log=log)
-        if not todo("sample"):
-            return run
-        models = logprob_models(cfg.policy, policies, run)
-
-        def implicit(paths, force_):
-            """logp/ columns of every model, then r̂ and ĝ, on each samples file."""
-            logprob_columns(paths, models, force=force_, **tokenization)
-            return [add_implicit_columns(p, roles, cfg.beta) for p in paths]
-
+        run.begin("sample", f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
+        implicit = ImplicitScores(logprob_models(cfg.policy, policies, run.dir), roles_of(names), cfg.beta,
+                                  tokenization, log)
         # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
-        # cuda:0; one process: the default device, as before
+        # cuda:0; one process: the default device. π_ref stays π_ref: training returns a new model
         policy, tok = load_policy(cfg.policy, device=rank_device(None))
-        clock("sample", f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
-        samples = S.sample_stage(run, policy, tok, prompts, cfg, model_name=cfg.policy,
-                                 num_samples=cfg.num_samples, force=force["sample"])
-        if not todo("score"):
-            return run
-        clock("score", "[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
-        scores = implicit([samples], force["score"])[0]
-        if not todo("dual"):
-            return run
-        clock("dual", "[4/8 dual] λ* and what π_λ* will do, before any training")
-        dual = S.dual_stage(run, scores, safety_cols, cfg.beta, cfg.margins, cfg.margin_fraction,
-                            cfg.bootstrap, cfg.seed, force=force["dual"], log=log, signed=False)
-        if not todo("pairs"):
-            return run
-        scale = 1.0 if cfg.label_scale == "beta" else 1.0 / cfg.beta
+        samples = S.sample_stage(run.dir, policy, tok, prompts, cfg, model_name=cfg.policy,
+                                 num_samples=cfg.num_samples, force=run.force("sample"))
+        run.begin("score", "[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
+        scores = implicit([samples], run.force("score"))[0]
+        run.begin("dual", "[4/8 dual] λ* and what π_λ* will do, before any training")
+        dual = S.dual_stage(run.dir, scores, safety_cols, cfg, force=run.force("dual"), log=log, signed=False)
+
+        scale = 1.0 if cfg.label_scale == "consistent" else 1.0 / cfg.beta
         label = "Δr̂ + λ*ᵀΔĝ" if scale == 1 else "(Δr̂ + λ*ᵀΔĝ)/β"
-        clock("pairs", f"[5/8 pairs] pseudo-preference labels σ({label}) on pairs "
-            f"from {cfg.pairs}")
-        if cfg.pairs == "samples":
-            pairs, key = pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run / "scores.parquet")
-        else:
-            if cfg.pairs != "preferences":  # another file to relabel (else: the pairs scored above)
-                source = run / "pairs_source" / "samples.parquet"
-                _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
-            pairs = pairs_from_scored_dataset(implicit([source], force["pairs"])[0])
-            key = file_digest(source.with_name("scores.parquet"))
-            if same_tokenization(align, S.train_config(run, cfg.beta, cfg.train)):
-                # π_ref's log-probs of the pairs are already here: training needs no pass of its own
-                pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
-        pairs = S.pairs_stage(run, pairs, dual.lam, safety_cols, key=key, scale=scale, force=force["pairs"])
-        if not todo("train"):
-            return run
-        clock("train", f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
+        run.begin("pairs", f"[5/8 pairs] pseudo-preference labels σ({label}) on pairs from {cfg.pairs}")
+        pairs, key = pairs_to_label(run, scores, implicit, source, align)
+        pairs = S.pairs_stage(run.dir, pairs, dual.lam, safety_cols, key=key, scale=scale, force=run.force("pairs"))
+        run.begin("train", f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
         meta = {"method": "pecan", "base_model": cfg.policy, "lambda": list(dual.lam), "margins": list(dual.margins),
                 "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
-                "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles.items()}}
-        result = S.train_stage(run, policy, tok, pairs, cfg.beta, cfg.train, meta, force=force["train"])
-        if not todo("evaluate"):
-            return run
-        eval_prompts = S.prompts_of(cfg.eval_prompts or cfg.prompts, cfg.prompt_column, cfg.eval_split,
-                                    cfg.max_eval_prompts or None)
-        clock("evaluate", f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
+                "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles_of(names).items()}}
+        result = S.train_stage(run.dir, policy, tok, pairs, cfg, meta, force=run.force("train"))
+        run.begin("evaluate", f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
+        record = evaluate_stage(run.dir, result, (policy, tok), eval_prompts, jobs, cfg, method="pecan", dual=dual,
+                                plan=eval_plan(run, implicit, jobs, policies, names), force=run.force("evaluate"),
+                                log=log)
+        run.begin("report", "[8/8 report]")
+        S.report_stage(run.dir, cfg.to_dict(), dual, record, notes=report_notes(cfg, policies, names))
+    return run.dir
 
-        def score(paths, force_):
-            tables = implicit(paths, force_)
-            return [S.score_stage(p, jobs, force=force_, log=log) for p in paths] if jobs else tables
 
-        scorer_cols = [j.column for j in jobs]
-        record = S.evaluate_stage(
-            run, result, cfg.policy, eval_prompts, jobs, cfg, method="pecan", dual=dual, force=force["evaluate"],
-            log=log, score=score, reward_cols=["reward"] + [c for c in scorer_cols if c == "scorer/reward"],
-            safety_cols=safety_cols + [c for c in scorer_cols if c != "scorer/reward"], unsigned_cols=safety_cols,
-            baselines=baseline_loaders(cfg.policy, policies, names, run),
-            baseline_logps={"dpo_h": f"logp/{HELPFUL}", **{_dpo_s_name(n, names): f"logp/safety_{n}" for n in names}})
-        if not todo("report"):
-            return run
-        clock("report", "[8/8 report]")
-        S.report_stage(run, cfg.to_dict(), dual, record, notes=report_notes(cfg, policies, names))
-        return run
-    finally:
-        clock.stop()
+def roles_of(names: list[str]) -> dict[str, str]:
+    """Implicit score column → the pre-aligned policy it is the log-ratio of: `reward` → DPO_H
+    ("helpful"), `safety/<name>` → DPO_S of that constraint ("safety_<name>")."""
+    return {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
+
+
+@dataclass(frozen=True)
+class ImplicitScores:
+    """PeCAN's scores of samples files: the `logp/` columns of π_ref and every pre-aligned
+    policy (`models`, tokenized as pre-alignment trained: `tokenization`), then
+    r̂ = β log π_r/π_ref and ĝ = β log π_g/π_ref (`add_implicit_columns`, columns per `roles`).
+
+    Called as `implicit(paths, force)` → the scores table of each samples file."""
+
+    models: list
+    roles: dict
+    beta: float
+    tokenization: dict
+    log: object = print
+
+    def __call__(self, paths, force: bool = False) -> list[pd.DataFrame]:
+        logprob_columns(paths, self.models, force=force, log=self.log, **self.tokenization)
+        return [add_implicit_columns(p, self.roles, self.beta) for p in paths]
+
+
+def pairs_to_label(run: Run, scores, implicit: ImplicitScores, source: Path | None, align):
+    """The pairs PeCAN labels, with their implicit scores, and the digest of those (the pairs
+    stage's key): π_ref's samples paired (`pairs: samples`), the preference pairs whose π_ref
+    log-probs pre-alignment computed (`source`, `pairs: preferences`), or another preference
+    file's pairs (in run/pairs_source/). Preference pairs carry π_ref's log-probs as the
+    training's reference log-probs when pre-alignment and training tokenize alike."""
+    cfg = run.cfg
+    if cfg.pairs == "samples":
+        return pairs_from_samples(scores, cfg.pairs_per_prompt, cfg.seed), file_digest(run.dir / "scores.parquet")
+    if cfg.pairs != "preferences":  # another file to relabel (else: the pairs scored above)
+        source = run.dir / "pairs_source" / "samples.parquet"
+        _write_if_changed(dataset_as_samples(load_preferences(cfg.pairs, limit=cfg.max_pairs or None)), source)
+    pairs = pairs_from_scored_dataset(implicit([source], run.force("pairs"))[0])
+    if same_tokenization(align, S.train_config(run.dir, cfg)):
+        # π_ref's log-probs of the pairs are already here: training needs no pass of its own
+        pairs["ref_logp_0"], pairs["ref_logp_1"] = pairs[f"logp/{REF}_0"], pairs[f"logp/{REF}_1"]
+    return pairs, file_digest(source.with_name("scores.parquet"))
+
+
+def eval_plan(run: Run, implicit: ImplicitScores, jobs, policies: dict[str, str], names: list[str]) -> EvalPlan:
+    """PeCAN's evaluation: every model's implicit scores (and the evaluation-only scorers'
+    `scorer/…` columns when given), ĝ compared without a sign, and DPO_H and DPO_S sampled
+    next to π_ref and the trained model, each with its KL from its own log-prob column."""
+    scorer_cols = [j.column for j in jobs]
+    safety_cols = [f"safety/{n}" for n in names]
+    return EvalPlan(
+        score=partial(_implicit_and_scorers, implicit, jobs, run.log),
+        reward_cols=("reward", *[c for c in scorer_cols if c == "scorer/reward"]),
+        safety_cols=(*safety_cols, *[c for c in scorer_cols if c != "scorer/reward"]),
+        unsigned_cols=tuple(safety_cols), baselines=baseline_loaders(run.cfg.policy, policies, names, run.dir),
+        baseline_logps={"dpo_h": f"logp/{HELPFUL}", **{_dpo_s_name(n, names): f"logp/safety_{n}" for n in names}})
+
+
+def _implicit_and_scorers(implicit: ImplicitScores, jobs, log, paths, force: bool) -> list[pd.DataFrame]:
+    """Implicit scores of `paths`, then the evaluation-only scorers' columns when any."""
+    tables = implicit(paths, force)
+    return [S.score_stage(p, jobs, force=force, log=log) for p in paths] if jobs else tables
 
 
 # ----------------------------------------------------------------------------- preference sets
@@ -186,7 +196,7 @@ def distinct_pairs(sets) -> pd.DataFrame:
 
 
 def reference_logps_of_pairs(run: Path, cfg: PeCANConfig, sets, tokenization: dict, *,
-                             force: bool = False) -> Path | None:
+                             force: bool = False, log=print) -> Path | None:
     """π_ref's log-probs (`logp/ref`) of every distinct preference pair, computed once: the
     reference log-probs of DPO_H, of every DPO_S and, with `pairs: preferences`, of the
     one-shot training. Returns the pairs' samples file (`dataset_as_samples`; its
@@ -197,7 +207,7 @@ def reference_logps_of_pairs(run: Path, cfg: PeCANConfig, sets, tokenization: di
         return None
     source = Path(run) / ("pairs_source" if cfg.pairs == "preferences" else "pre_align/pairs") / "samples.parquet"
     _write_if_changed(dataset_as_samples(union), source)
-    logprob_columns([source], logprob_models(cfg.policy, {}), force=force, **tokenization)
+    logprob_columns([source], logprob_models(cfg.policy, {}), force=force, log=log, **tokenization)
     return source
 
 
@@ -245,18 +255,18 @@ def pre_align_stage(run: Path, cfg: PeCANConfig, sets, *, ref_logps=None, force:
         digest = array_digest(pairs["label"].to_numpy(), np.frombuffer(
             "\x00".join(pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel()).encode(), np.uint8))
         settings = {k: v for k, v in tcfg.to_dict().items() if k != "output_dir"}  # a moved run stays current
-        key = S.stage_key(digest, cfg.policy, settings)
+        key = stage_key(digest, cfg.policy, settings)
         rel = f"pre_align/{name}/model"
         out[name] = str(Path(run) / rel)
-        if not force and S.is_current(run, f"pre_align_{name}", key):
+        if not force and is_current(run, f"pre_align_{name}", key):
             continue
         log(f"{name}: plain DPO on {len(pairs)} pairs ({label}_response_id)")
-        # fresh: LoRA wraps the model it trains in place; on this rank's GPU under a launch
+        # on this rank's GPU under a launch; loaded here, since the run's π_ref loads only for sampling
         model, tok = load_policy(cfg.policy, device=rank_device(None))
         meta = {"method": "dpo_h" if name == HELPFUL else "dpo_s", "base_model": cfg.policy,
                 "beta": cfg.beta, "data": prefs.attrs.get("source"), "label": f"{label}_response_id"}
         train_preferences(model, tok, pairs, tcfg, resume="auto" if not force else False, metadata=meta)
-        S.mark_done(run, f"pre_align_{name}", key, [rel])
+        mark_done(run, f"pre_align_{name}", key, [rel])
     return out
 
 
@@ -324,8 +334,8 @@ def report_notes(cfg: PeCANConfig, policies: dict[str, str], names: list[str]) -
     if cfg.reward or cfg.safety:
         notes.append("`scorer/…` columns come from the reward/cost models given for evaluation only "
                      f"({', '.join(filter(None, [cfg.reward, *cfg.safety.values()]))}).")
-    notes.append("Labels: " + ("σ(Δr̂ + λ*ᵀΔĝ) (label_scale = beta: the DPO optimum is π_λ*, the policy the "
-                               "dual's predictions describe)." if cfg.label_scale == "beta" else
+    notes.append("Labels: " + ("σ(Δr̂ + λ*ᵀΔĝ) (label_scale = consistent: the DPO optimum is π_λ*, the policy the "
+                               "dual's predictions describe)." if cfg.label_scale == "consistent" else
                                "σ((Δr̂ + λ*ᵀΔĝ)/β) (label_scale = paper, as in the paper's code: the optimum "
                                "is π_ref·exp((r̂ + λ*ᵀĝ)/β²), sharper than π_λ*; the predictions below are "
                                "for π_λ*)."))

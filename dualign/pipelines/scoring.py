@@ -264,35 +264,56 @@ class LogProbModel:
 
 def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template: str | None = None,
                     append_eos: bool = True, max_length: int | None = None, batch_size: int = 8,
-                    force: bool = False, log=print) -> None:
-    """Add `logp/<name>` for every model to the scores.parquet next to each samples file.
+                    force: bool = False, scores_paths: list | None = None, progress: bool = False,
+                    log=print) -> None:
+    """Add `logp/<name>` for every model to the scores file of each samples file.
 
-    Each model is loaded at most once, for all the tables that lack its current column.
-    Tokenization (`template`, `append_eos`, `max_length`) must be the one the pre-aligned
-    models were trained with, since their log-ratios are what DPO fitted.
+    The one way log-prob columns are made (the pipelines and `dualign logprobs`), so a column
+    is reused wherever it was made: it is current when the scores file holds it with the same
+    provenance (`model.ident`, `template`, `append_eos`, `max_length`, samples digest). Each
+    model is loaded at most once, for all the tables that lack its current column. Tokenization
+    (`template`, `append_eos`, `max_length`) must be the one the pre-aligned models were
+    trained with, since their log-ratios are what DPO fitted. A response the sampler cut at
+    `max_new_tokens` never emitted EOS: its EOS is not counted (`samples_append_eos`).
+
+    Parameters
+    ----------
+    samples_paths : list of path-like
+    models : list of LogProbModel
+    scores_paths : list of path-like, optional
+        The scores file of each samples file (same length); default: scores.parquet next to it.
+    progress : bool
+        A progress bar per table (rank 0).
 
     Under a distributed launch this is a collective, called by every rank with the same
     arguments: each rank loads the model (`load` places it) and computes its shard of the
-    batches (`dualign.models.logprobs.logprobs`); rank 0 decides which tables need the column
-    and writes them.
+    batches (`dualign.models.logprobs.logprobs`); rank 0 decides which tables need the column,
+    writes them and logs.
     """
     from ..models.logprobs import logprobs, samples_append_eos
     from ..parallel import process_group
 
     paths = [Path(p) for p in samples_paths]
+    outs = [p.parent / "scores.parquet" for p in paths] if scores_paths is None else [Path(o) for o in scores_paths]
+    if len(outs) != len(paths):
+        raise ValueError(f"{len(outs)} scores files for {len(paths)} samples files")
+    scores_of = dict(zip(paths, outs))
     digests = {p: file_digest(p) for p in paths}
     with process_group() as group:
         group.barrier()  # every rank past its caller's clean-up before rank 0 reads the tables
+        say = log if group.rank == 0 else (lambda *a, **k: None)
         for m in models:
             col = f"logp/{m.name}"
             prov = {p: {"model": m.ident, "template": template, "append_eos": append_eos,
                         "max_length": max_length, "samples": digests[p]} for p in paths}
             todo = None
             if group.rank == 0:
-                todo = [p for p in paths
-                        if force or not column_is_current(p.parent / "scores.parquet", col, prov[p])]
+                todo = [p for p in paths if force or not column_is_current(scores_of[p], col, prov[p])]
             # rank 0's word on every rank: logprobs is a collective, all must run the same tables
             todo = group.broadcast(todo)
+            for p in paths:
+                if p not in todo:
+                    say(f"{scores_of[p]}: {col} is up to date")
             if not todo:
                 continue
             model, tok = m.load()
@@ -301,10 +322,9 @@ def logprob_columns(samples_paths: list, models: list[LogProbModel], *, template
                 lp, _ = logprobs(model, tok, samples["prompt"].tolist(), samples["response"].tolist(),
                                  batch_size=batch_size, template=template,
                                  append_eos=samples_append_eos(samples, append_eos),
-                                 max_length=max_length)
+                                 max_length=max_length, progress=progress)
                 if group.rank == 0:
-                    write_scores(p.parent / "scores.parquet", samples, {col: lp}, provenance={col: prov[p]})
-                    log(f"{p.parent / 'scores.parquet'}: {col} for {len(lp)} responses "
-                        f"(mean {lp.mean():.2f} nats)")
+                    write_scores(scores_of[p], samples, {col: lp}, provenance={col: prov[p]})
+                say(f"wrote {scores_of[p]}: {col} for {len(lp)} responses (mean {lp.mean():.2f} nats)")
                 group.barrier()  # the column is in the file before any rank reads it
             del model

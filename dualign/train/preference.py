@@ -27,7 +27,8 @@ The code lives in modules this one imports and re-exports (the import path stays
 (validation, tokenization, dataset, collator, sampler), `policy_logps` (log-probs of a batch),
 `reference` (reference log-probs), `trainer` (`PreferenceTrainer`, imported on first use: it
 needs transformers) and `saving` (`TrainResult`, save and load). This module keeps the top level:
-`train_preferences`, the reference cache, checkpoints and resumption, and the LoRA helpers.
+`train_preferences`, the reference cache, checkpoints and resumption, the copy of the model
+that training changes (the caller's stays π_ref) and the LoRA helpers.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..models.text import pad_id
 from ..runio import array_digest, atomic_path, dist_info, write_json
 from .frozen_blocks import transformer_blocks
 from .losses import hard_labels
@@ -53,7 +55,7 @@ from .policy_logps import (_model_inputs, _shared_prompt_logps, _supports_shared
                            label_weighted_nll, pair_logps, response_lengths)
 from .preference_config import (MODEL_DIRNAME, REF_CACHE_FILE, RESULT_FILE, RUN_FILE,  # noqa: F401
                                 PreferenceConfig, _cuda_available)
-from .reference import (_model_fingerprint, _pad_id, _runs_from_block, _split_block_inputs,  # noqa: F401
+from .reference import (_model_fingerprint, _runs_from_block, _split_block_inputs,  # noqa: F401
                         reference_logps)
 from .saving import (TrainResult, _cell, _load_base, _quiet_peft, load_trained, model_card,  # noqa: F401
                      save_trained, save_trained_on_ranks)
@@ -178,9 +180,15 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     Parameters
     ----------
     model : transformers causal LM
-        The reference policy π_ref, as given; it is also the starting point of training.
-        With LoRA it is wrapped in place (`peft.get_peft_model`), so afterwards it is no
-        longer the reference: use `with result.model.disable_adapter():` for π_ref.
+        The reference policy π_ref, as given; it is also the starting point of training, and
+        it stays π_ref: the training changes a copy (`_training_copy`), returned as
+        `result.model`. With LoRA the copy is structural and costs no weights: new module
+        objects sharing every parameter and buffer tensor with `model` (peft wraps the copy
+        and marks those shared weights `requires_grad=False`, the adapter's frozen base).
+        Without LoRA the copy holds its own trainable parameters: one model copy in memory
+        when, as usual, all of them train. Merging the returned adapter in place
+        (`result.model.merge_and_unload()`) would write into the shared weights, i.e. into
+        `model`; `save_format="merged"` does not (the merged layers get their own weights).
     tokenizer : transformers tokenizer
     pairs : pandas.DataFrame, n rows
         Columns `prompt`, `response_0`, `response_1`, `label` (p = P(y1 preferred), in
@@ -232,10 +240,10 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     labels = hard_labels(p, config.seed) if config.label_mode == "hard" else p
     offsets = pairs["offset"].to_numpy(np.float64) if "offset" in pairs.columns else None
     tdig = _tokens_digest(feats)
-    # offsets join the digest only when present, so runs without them keep their old digests
     data_digest = array_digest(labels) if offsets is None else array_digest(labels, offsets)
-    run_digest = array_digest(np.frombuffer(
-        f"{tdig}:{data_digest}:{config.training_digest()}".encode(), dtype=np.uint8))
+    # the base model's weights are part of what a run is: the same pairs and settings on another
+    # base must not resume the old run
+    run_digest = config.run_digest({"tokens": tdig, "data": data_digest, "base": _model_fingerprint(model)})
 
     # Built before anything touches `out`: under a launch (torchrun, accelerate launch) the
     # arguments set up the ranks' process group (accelerate's), or join the caller's, and the
@@ -252,7 +260,7 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         # see it while rank 0 clears it, and go different ways (one waiting for the others forever).
         action, resume, done = group.broadcast(_resume_plan(out, run_digest, resume) if group.rank == 0 else None)
         if action == "other run":
-            raise InputError("holds a run with other data or settings; choose another output_dir "
+            raise InputError("holds a run with other data, settings or base model; choose another output_dir "
                              "or pass resume=False to start over", file=str(out))
         if action == "finished":
             return _finished_result(model, tokenizer, out, done, labels)
@@ -281,9 +289,10 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
             block = 0
 
         set_seed(config.seed)  # LoRA init draws from the global RNG
+        model = _training_copy(model, config.use_lora)  # the caller's model stays π_ref
         if config.use_lora:
             model = _add_lora(model, config)
-        pad_id = _pad_id(tokenizer)
+        pad = pad_id(tokenizer)
 
         share = _can_share_prompt(config, args) and _supports_shared_prompt(model)
         if config.share_prompt and not share and group.rank == 0 and _launched(args):
@@ -292,7 +301,7 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         Trainer = preference_trainer_class()
         trainer = Trainer(model=model, args=args,
                           train_dataset=PreferenceDataset(feats, labels, ref0, ref1, offsets),
-                          data_collator=PreferenceCollator(pad_id, share_prompt=share),
+                          data_collator=PreferenceCollator(pad, share_prompt=share),
                           processing_class=tokenizer,
                           callbacks=callbacks, beta=config.beta, sft_weight=config.sft_weight,
                           frozen_blocks=block)
@@ -312,6 +321,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
         loss, runtime, ref_seconds, history = group.broadcast(
             (float(output.training_loss), runtime, ref_seconds, list(trainer.state.log_history)))
         model_dir = out / MODEL_DIRNAME
+        if hasattr(model, "peft_config") and config.save_format == "merged":
+            _unshare_adapted_weights(model)  # the merge must not write into the caller's π_ref
         result = TrainResult(model=trainer.model, tokenizer=tokenizer, model_dir=model_dir, output_dir=out,
                              global_step=int(trainer.state.global_step),
                              train_loss=loss, train_runtime=runtime,
@@ -423,6 +434,31 @@ def lora_config(model, config):
                       target_modules=tm, bias="none", task_type="CAUSAL_LM")
 
 
+def _training_copy(model, lora: bool):
+    """The model training changes, made from the caller's `model` (π_ref), which stays as it is.
+
+    A deep copy of the module tree in which the tensors that training leaves alone are not
+    copied but shared: with LoRA every parameter and buffer (the adapter is added to the copy,
+    so the frozen weights sit in memory once), without it the parameters that do not require
+    grad and the buffers. Forward hooks registered on `model` come along to the copy."""
+    import copy
+
+    shared = [p for p in model.parameters() if lora or not p.requires_grad] + list(model.buffers())
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
+
+
+def _unshare_adapted_weights(model) -> None:
+    """Give every LoRA layer's base layer its own weight tensor, so that merging the adapter
+    (which adds B·A to it in place) leaves the weights shared with π_ref (`_training_copy`)
+    untouched; costs one copy of the adapted layers' weights, the merged model's own."""
+    import torch
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if hasattr(module, "lora_A") and isinstance(getattr(base, "weight", None), torch.nn.Parameter):
+            base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+
+
 def _add_lora(model, config: PreferenceConfig):
     from peft import get_peft_model
 
@@ -466,9 +502,10 @@ def _last_layer_modules(model, target_modules, n_last: int) -> list[str]:
 
 
 def _finished_result(model, tokenizer, out: Path, done: dict, labels) -> TrainResult:
-    """The result of a run that already finished in `out` (its saved model, loaded)."""
+    """The result of a run that already finished in `out` (its saved model, loaded; an adapter
+    onto a structural copy of `model`, which stays π_ref)."""
     model_dir = out / MODEL_DIRNAME
-    trained, _ = load_trained(model_dir, base_model=model)
+    trained, _ = load_trained(model_dir, base_model=_training_copy(model, lora=True))
     r0 = r1 = np.full(len(labels), np.nan)
     cache = out / REF_CACHE_FILE
     if cache.exists():

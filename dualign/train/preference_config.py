@@ -6,14 +6,11 @@ files a run writes into its output directory. Light to import: no torch or trans
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import InputError, settings_from_dict
-from ..runio import array_digest
+from ..runio import digest
 
 MODEL_DIRNAME = "model"
 RESULT_FILE = "train_result.json"
@@ -194,9 +191,18 @@ class PreferenceConfig:
         return d
 
     def training_digest(self) -> str:
-        """Digest of the fields that determine the trained weights."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self._NON_TRAINING}
-        return array_digest(np.frombuffer(json.dumps(d, sort_keys=True).encode(), dtype=np.uint8))
+        """Digest (`runio.digest`) of the fields that determine the trained weights."""
+        return digest(self._training_fields())
+
+    def run_digest(self, extra: dict) -> str:
+        """Digest naming one training run: the fields that determine the trained weights, with
+        `extra`, what else does (`train_preferences` passes the pairs' token and label digests
+        and the base model's `reference.weights_digest`, so a folder holding the run of another
+        base, other pairs or other settings is told apart from this one)."""
+        return digest([self._training_fields(), extra])
+
+    def _training_fields(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self._NON_TRAINING}
 
     def training_arguments(self, **overrides):
         """The `transformers.TrainingArguments` of this config (`overrides` win)."""

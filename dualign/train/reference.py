@@ -1,7 +1,8 @@
 """Reference log-probs log π_ref(y|x): `reference_logps` scores every pair once, before training,
 with the training forward itself (`pair_logps`) under no_grad, optionally recording what enters
 the lowest adapted transformer block (`cache_frozen_blocks`) and checking that the model runs
-exactly from it; `_model_fingerprint` identifies the reference's weights for the on-disk cache.
+exactly from it; `weights_digest` identifies the reference's weights for the on-disk cache (and a
+training run's base model).
 """
 from __future__ import annotations
 
@@ -10,20 +11,55 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from ..runio import array_digest
+from ..models.text import pad_id
+from ..runio import stream_digest
 from .frozen_blocks import capture_block_inputs, from_block
 from .pairs_data import PreferenceCollator, tokenize_pairs
 from .policy_logps import _supports_shared_prompt, pair_logps
 from .preference_config import PreferenceConfig
 
 
-def _model_fingerprint(model) -> str:
-    """Cheap identity of a model's weights: its class, size and its first and last tensors."""
-    params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    first, last = params[0].detach().float().cpu().numpy(), params[-1].detach().float().cpu().numpy()
-    tag = np.frombuffer(f"{type(model).__name__}:{n}".encode(), dtype=np.uint8)
-    return array_digest(tag, first, last)
+def weights_digest(model) -> str:
+    """Identity of a model's weights: a digest (`runio.stream_digest`) of its class and of every
+    parameter and persistent buffer, each by name, dtype, shape and bytes.
+
+    Every weight counts, so a model whose LoRA adapter was merged into one linear layer differs
+    from its base (a summary of a few tensors cannot tell them apart, and a cache keyed by one
+    would hand the base's reference log-probs to the merged model). Tied weights count once.
+    Cost: one sha256 pass over the weights, about 1 GB/s on one CPU core; tensors on a GPU
+    are copied to the CPU one at a time. Parameters on the meta device (offloaded by
+    accelerate) count by name, dtype and shape only.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    str
+        16 hex digits.
+    """
+    import torch
+
+    def parts():
+        yield type(model).__name__.encode()
+        tensors = list(model.named_parameters())
+        for mod_name, mod in model.named_modules():
+            skip = getattr(mod, "_non_persistent_buffers_set", set())  # rotary caches: derived, may change
+            tensors += [(f"{mod_name}.{n}" if mod_name else n, b) for n, b in mod._buffers.items()
+                        if b is not None and n not in skip]
+        for name, t in tensors:
+            yield f"\x00{name}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode()
+            if t.device.type != "meta":
+                # raw bytes, whatever the dtype (numpy has no bfloat16)
+                yield t.detach().reshape(-1).view(torch.uint8).cpu().numpy()
+
+    with torch.no_grad():
+        return stream_digest(parts())
+
+
+# The reference log-prob cache's name for it (imported under this name by `preference`).
+_model_fingerprint = weights_digest
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceConfig,
@@ -71,7 +107,7 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, config: PreferenceCon
     from ..models.logprobs import length_batches
 
     feats = features if features is not None else tokenize_pairs(tokenizer, pairs, config)
-    collate = PreferenceCollator(_pad_id(tokenizer),
+    collate = PreferenceCollator(pad_id(tokenizer),
                                  share_prompt=config.share_prompt and _supports_shared_prompt(model))
     lengths = [max(len(f["prompt_ids_0"]) + len(f["response_ids_0"]),
                    len(f["prompt_ids_1"]) + len(f["response_ids_1"])) for f in feats]
@@ -149,7 +185,3 @@ def _runs_from_block(model, block: int, collate, items, recs, lp1, lp0, atol: fl
     return bool(max((c1 - lp1).abs().max(), (c0 - lp0).abs().max()) <= atol)
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

@@ -177,12 +177,7 @@ def model_card(config: PreferenceConfig, metadata: dict, result: TrainResult, is
     md = dict(metadata)
     base = md.pop("base_model", None)
     method = md.pop("method", "preference (soft-label DPO)")
-    lines = ["---"]
-    if base:
-        lines.append(f"base_model: {json.dumps(str(base))}")
-    lines += [f"library_name: {'peft' if is_peft else 'transformers'}",
-              "tags: [dualign, safety-alignment, dpo, can]", "---", "",
-              f"# {method} — trained with dualign", "",
+    lines = [f"# {method} — trained with dualign", "",
               "Aligned once with the pseudo-preference (soft-label DPO) loss of CAN "
               "(Huang et al., NeurIPS 2024, arXiv 2405.19544): the target policy is "
               "π ∝ π_ref · exp((r + λᵀg)/β).", "",
@@ -209,7 +204,18 @@ def model_card(config: PreferenceConfig, metadata: dict, result: TrainResult, is
               "model, tokenizer = load_trained('<this folder>'"
               + (", base_model=<the base model or its id>)" if is_peft else ")"), "```", "",
               "Full settings: `dualign_train.json`.", ""]
-    return "\n".join(lines)
+    return card_text("\n".join(lines), base_model=base, is_peft=is_peft, tags=["dpo", "can"])
+
+
+def card_text(body: str, *, base_model=None, is_peft: bool, tags) -> str:
+    """A model card (README.md) as the Hugging Face Hub reads it: `huggingface_hub.ModelCard` with
+    its metadata header (base model, library, dualign's tags + `tags`) above `body` (Markdown)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=str(base_model) if base_model else None,
+                         library_name="peft" if is_peft else "transformers",
+                         tags=["dualign", "safety-alignment", *tags])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def _cell(v) -> str:

@@ -6,6 +6,8 @@ like compliance so that a cost model can learn to tell the two apart; none of th
 a usable method. A trailing "c" marks pairs where the refusal is curt and unhelpful, so a
 helpfulness annotator would rate the compliant answer as better even though it is unsafe
 (this is what gives the reward model a pull towards compliance on harmful prompts).
+
+Over 500 lines because it is data, not code: one record per line (ruff skips these files).
 """
 
 HARMFUL = {
