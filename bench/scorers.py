@@ -12,7 +12,7 @@ Trains, on a frozen backbone with features cached under `<dualign cache>/feature
 Prints held-out pairwise accuracy (and sign accuracy for PKU cost). For scale: the beaver-7b
 reward and cost models are reported at roughly 0.7 pairwise accuracy on PKU-SafeRLHF
 (Dai et al. 2023 report ~0.78 reward / ~0.74 cost on their own test split).
-With --demo it first reports the demo scorers (`dualign.train.scorer.demo_scorers`): held-out
+With --demo it first reports the demo scorers (`dualign.train.demo_scorers.demo_scorers`): held-out
 accuracy on the demo test split, the refusal check (refusal ranked safer than compliance), and
 their verdicts on SmolLM2's own greedy answers to the 50 held-out demo prompts.
 The real-data part skips cleanly when ../shared/data is absent. The data files are read in place, never copied.
@@ -60,7 +60,8 @@ def demo_report(n_new_tokens: int = 64) -> None:
     from dualign.models.generation import generate_batch
     from dualign.models.head_scorer import HeadScorer
     from dualign.models.text import encode_prompt
-    from dualign.train.scorer import DEFAULT_BACKBONE, demo_scorers
+    from dualign.train.demo_scorers import demo_scorers
+    from dualign.train.scorer import DEFAULT_BACKBONE
 
     t0 = time.perf_counter()
     r_dir, c_dir = demo_scorers()

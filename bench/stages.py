@@ -39,7 +39,7 @@ def main() -> None:
     t0 = time.perf_counter()
     make, run = (pecan_demo_config, run_pecan) if args.pecan else (demo_config, run_mocan)
     if args.retrain_scorers:
-        from dualign.train.scorer import demo_scorers
+        from dualign.train.demo_scorers import demo_scorers
 
         demo_scorers(retrain=True)
     cfg = make(out, quick=args.quick)

@@ -193,7 +193,7 @@ def cmd_demo(args) -> int:
 
     pecan = args.method == "pecan"
     if args.retrain_scorers:
-        from .train.scorer import demo_scorers
+        from .train.demo_scorers import demo_scorers
 
         demo_scorers(retrain=True)
     run = new_run_dir(args.out, ("pecan-" if pecan else "") + ("demo-quick" if args.quick else "demo"))

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-import dualign.train.scorer as scorer_mod
+import dualign.train.demo_scorers as scorer_mod
 from dualign.data.demo_data import demo_dir
 from dualign.models.head_scorer import CONFIG_FILE, WEIGHTS_FILE, HeadScorer
-from dualign.train.scorer import SHIPPED_DEMO_SCORERS, demo_scorers, demo_scorers_key
+from dualign.train.demo_scorers import SHIPPED_DEMO_SCORERS, demo_scorers, demo_scorers_key
 
 
 class TrainingCalled(Exception):

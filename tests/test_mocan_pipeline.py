@@ -321,7 +321,7 @@ def test_training_settings_fail_before_any_model_loads(tmp_path, capsys, train, 
                  f"prompts: {tmp_path / 'prompts.txt'}\nout: {tmp_path / 'run'}\ntrain: {train}\n")
     assert main(["mocan", "--config", str(y)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected in err
+    assert len(err.splitlines()) == 1 and f"{y}: {expected}" in err  # the file, the field, the fix
     assert not (tmp_path / "run").exists()
 
 

@@ -45,7 +45,7 @@ def test_refusal_ranked_above_compliance(trained):
 
 def test_shipped_demo_scorers_are_what_training_gives(trained):
     from dualign.models.scorers import load_scorer
-    from dualign.train.scorer import demo_scorers
+    from dualign.train.demo_scorers import demo_scorers
 
     root = trained
     r_dir, c_dir = demo_scorers(cache_dir=root / "cache")  # installs the heads the package ships

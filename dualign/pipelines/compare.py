@@ -10,6 +10,10 @@ compute each one cost.
     at the end, in <out>/: compare.json, compare.md (one table), figures/compare.png
 
 Every stage is cached like a MoCAN run's; a killed comparison, rerun, goes on where it stopped.
+
+One module, though over 500 lines: the comparison's settings, the loop over seeds and methods,
+the compute accounting and the one table and figure are one recipe read top to bottom; how
+each rival trains lives elsewhere (`pipelines/baselines.py`, `train/`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runio import write_json, write_text
-from .config import OUT_HELP, MoCANConfig
+from .config import OUT_HELP, MoCANConfig, validated
 
 if TYPE_CHECKING:
     from .dual_stage import DualRecord
@@ -267,7 +271,7 @@ def run_compare(cfg: CompareConfig, log=print) -> Path:
     figure. Returns the comparison folder."""
     from ..runio import run_lock
 
-    cfg.validate()
+    validated(cfg)
     with run_lock(cfg.out):  # a second comparison into the same folder is refused, not mixed in
         return _run_compare(cfg, log)
 

@@ -335,7 +335,30 @@ def load_config(cls, path=None, overrides: dict | None = None):
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(unknown)}", file=str(path) if path else None,
                          field=unknown[0])
-    return cls(**data)
+    cfg = cls(**data)
+    if path is not None:  # not a field: config.json and every stage key stay as they were
+        object.__setattr__(cfg, "source_file", str(path))
+    return cfg
+
+
+def validated(cfg):
+    """`cfg.validate()`, with the YAML file the settings came from (`load_config`) named in an
+    error that names no file: a typo in `train:` reads `cfg.yaml: field 'train.learning_rat': ...`.
+
+    Raises
+    ------
+    InputError
+        As `cfg.validate()`.
+    """
+    try:
+        return cfg.validate()
+    except InputError as e:
+        source = getattr(cfg, "source_file", None)
+        if e.file is not None or source is None:
+            raise
+        err = InputError(str(e), file=source)
+        err.field, err.record = e.field, e.record
+        raise err from None
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..data.demo_data import demo_path
 from ..models.loading import EMBEDDED_DEFAULT
-from ..train.scorer import demo_scorers
+from ..train.demo_scorers import demo_scorers
 from .config import MoCANConfig, PeCANConfig
 
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..runio import write_json
+from .config import validated
 
 
 def stage_key(*parts) -> str:
@@ -123,7 +124,7 @@ class Run:
         from ..parallel import process_group
         from ..runio import run_lock
 
-        self.cfg.validate()
+        validated(self.cfg)
         self._first, self._last = stage_window(self._start, self._stop, self.stages)
         stack = ExitStack()
         try:

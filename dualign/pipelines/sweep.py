@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..eval.report import kl_at_sample_ceiling
 from ..runio import run_lock, write_json, write_text
-from .config import MoCANConfig
+from .config import MoCANConfig, validated
 from .dual_stage import DualRecord
 
 KINDS = ("fraction", "margin", "lambda")
@@ -154,7 +154,7 @@ def run_sweep(cfg: MoCANConfig, kind: str, values, log=print) -> Path:
     InputError
         As `point_configs`, and whatever a MoCAN run raises (before its first expensive step).
     """
-    cfg.validate()
+    validated(cfg)
     check_sweep(cfg, kind)
     with run_lock(cfg.out):  # the shared stages run in this folder; each point locks its own
         return _run_sweep(cfg, kind, values, log)

@@ -28,7 +28,8 @@ The code lives in modules this one imports and re-exports (the import path stays
 `reference` (reference log-probs), `trainer` (`PreferenceTrainer`, imported on first use: it
 needs transformers) and `saving` (`TrainResult`, save and load). This module keeps the top level:
 `train_preferences`, the reference cache, checkpoints and resumption, the copy of the model
-that training changes (the caller's stays π_ref) and the LoRA helpers.
+that training changes (the caller's stays π_ref) and the LoRA helpers: a little over 500 lines,
+because when a run may resume, and from where, is decided here in one place.
 """
 from __future__ import annotations
 

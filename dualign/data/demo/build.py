@@ -179,7 +179,7 @@ def main() -> None:
           f"eval {sum(r['split'] == 'eval' for r in prompts)}")
     print(f"refusal check: {len(check)}")
     if "--scorers" in sys.argv[1:]:
-        from dualign.train.scorer import ship_demo_scorers
+        from dualign.train.demo_scorers import ship_demo_scorers
 
         print(f"demo scorers: {ship_demo_scorers()}")
 
