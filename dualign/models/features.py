@@ -151,8 +151,8 @@ def pooled_features(model, tokenizer, prompts: Sequence[str], responses: Sequenc
     """
     import torch
 
-    from .logprobs import length_batches, pad_pairs
-    from .text import encode_pairs, pad_id
+    from .logprobs import length_batches
+    from .text import encode_pairs, pad_id, pad_pairs
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")

@@ -33,7 +33,7 @@ from ..errors import InputError, OutputError
 from ..parallel import process_group
 from ..runio import open_partial_dir, read_table, write_parquet
 from .loading import cache_kwarg, forward_params
-from .text import encode_prompt, pad_id
+from .text import encode_prompt, pad_id, pad_pairs
 
 SAMPLES_FILE = "samples.parquet"
 PARTIAL_DIR = "samples.partial"
@@ -336,11 +336,8 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     T = max(len(x) for x in prompt_ids)
     # the attention mask for the whole decode, written once: left padding, then ones for every
     # position a new token can take; step s reads its first T + s + 1 columns
-    ids = torch.full((len(distinct), T), pad, dtype=torch.long)
-    att = torch.zeros((len(distinct), T + max_new_tokens), dtype=torch.long)
-    for x, i in distinct.items():
-        ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
-        att[i, T - len(x):] = 1
+    ids, att, _, _ = pad_pairs([(list(x), []) for x in distinct], pad, "left")  # dicts keep their order
+    att = torch.cat([att, att.new_ones((len(distinct), max_new_tokens))], dim=-1)
     stops = _stop_ids(model, tokenizer)
     stop_t = torch.tensor(stops, dtype=torch.long)
     u_all = torch.as_tensor(uniforms, dtype=torch.float64) if sampling else None

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..parallel import process_group
-from .text import encode_pairs, pad_id, response_logps
+from .text import encode_pairs, pad_id, pad_pairs, response_logps
 
 
 def _forward_params(model) -> set[str]:
@@ -20,42 +20,6 @@ def _forward_params(model) -> set[str]:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # e.g. a compiled or wrapped module
         return set()
-
-
-def pad_pairs(pairs, pad_id: int, padding_side: str = "right"):
-    """Concatenate (prompt_ids, response_ids) pairs into one padded batch.
-
-    Parameters
-    ----------
-    pairs : list of (list[int], list[int])
-        Prompt and response token ids per row (from `encode_pairs`).
-    pad_id : int
-        Token id placed at padded positions (masked out; its value does not matter).
-    padding_side : {"right", "left"}
-
-    Returns
-    -------
-    input_ids, attention_mask, position_ids, response_mask : torch.LongTensor, shape (B, T)
-        `position_ids` count real tokens only, so a left-padded row sees the same positions
-        as the unpadded row; `response_mask` is 1 on response tokens.
-    """
-    import torch
-
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    T = max(len(p) + len(r) for p, r in pairs)
-    B = len(pairs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    resp = torch.zeros((B, T), dtype=torch.long)
-    for i, (p, r) in enumerate(pairs):
-        n = len(p) + len(r)
-        s = 0 if padding_side == "right" else T - n
-        ids[i, s:s + n] = torch.tensor(p + r, dtype=torch.long)
-        att[i, s:s + n] = 1
-        resp[i, s + len(p):s + n] = 1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return ids, att, pos, resp
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None):

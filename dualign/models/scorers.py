@@ -308,7 +308,7 @@ class SafeRLHFScorer(_TorchScorer):
     def score(self, prompts, responses):
         import torch
 
-        from .logprobs import pad_pairs
+        from .text import pad_pairs
 
         pairs = encode_pairs(self.tok, prompts, responses, template=self.template,
                              append_eos=True, max_length=self.max_length)

@@ -23,6 +23,43 @@ def pad_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
 
 
+def pad_pairs(pairs, pad_id: int, padding_side: str = "right"):
+    """Concatenate (prompt_ids, response_ids) pairs into one padded batch: the one padding
+    helper of every stage (sampling's prompts, log-probs, score models, the training collator).
+
+    Parameters
+    ----------
+    pairs : list of (list[int], list[int])
+        Prompt and response token ids per row (from `encode_pairs`).
+    pad_id : int
+        Token id placed at padded positions (masked out; its value does not matter).
+    padding_side : {"right", "left"}
+
+    Returns
+    -------
+    input_ids, attention_mask, position_ids, response_mask : torch.LongTensor, shape (B, T)
+        `position_ids` count real tokens only, so a left-padded row sees the same positions
+        as the unpadded row; `response_mask` is 1 on response tokens.
+    """
+    import torch
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    T = max(len(p) + len(r) for p, r in pairs)
+    B = len(pairs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    resp = torch.zeros((B, T), dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        s = 0 if padding_side == "right" else T - n
+        ids[i, s:s + n] = torch.tensor(p + r, dtype=torch.long)
+        att[i, s:s + n] = 1
+        resp[i, s + len(p):s + n] = 1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return ids, att, pos, resp
+
+
 def format_prompt(tokenizer, prompt: str, template: str | None = None) -> str:
     """The text the model sees before its answer.
 

@@ -511,8 +511,11 @@ def format_dual_summary(d: DualRecord) -> str:
 def bias_corrected_line(b: dict) -> str:
     """The `bias_corrected` predictions of a record as one summary line."""
     gains = ", ".join(f"{nm} {v:+.4g}" for nm, v in b["safety_gain"].items())
-    return (f"without the bias of K = {b['k']} samples (jackknife): reward gain {b['reward_gain']:+.4g}, {gains}, "
+    line = (f"without the bias of K = {b['k']} samples (jackknife): reward gain {b['reward_gain']:+.4g}, {gains}, "
             f"KL {b['kl']:.3g} nats (the largest moved {b['relative_shift']:.0%})")
+    if b["relative_shift"] > 0.5:  # beyond the 1/K regime the jackknife's expansion assumes
+        line += "; a correction this large is not to be trusted either: draw more samples or raise β"
+    return line
 
 
 def _pct(x: float) -> str:

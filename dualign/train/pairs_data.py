@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..models.text import encode_pairs
+from ..models.text import encode_pairs, pad_pairs
 from ..runio import array_digest
 from .preference_config import PreferenceConfig
 
@@ -167,13 +167,8 @@ class PreferenceCollator:
                "ref_logp_0": f32("ref_logp_0"),
                "pref_offset": torch.tensor([float(it.get("offset", 0.0)) for it in items], dtype=torch.float32)}
         if self.share_prompt and all(it["prompt_ids_0"] == it["prompt_ids_1"] for it in items):
-            prompts = [it["prompt_ids_1"] for it in items]
-            P = max(len(p) for p in prompts)
-            pid = torch.full((len(items), P), self.pad_token_id, dtype=torch.long)
-            pm = torch.zeros((len(items), P), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                pid[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-                pm[i, P - len(p):] = 1
+            pid, pm, _, _ = pad_pairs([(it["prompt_ids_1"], []) for it in items], self.pad_token_id, "left")
+            P = pid.shape[1]
             ids, att, _ = self._pad([([], r) for it in items
                                      for r in (it["response_ids_1"], it["response_ids_0"])])
             out.update(prompt_input_ids=pid, prompt_attention_mask=pm, input_ids=ids,
@@ -193,17 +188,8 @@ class PreferenceCollator:
         return out
 
     def _pad(self, seqs):
-        import torch
-
-        T = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), T), dtype=torch.long)
-        resp = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (p, r) in enumerate(seqs):
-            n = len(p) + len(r)
-            ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-            att[i, :n] = 1
-            resp[i, len(p):n] = 1
+        """Right-padded (prompt + response) rows: input ids, attention mask, response mask."""
+        ids, att, _, resp = pad_pairs(seqs, self.pad_token_id, "right")
         return ids, att, resp
 
 
