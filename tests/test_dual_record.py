@@ -34,7 +34,7 @@ CASES = {
     "rate": dict(seed=1, names=["safety/harm", "safety/tox"], beta=0.5, margins=[0.0, 0.1],
                  kw=dict(max_unsafe_rate=[0.15, None])),
     "unsigned": dict(seed=2, names=["safety/harmless"], beta=0.3, margins=[0.1],
-                     kw=dict(signed=False, bootstrap_method="one_step")),
+                     kw=dict(sign_means_unsafe=False, bootstrap_method="one_step")),
 }
 
 
@@ -74,7 +74,7 @@ def test_the_record_writes_and_is_read_as_the_hand_built_dict_was(name, tmp_path
     assert held.pop("bias_corrected")["k"] == 3
     assert json.dumps(held, indent=2) + "\n" == (GOLDEN / f"{name}.held_out.json").read_text()
     ref, tr = _table(hr, hs, c["names"]), _table(hr + 0.2, hs + 0.1, c["names"])
-    unsigned = [] if c["kw"].get("signed", True) else c["names"]
+    unsigned = [] if c["kw"].get("sign_means_unsafe", True) else c["names"]
     sc = compare_scores(ref, tr, reward="reward", safety=c["names"], unsigned=unsigned, dual=d, held_out=h,
                         n_boot=30, seed=0)
     for entry in sc.values():  # the bias-corrected predictions, added since (see the module docstring)

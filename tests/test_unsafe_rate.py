@@ -232,13 +232,13 @@ def test_dual_stage_rejects_rates_on_unsigned_scores_and_both_margin_and_rate(tm
 
     scores = ScoreArrays(np.zeros((2, 2)), np.array([[[SAFE], [UNSAFE]]] * 2), ["safety/harm"], np.arange(2))
     with pytest.raises(InputError, match="no meaningful sign"):
-        solve_dual_stage(scores, 0.1, [0.0], n_boot=5, progress=False, signed=False, max_unsafe_rate=[0.1])
+        solve_dual_stage(scores, 0.1, [0.0], n_boot=5, progress=False, sign_means_unsafe=False, max_unsafe_rate=[0.1])
     with pytest.raises(InputError, match="both a margin and a max_unsafe_rate"):
         resolve_margins(scores, 0.1, {"harm": 0.1}, 0.5, {"harm": 0.1})
     assert resolve_margins(scores, 0.1, {}, 0.5, {"harm": 0.2}) == [pytest.approx(0.3)]
     with pytest.raises(InputError, match="no meaningful sign"):
         dual_stage(tmp_path, None, ["safety/harm"], MoCANConfig(beta=0.1, bootstrap=5, max_unsafe_rate={"harm": 0.1}),
-                   signed=False)
+                   sign_means_unsafe=False)
 
 
 def test_pipeline_dual_stage_solves_a_rate(tmp_path):

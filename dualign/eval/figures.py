@@ -22,9 +22,9 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def plot_safety_histogram(safety: np.ndarray, names, path, signed: bool = True) -> Path:
+def plot_safety_histogram(safety: np.ndarray, names, path, sign_means_unsafe: bool = True) -> Path:
     """Histogram of each safety score over all reference samples (safety (N, K, m)); with
-    `signed`, the unsafe side (< 0) is marked."""
+    `sign_means_unsafe`, the unsafe side (< 0) is marked."""
     plt = _pyplot()
     m = safety.shape[2]
     fig, axes = plt.subplots(1, m, figsize=(4.5 * m, 3.2), squeeze=False)
@@ -32,7 +32,7 @@ def plot_safety_histogram(safety: np.ndarray, names, path, signed: bool = True) 
         v = safety[:, :, j].ravel()
         ax.hist(v, bins=40, color="#4C72B0", alpha=0.85)
         ax.axvline(v.mean(), color="k", lw=1, label=f"mean {v.mean():.3g}")
-        if signed:
+        if sign_means_unsafe:
             ax.axvline(0, color="#C44E52", lw=1, ls="--", label=f"unsafe (<0): {np.mean(v < 0):.0%}")
         ax.set_xlabel(names[j])
         ax.set_ylabel("reference samples")

@@ -95,8 +95,8 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
         gain, ci = paired_gain(reference, trained, col, n_boot=n_boot, seed=seed)
         entry = {"reference_mean": float(reference[col].mean()), "trained_mean": float(trained[col].mean()),
                  "achieved_gain": gain, "achieved_gain_ci": ci}
-        signed = col in safety and col not in unsigned
-        if signed:
+        sign_means_unsafe = col in safety and col not in unsigned
+        if sign_means_unsafe:
             entry["unsafe_rate_reference"] = float(_unsafe_fractions(reference, col).mean())
             entry["unsafe_rate_trained"] = float(_unsafe_fractions(trained, col).mean())
         if dual is not None:
@@ -108,7 +108,7 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
                     entry["predicted_gain_corrected"] = corrected["reward_gain"]
             else:
                 c = dual.constraint(col)
-                if c is not None and c.is_rate and signed:
+                if c is not None and c.is_rate and sign_means_unsafe:
                     # its λ* and gains are about −1{unsafe}: the raw score's gain has no prediction
                     rate, rate_ci = bootstrap_mean(_unsafe_fractions(trained, col).to_numpy(), n_boot=n_boot,
                                                    seed=seed)

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import InputError
 from ..runio import write_json, write_text
 from .config import OUT_HELP, MoCANConfig, validated
+from .scoring import safety_columns
 
 if TYPE_CHECKING:
     from .dual_stage import DualRecord
@@ -326,7 +327,7 @@ def _run_compare(cfg: CompareConfig, log) -> Path:
     log(table)
     from ..data.scores import read_score_arrays
 
-    safety_cols = [j.column for j in jobs if j.role == "safety"]
+    safety_cols = safety_columns(jobs)
     arrays = read_score_arrays(root / f"seed-{cfg.seeds[0]}" / "mocan" / "scores.parquet", "reward", safety_cols)
     plot_compare(record, arrays, cfg.beta, root / "figures" / "compare.png")
     return root
@@ -409,7 +410,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
     run = seed_dir / "mocan"
     ev = json.loads((run / "eval.json").read_text())
     dual = DualRecord.read(run / "dual.json")
-    safety_cols = [j.column for j in jobs if j.role == "safety"]
+    safety_cols = safety_columns(jobs)
     n_scorers = len(jobs)
     samples = pd.read_parquet(run / "samples.parquet", columns=["n_tokens"])
     gen = int(samples["n_tokens"].sum())

@@ -398,11 +398,11 @@ class HeldOutPrediction(_JsonRecord):
 
 def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int = 1000,
                      level: float = 0.95, seed: int = 0, progress: bool = True,
-                     inputs: dict | None = None, signed: bool = True, max_unsafe_rate=None,
+                     inputs: dict | None = None, sign_means_unsafe: bool = True, max_unsafe_rate=None,
                      bootstrap_method: str = "auto") -> DualRecord:
     """Solve the dual with bootstrap CIs and return its `DualRecord` (dual.json; docs/design.md §2).
 
-    `signed=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
+    `sign_means_unsafe=False` marks safety scores whose sign means nothing (PeCAN's implicit ĝ =
     β log π_g/π_ref): the record then has no reference unsafe rate.
 
     `max_unsafe_rate` (one entry per constraint, None for a margin constraint) states
@@ -411,21 +411,21 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
     ignored, and their record has kind "max_unsafe_rate", the bound, the smallest reachable
     rate, and reference_mean, gains, max_gain and slack in units of g (−unsafe rate); their
     bootstrap holds the bound r fixed. `bootstrap_method`: "auto", "one_step" or "full" (`bootstrap_dual`'s
-    `method`; "one-step" also accepted). Every signed constraint's record gets the unsafe rate
+    `method`; "one-step" also accepted). Every constraint whose score's sign means unsafe gets the unsafe rate
     of π_λ* predicted from the same weights (`predicted_unsafe_rate`, also
     `predicted.unsafe_rate`), next to π_ref's (`unsafe_rate_reference`).
 
     Raises
     ------
     InputError
-        A rate outside [0, 1], or rates with `signed=False`.
+        A rate outside [0, 1], or rates with `sign_means_unsafe=False`.
     InfeasibleMarginError, ValueError
         As `bootstrap_dual`; an unreachable rate (with the smallest reachable one).
     """
     m = scores.safety.shape[2]
     margins = np.broadcast_to(np.asarray(margins, dtype=float), (m,)).copy()
     rates = list(max_unsafe_rate) if max_unsafe_rate is not None else [None] * m
-    if not signed and any(r is not None for r in rates):
+    if not sign_means_unsafe and any(r is not None for r in rates):
         raise InputError("these safety scores have no meaningful sign (e.g. PeCAN's implicit β·log π_g/π_ref), "
                          "so no unsafe rate: state the constraint as a margin", field="max_unsafe_rate")
     G, margins, is_rate = unsafe_rate_constraints(scores.safety, margins, rates, scores.safety_names)
@@ -437,7 +437,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
     ci = bs.ci
     # π_λ*'s unsafe rates from the weights the predictions use (one more pass over the scores)
     pred_rates = unsafe_rate(scores.safety, DualProblem(scores.reward, G, beta, margins).weights(est.lam)) \
-        if signed else None
+        if sign_means_unsafe else None
     constraints = []
     for j, name in enumerate(scores.safety_names):
         constraints.append(ConstraintRecord(
@@ -448,7 +448,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             predicted_gain=float(pred.safety_gain[j]), predicted_gain_ci=tuple(ci["safety_gain"][j].tolist()),
             max_gain=float(est.max_gain[j]), slack=float(est.slack[j]),
             **({"unsafe_rate_reference": unsafe_rate(scores.safety[:, :, j]),
-                "predicted_unsafe_rate": float(pred_rates[j])} if signed else {}),
+                "predicted_unsafe_rate": float(pred_rates[j])} if sign_means_unsafe else {}),
             **({"max_unsafe_rate": float(rates[j]), "score": "-1{" + name + " < 0}",
                 "min_unsafe_rate": min_unsafe_rate(scores.safety[:, :, j])} if is_rate[j] else {}),
         ))
@@ -463,7 +463,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             reward_gain=pred.reward_gain, reward_gain_ci=tuple(ci["reward_gain"][0].tolist()),
             kl=pred.kl, kl_ci=tuple(ci["kl"][0].tolist()),
             ess_mean=pred.ess_mean, ess_min=pred.ess_min, ess_fraction=pred.ess_fraction,
-            unsafe_rate={c.name: c.predicted_unsafe_rate for c in constraints} if signed else None,
+            unsafe_rate={c.name: c.predicted_unsafe_rate for c in constraints} if sign_means_unsafe else None,
             bias_corrected=bias_corrected_of(DualProblem(scores.reward, G, beta, margins), est.lam,
                                              scores.safety_names),
         ),
@@ -523,7 +523,7 @@ def _pct(x: float) -> str:
 
 
 def _unsafe_rate_lines(d: DualRecord) -> list[str]:
-    """The unsafe-rate block of the summary: π_ref's and π_λ*'s predicted rate of every signed
+    """The unsafe-rate block of the summary: π_ref's and π_λ*'s predicted rate of every
     constraint, the bound of rate constraints, and why an unsafe-rate bound is (in)active."""
     rows = [c for c in d.constraints if c.predicted_unsafe_rate is not None]
     if not rows:
@@ -642,7 +642,7 @@ def write_dual_outputs(d: DualRecord, scores: ScoreArrays, out_json=None, plot_d
             sweep = [mg * f for f in (0.0, 0.25, 0.5)]
         written += [
             plot_safety_histogram(scores.safety, scores.safety_names, plot_dir / "safety_histogram.png",
-                                  signed=all(c.unsafe_rate_reference is not None for c in d.constraints)),
+                                  sign_means_unsafe=all(c.unsafe_rate_reference is not None for c in d.constraints)),
             plot_dual_curves(scores.reward, _dual_scores(scores, d), d.beta, sweep, lam, scores.safety_names,
                              plot_dir / "dual_function.png"),
             plot_convergence([list(h) for h in d.history], lam, plot_dir / "solver_convergence.png"),

@@ -83,12 +83,12 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
                                  gains_by_prompt_kind)
     from ..runio import write_json
     from ..train.preference import RESULT_FILE
-    from .scoring import REF, LogProbModel, logprob_columns
+    from .scoring import REF, LogProbModel, logprob_columns, safety_columns
 
     run, plan, base = Path(run), plan or EvalPlan(), cfg.policy
     score = plan.score or (lambda paths, force: [score_stage(p, jobs, force=force, log=log) for p in paths])
     reward_cols = list(plan.reward_cols)
-    safety_cols = [j.column for j in jobs if j.role == "safety"] if plan.safety_cols is None else \
+    safety_cols = safety_columns(jobs) if plan.safety_cols is None else \
         list(plan.safety_cols)
     tokenization = tokenization_of(train_config(run, cfg))  # log-probs for the KL as the training's
     ref_logps = LogProbModel(REF, base, lambda: reference)

@@ -52,13 +52,13 @@ def implicit_scores(logp_policy, logp_ref, beta: float) -> np.ndarray:
     return beta * (a - b)
 
 
-def add_implicit_columns(samples_path, roles: dict[str, str], beta: float) -> pd.DataFrame:
+def add_implicit_columns(samples_path, policy_of: dict[str, str], beta: float) -> pd.DataFrame:
     """Write the implicit score columns from the `logp/` columns already in scores.parquet.
 
     Parameters
     ----------
     samples_path : path of samples.parquet (its scores.parquet is read and rewritten)
-    roles : dict score column -> log-prob name
+    policy_of : dict score column -> log-prob name
         E.g. {"reward": "helpful", "safety/harm": "safety_harm"}; each becomes
         β (logp/<name> − logp/ref).
     beta : float
@@ -69,8 +69,8 @@ def add_implicit_columns(samples_path, roles: dict[str, str], beta: float) -> pd
     """
     out = Path(samples_path).parent / "scores.parquet"
     table = pd.read_parquet(out)
-    cols = {c: implicit_scores(table[f"logp/{n}"], table[f"logp/{REF}"], beta) for c, n in roles.items()}
+    cols = {c: implicit_scores(table[f"logp/{n}"], table[f"logp/{REF}"], beta) for c, n in policy_of.items()}
     if all(c in table.columns and np.array_equal(table[c].to_numpy(), v) for c, v in cols.items()):
         return table  # current: leave the file (and its timestamp) alone
-    prov = {c: {"implicit": f"beta*(logp/{n} - logp/{REF})", "beta": beta} for c, n in roles.items()}
+    prov = {c: {"implicit": f"beta*(logp/{n} - logp/{REF})", "beta": beta} for c, n in policy_of.items()}
     return write_scores(out, read_samples(samples_path), cols, provenance=prov)

@@ -20,7 +20,7 @@ from .config import MoCANConfig
 from .evaluate import EvalPlan, evaluate_stage
 from .pairs import dataset_as_samples, labels_decided_line, pairs_from_samples, pairs_from_scored_dataset
 from .run import Run
-from .scoring import score_jobs
+from .scoring import safety_columns, score_jobs
 
 
 def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = None, log=print,
@@ -30,7 +30,7 @@ def run_mocan(cfg: MoCANConfig, start: str | None = None, stop: str | None = Non
     prompts, with their KL (`dualign compare`)."""
     with Run(cfg, S.STAGES, start, stop, log) as run:
         jobs = score_jobs(cfg.reward, cfg.safety)  # checks every sign before any model loads
-        safety_cols = [j.column for j in jobs if j.role == "safety"]
+        safety_cols = safety_columns(jobs)
         prompts = config_prompts(cfg)
         # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
         # cuda:0; one process: the default device. π_ref stays π_ref: training returns a new model

@@ -61,7 +61,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         policies = pre_align_stage(run.dir, cfg, sets, ref_logps=source, force=run.force("pre_align"), log=log)
 
         run.begin("sample", f"[2/8 sample] {len(prompts)} prompts × {cfg.num_samples} responses from {cfg.policy}")
-        implicit = ImplicitScores(logprob_models(cfg.policy, policies, run.dir), roles_of(names), cfg.beta,
+        implicit = ImplicitScores(logprob_models(cfg.policy, policies, run.dir), implicit_policies(names), cfg.beta,
                                   tokenization, log)
         # under torchrun / accelerate launch each rank takes its own GPU (cuda:LOCAL_RANK), not all
         # cuda:0; one process: the default device. π_ref stays π_ref: training returns a new model
@@ -71,7 +71,8 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         run.begin("score", "[3/8 score] implicit scores r̂ = β log π_r/π_ref, ĝ = β log π_g/π_ref of every sample")
         scores = implicit([samples], run.force("score"))[0]
         run.begin("dual", "[4/8 dual] λ* and what π_λ* will do, before any training")
-        dual = S.dual_stage(run.dir, scores, safety_cols, cfg, force=run.force("dual"), log=log, signed=False)
+        dual = S.dual_stage(run.dir, scores, safety_cols, cfg, force=run.force("dual"), log=log,
+                            sign_means_unsafe=False)  # ĝ is defined up to a per-prompt constant
 
         scale = 1.0 if cfg.label_scale == "consistent" else 1.0 / cfg.beta
         label = "Δr̂ + λ*ᵀΔĝ" if scale == 1 else "(Δr̂ + λ*ᵀΔĝ)/β"
@@ -81,7 +82,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
         run.begin("train", f"[6/8 train] one-shot training on {len(pairs)} pairs (β = {cfg.beta})")
         meta = {"method": "pecan", "base_model": cfg.policy, "lambda": list(dual.lam), "margins": list(dual.margins),
                 "beta": cfg.beta, "label_scale": cfg.label_scale, "data": cfg.pairs,
-                "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in roles_of(names).items()}}
+                "scores": {c: f"implicit: β·log π/π_ref of {policies[r]}" for c, r in implicit_policies(names).items()}}
         result = S.train_stage(run.dir, policy, tok, pairs, cfg, meta, force=run.force("train"))
         run.begin("evaluate", f"[7/8 evaluate] π_ref, PeCAN, DPO_H and DPO_S on {len(eval_prompts)} held-out prompts")
         record = evaluate_stage(run.dir, result, (policy, tok), eval_prompts, jobs, cfg, method="pecan", dual=dual,
@@ -92,7 +93,7 @@ def run_pecan(cfg: PeCANConfig, start: str | None = None, stop: str | None = Non
     return run.dir
 
 
-def roles_of(names: list[str]) -> dict[str, str]:
+def implicit_policies(names: list[str]) -> dict[str, str]:
     """Implicit score column → the pre-aligned policy it is the log-ratio of: `reward` → DPO_H
     ("helpful"), `safety/<name>` → DPO_S of that constraint ("safety_<name>")."""
     return {"reward": HELPFUL, **{f"safety/{n}": f"safety_{n}" for n in names}}
@@ -102,19 +103,19 @@ def roles_of(names: list[str]) -> dict[str, str]:
 class ImplicitScores:
     """PeCAN's scores of samples files: the `logp/` columns of π_ref and every pre-aligned
     policy (`models`, tokenized as pre-alignment trained: `tokenization`), then
-    r̂ = β log π_r/π_ref and ĝ = β log π_g/π_ref (`add_implicit_columns`, columns per `roles`).
+    r̂ = β log π_r/π_ref and ĝ = β log π_g/π_ref (`add_implicit_columns`, columns per `policy_of`).
 
     Called as `implicit(paths, force)` → the scores table of each samples file."""
 
     models: list
-    roles: dict
+    policy_of: dict
     beta: float
     tokenization: dict
     log: object = print
 
     def __call__(self, paths, force: bool = False) -> list[pd.DataFrame]:
         logprob_columns(paths, self.models, force=force, log=self.log, **self.tokenization)
-        return [add_implicit_columns(p, self.roles, self.beta) for p in paths]
+        return [add_implicit_columns(p, self.policy_of, self.beta) for p in paths]
 
 
 def pairs_to_label(run: Run, scores, implicit: ImplicitScores, source: Path | None, align):

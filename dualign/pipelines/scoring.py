@@ -33,6 +33,11 @@ class ScoreJob(NamedTuple):
     role: str  # "reward" or "safety"
 
 
+def safety_columns(jobs) -> list[str]:
+    """The columns of the safety jobs among `jobs` (`ScoreJob`s), in order."""
+    return [j.column for j in jobs if j.role == "safety"]
+
+
 def score_jobs(reward: str | None, safety: list[str] | dict | None) -> list[ScoreJob]:
     """The `ScoreJob`s of a reward spec and `NAME=SPEC` safety specs (or a name → spec
     dict), checking every safety sign before any model is loaded.

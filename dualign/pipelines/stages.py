@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .run import is_current, mark_done, stage_key
+from .scoring import safety_columns
 
 if TYPE_CHECKING:
     from .dual_stage import DualRecord, HeldOutPrediction
@@ -110,7 +111,7 @@ def resolve_margins(arrays, beta: float, margins: dict, fraction: float,
 
 
 def dual_stage(run: Path, scores, safety_cols, cfg, *, force: bool = False, log=print,
-               signed: bool = True) -> DualRecord:
+               sign_means_unsafe: bool = True) -> DualRecord:
     """Solve the dual on the scored samples → dual.json and figures/ (skipped when current);
     returns its `DualRecord`, solved or read back.
 
@@ -118,12 +119,12 @@ def dual_stage(run: Path, scores, safety_cols, cfg, *, force: bool = False, log=
     (`resolve_margins`), `bootstrap` (replicates), `seed` and `max_unsafe_rate` (constraint
     name → largest unsafe rate allowed, instead of a margin: the dual then runs on
     −1{unsafe} for that constraint, and λ* applies to that indicator).
-    `signed=False`: safety scores without a meaningful sign (as `solve_dual_stage`).
+    `sign_means_unsafe=False`: safety scores without a meaningful sign (as `solve_dual_stage`).
 
     Raises
     ------
     InputError
-        Rates with `signed=False`, or as `resolve_margins`.
+        Rates with `sign_means_unsafe=False`, or as `resolve_margins`.
     InfeasibleMarginError
         As `resolve_margins` and `solve_dual_stage`."""
     from ..data.scores import scores_to_arrays
@@ -135,7 +136,7 @@ def dual_stage(run: Path, scores, safety_cols, cfg, *, force: bool = False, log=
     run = Path(run)
     beta, margins, fraction, n_boot, seed = cfg.beta, cfg.margins, cfg.margin_fraction, cfg.bootstrap, cfg.seed
     rates = dict(cfg.max_unsafe_rate or {})
-    if rates and not signed:
+    if rates and not sign_means_unsafe:
         raise InputError("these safety scores have no meaningful sign (PeCAN's implicit β·log π_g/π_ref), so no "
                          "unsafe rate: state the constraint as a margin", field="max_unsafe_rate")
     arrays = scores_to_arrays(scores, "reward", safety_cols, source=str(run / "scores.parquet"))
@@ -154,7 +155,7 @@ def dual_stage(run: Path, scores, safety_cols, cfg, *, force: bool = False, log=
                 continue
             src = "given" if c.split("/", 1)[-1] in margins else f"{fraction:g} × largest achievable gain"
             log(f"margin for {name}: {m:g} ({src})")
-        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed, signed=signed,
+        d = solve_dual_stage(arrays, beta, resolved, n_boot=n_boot, seed=seed, sign_means_unsafe=sign_means_unsafe,
                              max_unsafe_rate=per_col)
         write_dual_outputs(d, arrays, run / "dual.json", run / "figures")
         mark_done(run, "dual", key, ["dual.json"])
@@ -277,7 +278,7 @@ def held_out_stage(run: Path, policy, tokenizer, prompts, jobs, dual: DualRecord
     if cfg.reference_eval_count() < 2:
         return None
     samples = reference_eval_samples(run, policy, tokenizer, prompts, cfg, cfg.policy)
-    safety_cols = [j.column for j in jobs if j.role == "safety"]
+    safety_cols = safety_columns(jobs)
     held_out = held_out_prediction_of(score_stage(samples, jobs, log=log), dual, "reward", safety_cols,
                                       seed=cfg.seed)
     if held_out is not None:
