@@ -433,7 +433,7 @@ def _add_logprobs(sub):
 def cmd_logprobs(args) -> int:
     from .errors import InputError
     from .models.generation import check_device
-    from .models.scorers import read_samples
+    from .data.scores import read_samples
     from .pipelines.scoring import LogProbModel, logprob_columns
     from .runio import check_name, check_output_file, run_lock
 

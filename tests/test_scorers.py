@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from conftest import make_tiny_tokenizer
 from dualign.cli import main
 from dualign.errors import InputError
+from dualign.data.scores import write_scores
 from dualign.models.scorers import (CallableScorer, SafeRLHFScorer, SequenceClassifierScorer,
-                                    check_safety_sign, load_scorer, write_scores)
+                                    check_safety_sign, load_scorer)
 from dualign.models.text import PKU_TEMPLATE, encode_pairs
 
 PROMPTS = ["How do I pick a lock?", "hi", "Tell me about cats, at length please.", "ok?"]

@@ -1,7 +1,11 @@
-"""Long-format score tables (one row per prompt × sample) ⇄ the (N, K[, m]) arrays the dual needs."""
+"""Long-format score tables (one row per prompt × sample) ⇄ the (N, K[, m]) arrays the dual needs,
+and scores.parquet itself: reading samples, adding score columns with their provenance, and
+whether a column is current."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -244,3 +248,89 @@ def synthetic_scores(n_prompts: int = 200, k: int = 16, seed: int = 0) -> pd.Dat
         "reward": reward.ravel().round(6),
         "safety": safety.ravel().round(6),
     })
+
+
+# ----------------------------------------------------------------------------- scores.parquet I/O
+
+SCORE_KEYS = ("prompt_id", "sample_id", "prompt", "response")
+
+
+def write_scores(path, samples: pd.DataFrame, columns: dict[str, np.ndarray],
+                 provenance: dict[str, str] | None = None) -> pd.DataFrame:
+    """Add score columns to `scores.parquet`, keyed like the samples.
+
+    The result has one row per sample, in the samples' order, with the keys
+    (prompt_id, sample_id, prompt, response), every column already in the file (matched on
+    prompt_id and sample_id) and the new `columns` (replacing same-named ones). Written
+    atomically.
+
+    Parameters
+    ----------
+    path : path of scores.parquet
+    samples : DataFrame with at least SCORE_KEYS
+    columns : dict name -> numpy.ndarray, shape (len(samples),)
+    provenance : dict name -> str, optional
+        Recorded in the file's metadata (`attrs["dualign"]["columns"]`).
+
+    Returns
+    -------
+    pandas.DataFrame, the table written.
+    """
+    from ..runio import write_parquet
+
+    path = Path(path)
+    out = samples[list(SCORE_KEYS)].reset_index(drop=True).copy()
+    meta = {"columns": {}}
+    if path.exists():
+        old = pd.read_parquet(path)
+        meta = old.attrs.get("dualign", meta) or meta
+        keep = [c for c in old.columns if c not in SCORE_KEYS and c not in columns]
+        if keep:
+            out = out.merge(old[["prompt_id", "sample_id"] + keep], on=["prompt_id", "sample_id"],
+                            how="left", validate="one_to_one")
+    for name, values in columns.items():
+        values = np.asarray(values)
+        if values.shape != (len(out),):
+            raise ValueError(f"column {name}: {values.shape} values for {len(out)} rows")
+        out[name] = values
+    meta.setdefault("columns", {}).update(provenance or {})
+    out.attrs["dualign"] = meta
+    write_parquet(out, path)
+    return out
+
+
+def read_samples(path) -> pd.DataFrame:
+    """samples.parquet (or any table with the sample keys), checked.
+
+    Raises
+    ------
+    InputError
+        Missing file or column, or duplicate (prompt_id, sample_id) keys.
+    """
+    from ..runio import read_table
+
+    df = read_table(path, required=SCORE_KEYS)
+    dup = df.duplicated(["prompt_id", "sample_id"])
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise InputError("duplicate (prompt_id, sample_id)", file=str(path), record=i)
+    df["response"] = df["response"].fillna("")
+    return df
+
+
+def column_is_current(path, name: str, provenance: dict) -> bool:
+    """True when `scores.parquet` at `path` already has column `name` computed with exactly
+    `provenance` (the spec and the samples' digest): that work can be skipped."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+    except Exception:
+        return False
+    if name not in schema.names:
+        return False
+    attrs = json.loads((schema.metadata or {}).get(b"PANDAS_ATTRS", b"{}") or b"{}")
+    return (attrs.get("dualign") or {}).get("columns", {}).get(name) == provenance

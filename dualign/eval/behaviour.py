@@ -517,7 +517,7 @@ def detect_cached(samples_path, detector: RefusalDetector, *, force: bool = Fals
     """The samples of `samples_path` with a boolean `refused` column by `detector`, cached as
     the column `refused/<name>` of `refusals.parquet` next to them (redone when the samples
     or the detector's provenance change)."""
-    from ..models.scorers import column_is_current, read_samples, write_scores
+    from ..data.scores import column_is_current, read_samples, write_scores
     from ..runio import file_digest
 
     samples = read_samples(samples_path)

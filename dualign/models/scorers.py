@@ -17,9 +17,8 @@ into one by negation, and only when declared: by a spec prefix (`reward:`, `safe
 `cost:`) or by the scorer's own config (`kind` in `dualign_scorer.json`, `score_type` in a
 safe-rlhf config). A constraint whose sign is declared nowhere is an error, never a guess.
 
-One module, though over 500 lines: the four kinds sit behind one `load_scorer`, and the sign
-rules read every kind's spec and config; the score-table helpers (`write_scores`, `read_samples`,
-`column_is_current`) are here because every scorer's output goes through them.
+The scores' table (scores.parquet: `write_scores`, `read_samples`, `column_is_current`) lives in
+`dualign.data.scores`.
 """
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from ..errors import InputError
 from .logprobs import length_batches
@@ -42,7 +40,6 @@ KINDS = ("reward", "safety", "cost", "harm")
 # expected harm and gains nothing from ranking safe answers (a refusal of a benign request is
 # not "safer" than a helpful answer). The unsafe rule (safety < 0) is the same as `cost:`.
 HEAD_SCORER_FILE = "dualign_scorer.json"
-SCORE_KEYS = ("prompt_id", "sample_id", "prompt", "response")
 
 
 class Scorer:
@@ -442,71 +439,6 @@ def load_scorer(spec, *, batch_size: int = 8, template: str | None = None, dtype
                                     batch_size=batch_size, kind=kind)
 
 
-# ----------------------------------------------------------------------------- scores.parquet
-
-def write_scores(path, samples: pd.DataFrame, columns: dict[str, np.ndarray],
-                 provenance: dict[str, str] | None = None) -> pd.DataFrame:
-    """Add score columns to `scores.parquet`, keyed like the samples.
-
-    The result has one row per sample, in the samples' order, with the keys
-    (prompt_id, sample_id, prompt, response), every column already in the file (matched on
-    prompt_id and sample_id) and the new `columns` (replacing same-named ones). Written
-    atomically.
-
-    Parameters
-    ----------
-    path : path of scores.parquet
-    samples : DataFrame with at least SCORE_KEYS
-    columns : dict name -> numpy.ndarray, shape (len(samples),)
-    provenance : dict name -> str, optional
-        Recorded in the file's metadata (`attrs["dualign"]["columns"]`).
-
-    Returns
-    -------
-    pandas.DataFrame, the table written.
-    """
-    from ..runio import write_parquet
-
-    path = Path(path)
-    out = samples[list(SCORE_KEYS)].reset_index(drop=True).copy()
-    meta = {"columns": {}}
-    if path.exists():
-        old = pd.read_parquet(path)
-        meta = old.attrs.get("dualign", meta) or meta
-        keep = [c for c in old.columns if c not in SCORE_KEYS and c not in columns]
-        if keep:
-            out = out.merge(old[["prompt_id", "sample_id"] + keep], on=["prompt_id", "sample_id"],
-                            how="left", validate="one_to_one")
-    for name, values in columns.items():
-        values = np.asarray(values)
-        if values.shape != (len(out),):
-            raise ValueError(f"column {name}: {values.shape} values for {len(out)} rows")
-        out[name] = values
-    meta.setdefault("columns", {}).update(provenance or {})
-    out.attrs["dualign"] = meta
-    write_parquet(out, path)
-    return out
-
-
-def read_samples(path) -> pd.DataFrame:
-    """samples.parquet (or any table with the sample keys), checked.
-
-    Raises
-    ------
-    InputError
-        Missing file or column, or duplicate (prompt_id, sample_id) keys.
-    """
-    from ..runio import read_table
-
-    df = read_table(path, required=SCORE_KEYS)
-    dup = df.duplicated(["prompt_id", "sample_id"])
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise InputError("duplicate (prompt_id, sample_id)", file=str(path), record=i)
-    df["response"] = df["response"].fillna("")
-    return df
-
-
 def parse_named(spec: str) -> tuple[str, str]:
     """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC is named after its last path component.
 
@@ -563,21 +495,3 @@ def check_safety_sign(spec, name: str) -> None:
     if kind == "reward":
         raise InputError(f"'{spec}' declares itself a reward model; write {name}=safety:SPEC or "
                          f"{name}=cost:SPEC to use it as a constraint", field=f"safety/{name}")
-
-
-def column_is_current(path, name: str, provenance: dict) -> bool:
-    """True when `scores.parquet` at `path` already has column `name` computed with exactly
-    `provenance` (the spec and the samples' digest): that work can be skipped."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    try:
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(path)
-    except Exception:
-        return False
-    if name not in schema.names:
-        return False
-    attrs = json.loads((schema.metadata or {}).get(b"PANDAS_ATTRS", b"{}") or b"{}")
-    return (attrs.get("dualign") or {}).get("columns", {}).get(name) == provenance

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..models.scorers import read_samples, write_scores
+from ..data.scores import read_samples, write_scores
 from .scoring import REF
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, OutputError
-from ..models.scorers import (check_safety_sign, column_is_current, load_scorer, parse_named,
-                              read_samples, write_scores)
+from ..data.scores import column_is_current, read_samples, write_scores
+from ..models.scorers import check_safety_sign, load_scorer, parse_named
 from ..runio import digest as runio_digest
 from ..runio import file_digest, open_partial_dir, write_parquet
 
