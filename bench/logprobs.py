@@ -32,6 +32,7 @@ import torch
 from dualign.models.loading import EMBEDDED_DEFAULT, load_policy
 from dualign.models.logprobs import logprobs
 from dualign.models.text import encode_pairs, response_logps
+from roofline import executed_flops, matmul_peak_gflops
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees Celsius at sea level.",
@@ -106,6 +107,14 @@ def main():
         print(f"fp64 ({k} pairs): max |batched - per-example| = {e64:.2e} nats "
               f"({'OK' if e64 <= 1e-4 else 'MISMATCH'}, tolerance 1e-4)")
     print(f"RATIO batched/per-example tokens/s: {t_ref / t_bat:.2f}x (target >= 2x)")
+    # the roofline of a forward-only pass: the matmul FLOPs the batched call executes (counted in
+    # an untimed run of the same work) per second of its timed run, against the measured peak
+    if a.check_n:
+        model = model.to(torch.float32)
+    _, flops = executed_flops(lambda: logprobs(model, tok, prompts, responses, batch_size=a.batch_size))
+    peak = matmul_peak_gflops()
+    print(f"ROOFLINE batched: {flops / t_bat / 1e9:.0f} GFLOP/s executed, {100 * flops / t_bat / 1e9 / peak:.0f}% "
+          f"of the measured fp32 matmul peak {peak:.0f} GFLOP/s (target >= 50%)")
 
 
 if __name__ == "__main__":
