@@ -435,9 +435,9 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
     est = bs.estimate
     pred = est.predicted
     ci = bs.ci
-    # π_λ*'s unsafe rates from the weights the predictions use (one more pass over the scores)
-    pred_rates = unsafe_rate(scores.safety, DualProblem(scores.reward, G, beta, margins).weights(est.lam)) \
-        if sign_means_unsafe else None
+    # one problem for the unsafe rates (from the weights the predictions use) and the bias correction
+    problem = DualProblem(scores.reward, G, beta, margins)
+    pred_rates = unsafe_rate(scores.safety, problem.weights(est.lam)) if sign_means_unsafe else None
     constraints = []
     for j, name in enumerate(scores.safety_names):
         constraints.append(ConstraintRecord(
@@ -464,8 +464,7 @@ def solve_dual_stage(scores: ScoreArrays, beta: float, margins, *, n_boot: int =
             kl=pred.kl, kl_ci=tuple(ci["kl"][0].tolist()),
             ess_mean=pred.ess_mean, ess_min=pred.ess_min, ess_fraction=pred.ess_fraction,
             unsafe_rate={c.name: c.predicted_unsafe_rate for c in constraints} if sign_means_unsafe else None,
-            bias_corrected=bias_corrected_of(DualProblem(scores.reward, G, beta, margins), est.lam,
-                                             scores.safety_names),
+            bias_corrected=bias_corrected_of(problem, est.lam, scores.safety_names),
         ),
         bootstrap=bs.to_dict(),
         solver=est.options | {"n_evals": est.n_evals},
@@ -609,13 +608,11 @@ def held_out_prediction(d: DualRecord, scores: ScoreArrays, *, n_boot: int = 100
         bias_corrected=bias_corrected_of(DualProblem(scores.reward, G, d.beta), lam, names))
 
 
-def bias_corrected_of(problem: DualProblem, lam, names) -> dict | None:
+def bias_corrected_of(problem: DualProblem, lam, names) -> dict:
     """π_λ's predicted gains and KL with their 1/K sample bias removed (`dualign.dual.sample_bias`,
     a jackknife over each prompt's samples), as dual.json stores them: reward_gain,
     safety_gain (name → gain), kl, k, and relative_shift (how far the correction moved the
-    largest of them, relative). None with one sample per prompt."""
-    if problem.k < 2:
-        return None
+    largest of them, relative). (`DualProblem` itself refuses fewer than 2 samples per prompt.)"""
     b = sample_bias(problem, lam)
     return {"reward_gain": b.reward_gain_corrected,
             "safety_gain": {nm: float(v) for nm, v in zip(names, b.safety_gain_corrected)},

@@ -58,7 +58,7 @@ from .preference_config import (MODEL_DIRNAME, REF_CACHE_FILE, RESULT_FILE, RUN_
                                 PreferenceConfig, _cuda_available)
 from .reference import (_model_fingerprint, _runs_from_block, _split_block_inputs,  # noqa: F401
                         reference_logps)
-from .saving import (TrainResult, _cell, _load_base, _quiet_peft, load_trained, model_card,  # noqa: F401
+from .saving import (TrainResult, _cell, _load_base, _quiet_peft, clear_outputs, load_trained, model_card,  # noqa: F401
                      save_trained, save_trained_on_ranks)
 
 
@@ -76,21 +76,22 @@ def preference_trainer_class():
 # `reference_logps` is looked up in this module's namespace when called, so a spy set on
 # `dualign.train.preference.reference_logps` sees every reference pass of a training run.
 def _cached_reference_logps(model, tokenizer, pairs, config, features, tokens_digest, out: Path,
-                            record_block: int = 0, write: bool = True):
+                            record_block: int = 0, write: bool = True, model_id: str | None = None):
     """Reference log-probs from the pairs' columns, the output dir's cache, or computed (and
     cached). With `record_block` (`cache_frozen_blocks`) the reference pass always runs, for
     the block inputs it records (they are not kept on disk: a resumed run records them
     again), but given or cached log-probs still win, so a resumed run trains on the values
     it started with. `write=False` (ranks other than 0 of a launch) computes without writing
-    the cache. Returns (ref_logp_0, ref_logp_1, block inputs or None, seconds spent
-    computing)."""
+    the cache. `model_id`: `_model_fingerprint(model)` when the caller has it already (a full
+    pass over the weights: seconds on a 7B model). Returns (ref_logp_0, ref_logp_1, block inputs
+    or None, seconds spent computing)."""
     known = None
     if "ref_logp_0" in pairs.columns and "ref_logp_1" in pairs.columns:
         r0 = pairs["ref_logp_0"].to_numpy(np.float64)
         r1 = pairs["ref_logp_1"].to_numpy(np.float64)
         if np.all(np.isfinite(r0)) and np.all(np.isfinite(r1)):
             known = (r0, r1)
-    key = f"{tokens_digest}:{_model_fingerprint(model)}"
+    key = f"{tokens_digest}:{model_id or _model_fingerprint(model)}"
     cache = out / REF_CACHE_FILE
     if known is None and cache.exists():
         with np.load(cache, allow_pickle=False) as z:
@@ -244,7 +245,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
     data_digest = array_digest(labels) if offsets is None else array_digest(labels, offsets)
     # the base model's weights are part of what a run is: the same pairs and settings on another
     # base must not resume the old run
-    run_digest = config.run_digest({"tokens": tdig, "data": data_digest, "base": _model_fingerprint(model)})
+    base_id = _model_fingerprint(model)  # once: the run's identity and the reference cache's key
+    run_digest = config.run_digest({"tokens": tdig, "data": data_digest, "base": base_id})
 
     # Built before anything touches `out`: under a launch (torchrun, accelerate launch) the
     # arguments set up the ranks' process group (accelerate's), or join the caller's, and the
@@ -283,7 +285,8 @@ def train_preferences(model, tokenizer, pairs: pd.DataFrame, config: PreferenceC
                               f"without it under {engine}", stacklevel=2)
             block = 0
         ref0, ref1, block_inputs, ref_seconds = _cached_reference_logps(
-            model, tokenizer, pairs, config, feats, tdig, out, record_block=block, write=group.rank == 0)
+            model, tokenizer, pairs, config, feats, tdig, out, record_block=block, write=group.rank == 0,
+            model_id=base_id)
         if block_inputs is not None:  # train from the frozen blocks' output (`cache_frozen_blocks`)
             feats = [{**f, **b} for f, b in zip(feats, block_inputs)]
         else:
@@ -366,14 +369,8 @@ def _resume_plan(out: Path, run_digest: str, resume) -> tuple[str, bool, dict | 
 
 def _clear_run(out: Path) -> None:
     """Delete what an earlier run left in `out`: checkpoints, result, reference cache, run record, model."""
-    if not out.exists():
-        return
-    for cp in _checkpoint_dirs(out):
-        shutil.rmtree(cp)
-    for name in (RESULT_FILE, REF_CACHE_FILE, RUN_FILE):
-        (out / name).unlink(missing_ok=True)
-    if (out / MODEL_DIRNAME).exists():
-        shutil.rmtree(out / MODEL_DIRNAME)
+    if out.exists():
+        clear_outputs(out, _checkpoint_dirs(out), (RESULT_FILE, REF_CACHE_FILE, RUN_FILE))
 
 
 def _cpu_launch(config: PreferenceConfig) -> dict:

@@ -56,7 +56,7 @@ from ..runio import check_output_dir, digest, write_json, write_text
 from .lagrange import LagrangeState, ShapedReward, _callback_class, lagrange_step, met_streak  # noqa: F401
 from .primal_dual_config import (LOG_FILE, MODEL_DIRNAME, RESULT_FILE, RUN_FILE, STATE_FILE,  # noqa: F401
                                  PrimalDualConfig, _cuda_available, _number, _per_constraint)
-from .saving import card_text
+from .saving import card_text, clear_outputs
 
 
 def _trainer_class():
@@ -367,12 +367,7 @@ def train_primal_dual(policy, tokenizer, prompts: list[str], reward_scorer, safe
 
 
 def _clear(out: Path) -> None:
-    for cp in _checkpoints(out):
-        shutil.rmtree(cp)
-    for name in (RESULT_FILE, RUN_FILE, LOG_FILE):
-        (out / name).unlink(missing_ok=True)
-    if (out / MODEL_DIRNAME).exists():
-        shutil.rmtree(out / MODEL_DIRNAME)
+    clear_outputs(out, _checkpoints(out), (RESULT_FILE, RUN_FILE, LOG_FILE))
 
 
 def _save_final(model, tokenizer, model_dir: Path, config: PrimalDualConfig, metadata: dict,

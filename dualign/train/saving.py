@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..runio import write_json, write_text
-from .preference_config import PreferenceConfig
+from .preference_config import MODEL_DIRNAME, PreferenceConfig
 
 
 @dataclass
@@ -205,6 +205,17 @@ def model_card(config: PreferenceConfig, metadata: dict, result: TrainResult, is
               + (", base_model=<the base model or its id>)" if is_peft else ")"), "```", "",
               "Full settings: `dualign_train.json`.", ""]
     return card_text("\n".join(lines), base_model=base, is_peft=is_peft, tags=["dpo", "can"])
+
+
+def clear_outputs(out: Path, checkpoints, files) -> None:
+    """Delete what an earlier training run left in `out`: the `checkpoints` (folders), the
+    `files` (names in `out`) and the saved model folder."""
+    for cp in checkpoints:
+        shutil.rmtree(cp)
+    for name in files:
+        (out / name).unlink(missing_ok=True)
+    if (out / MODEL_DIRNAME).exists():  # the same folder name for both trainers
+        shutil.rmtree(out / MODEL_DIRNAME)
 
 
 def card_text(body: str, *, base_model=None, is_peft: bool, tags) -> str:
