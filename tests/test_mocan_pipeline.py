@@ -58,6 +58,14 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
     lo, hi = s["achieved_gain_ci"]
     assert s["held_out_prediction_within_achieved_ci"] == (lo <= h.safety_gain["safety/vowels"] <= hi)
     assert "held-out [95% CI]" in (run / "report.md").read_text()
+    # how much of λ*'s tilt the model learned: its log-ratios on those same reference samples
+    from dualign.pipelines.stages import learned_tilt_of
+
+    t = learned_tilt_of(ref_eval, DualRecord.read(run / "dual.json"), "reward", ["safety/vowels"], "logp/trained",
+                        "logp/ref", seed=cfg.seed)
+    assert ev["learned_tilt"]["slope"] == pytest.approx(t.slope) and np.isfinite(t.slope)
+    assert ev["learned_tilt"]["reweighted_reward_gain"] == pytest.approx(t.reweighted_reward_gain)
+    assert ev["learned_tilt"]["n_samples_per_prompt"] == 2
     g = pd.read_parquet(run / "scores.parquet")["safety/vowels"]
     assert dual["constraints"][0]["unsafe_rate_reference"] == pytest.approx((g < 0).mean())
     pairs = pd.read_parquet(run / "pairs.parquet")

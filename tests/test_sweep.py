@@ -61,6 +61,7 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
         assert s["predicted_held_out"] == here
         assert s["holds"] == (s["achieved_ci"][0] <= here <= s["achieved_ci"][1])
         assert row["kl"]["achieved"] == ev["kl"]["achieved"]
+        assert row["learned_tilt"] == ev["learned_tilt"]  # each point's own model against its own λ*
         k = row["kl"]
         bound = dual["predicted"]["kl"] >= 0.5 * np.log(dual["n_samples_per_prompt"])
         assert k["predicted_is_lower_bound"] == ev["kl"]["predicted_is_lower_bound"] == bound
@@ -70,6 +71,7 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
     assert duals[1]["margins"][0] > duals[0]["margins"][0] and duals[1]["lambda"][0] > duals[0]["lambda"][0]
     table = (root / "sweep.md").read_text()
     assert "fraction-0.3" in table and "KL, nats" in table and "safety/vowels gain" in table
+    assert table.count("tilt learned (slope)") == 2
     assert (root / "figures" / "frontier.png").stat().st_size > 1000
 
 

@@ -645,3 +645,23 @@ def write_dual_outputs(d: DualRecord, scores: ScoreArrays, out_json=None, plot_d
             plot_convergence([list(h) for h in d.history], lam, plot_dir / "solver_convergence.png"),
         ]
     return written
+
+
+def learned_tilt_on(d: DualRecord, scores: ScoreArrays, logratio, *, seed: int = 0):
+    """`eval.tilt.learned_tilt` of a trained model against the tilt of dual record `d`, on the
+    scored reference samples `scores` (the held-out prompts', as in `held_out_prediction`):
+    `logratio` (N, K) is log π_θ/π_ref of those samples, the target r_λ/β with `d`'s λ* and β
+    (a rate constraint's score as −1{unsafe}, as the dual saw it).
+
+    Raises
+    ------
+    ValueError
+        `scores` has other safety columns than the record's constraints, or shapes disagree.
+    """
+    from ..eval.tilt import learned_tilt
+
+    if list(scores.safety_names) != d.names:
+        raise ValueError(f"scores have safety columns {list(scores.safety_names)}, the dual {d.names}")
+    G = _dual_scores(scores, d)
+    target = (scores.reward + G @ np.asarray(d.lam, dtype=np.float64)) / d.beta
+    return learned_tilt(logratio, target, scores.reward, G, d.names, seed=seed)

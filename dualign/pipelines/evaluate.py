@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .stages import (held_out_prediction_of, model_ident, reference_eval_samples, sample_stage, score_stage,
-                     tokenization_of, train_config)
+from .stages import (held_out_prediction_of, learned_tilt_of, model_ident, reference_eval_samples, sample_stage,
+                     score_stage, tokenization_of, train_config)
 
 if TYPE_CHECKING:
     from .dual_stage import DualRecord, HeldOutPrediction
@@ -134,6 +134,10 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
         record["baselines"] = {name: compare(tables[name]) for name in plan.baselines}
     trained = LogProbModel("trained", trained_name, lambda: (result.model, result.tokenizer))
     record["kl"] = achieved_kl(trained_path, trained, ref_logps, tokenization, cfg, dual, force=force, log=log)
+    tilt = _learned_tilt(ref_path, trained, ref_logps, tokenization, dual, reward_cols[0], safety_cols, cfg,
+                         force=force, log=log)
+    if tilt is not None:
+        record["learned_tilt"] = tilt.to_dict()
     if baseline_logps:
         record["baselines_kl"] = {name: kl_of_own_samples(tables[name], col, "logp/ref", cfg)
                                   for name, col in baseline_logps.items()}
@@ -149,6 +153,11 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
     log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
         f"predicted for π_λ* {kl_prediction_text(dual)}"
         + ("  (achieved indistinguishable from 0: the model barely moved)" if k["achieved_ci"][0] <= 0 else ""))
+    if tilt is not None:
+        from ..eval.tilt import learned_tilt_line
+
+        log("  " + learned_tilt_line(tilt, None if held_out is None else
+                                     {"reward": held_out.reward_gain, **held_out.safety_gain}))
     if record.get("scores_by_prompt_kind"):
         log("Gain by kind of prompt (a helpfulness reward falls where the model refuses harmful requests):")
         for line in format_kind_gains(record["scores_by_prompt_kind"]):
@@ -161,6 +170,24 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
 
         log(format_behaviour_table(record["behaviour"]))
     return record
+
+
+def _learned_tilt(ref_path: Path, trained, reference, tokenization: dict, dual: DualRecord, reward_col: str,
+                  safety_cols, cfg, *, force: bool, log):
+    """How much of λ*'s tilt the trained model learned (`eval.tilt`), on π_ref's samples of the
+    evaluation prompts: their log-probs under both models (`logp/<name>` columns of the
+    reference's scores, cached like the KL's), then `learned_tilt_of`. None where the dual's
+    constraints are not these scores or π_ref has fewer than 2 samples per prompt."""
+    import pandas as pd
+
+    from .scoring import logprob_columns
+
+    if dual.names != list(safety_cols) or cfg.reference_eval_count() < 2:
+        return None
+    logprob_columns([ref_path], [trained, reference], force=force, log=log, **tokenization)
+    table = pd.read_parquet(Path(ref_path).parent / "scores.parquet")
+    return learned_tilt_of(table, dual, reward_col, safety_cols, f"logp/{trained.name}", f"logp/{reference.name}",
+                           seed=cfg.seed)
 
 
 def _examples(ref_scores, trained_scores, columns, n: int = 6) -> list[dict]:

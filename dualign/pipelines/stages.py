@@ -254,6 +254,26 @@ def held_out_prediction_of(ref_scores, dual: DualRecord, reward_col: str, safety
     return held_out_prediction(dual, arrays, seed=seed)
 
 
+def learned_tilt_of(ref_scores, dual: DualRecord, reward_col: str, safety_cols, policy_col: str, ref_col: str, *,
+                    seed: int = 0):
+    """`dual_stage.learned_tilt_on` of the scored reference samples of the evaluation prompts,
+    whose columns `policy_col` and `ref_col` hold log π_θ and log π_ref of each sample; None
+    under the conditions of `held_out_prediction_of` (other constraints, fewer than 2 samples)."""
+    from ..data.scores import scores_to_arrays
+    from .dual_stage import learned_tilt_on
+
+    if dual.names != list(safety_cols):
+        return None
+    source = "eval/reference/scores.parquet"
+    arrays = scores_to_arrays(ref_scores, reward_col, list(safety_cols), source=source)
+    if arrays.reward.shape[1] < 2:
+        return None
+    # the same pivot (rows by prompt, then sample id) for the log-ratio as for the scores
+    ratio = ref_scores.assign(_logratio=ref_scores[policy_col] - ref_scores[ref_col])
+    logratio = scores_to_arrays(ratio, "_logratio", list(safety_cols), source=source).reward
+    return learned_tilt_on(dual, arrays, logratio, seed=seed)
+
+
 def held_out_prediction_line(h: HeldOutPrediction) -> str:
     """One line: the predicted gains on the held-out prompts, with CIs, and the KL (a lower
     bound when at its log K ceiling, `at_sample_ceiling`)."""

@@ -227,6 +227,8 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                      "achieved": kl["achieved"], "achieved_ci": [lo, hi], "predicted_is_lower_bound": bound,
                      "holds": None if bound else bool(_within(checked, lo, hi)
                                                       or abs(kl["achieved"] - checked) <= KL_TOLERANCE * checked)}
+        if ev.get("learned_tilt"):
+            row["learned_tilt"] = ev["learned_tilt"]
         if "behaviour" in ev:
             row["behaviour"] = {suite: {"metric": s["metric"], **{m: s["models"][m] for m in s["models"]}}
                                 for suite, s in ev["behaviour"]["suites"].items()}
@@ -262,6 +264,10 @@ def format_sweep_table(summary: dict) -> str:
                        else (pred(k["predicted"], k.get("predicted_corrected"), ""), "yes" if k["holds"] else "**no**"))
         lines.append(f"| {r['point']} | {lam} | KL, nats | {text} | – | "
                      f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | {holds} |")
+        if r.get("learned_tilt"):
+            t = r["learned_tilt"]
+            lines.append(f"| {r['point']} | {lam} | tilt learned (slope) | 1 | – | "
+                         f"{t['slope']:.3f} [{t['slope_ci'][0]:.3f}, {t['slope_ci'][1]:.3f}] | – |")
     out = ["# dualign sweep", "", "Predicted by the dual before training (on the training prompts' π_ref samples, "
            "and with λ* on π_ref's samples of the held-out prompts) against what each trained model achieved on "
            "the held-out prompts (95% bootstrap CI over prompts); a gain holds when the held-out prediction (the "
@@ -269,7 +275,10 @@ def format_sweep_table(summary: dict) -> str:
            "bias`: a reweighting of K samples per prompt under-predicts how far π_λ* moves, and the jackknife over "
            "each prompt's samples removes most of that bias; the check uses the corrected value. "
            f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI; where the dual's KL "
-           "sits at its sample ceiling (half of log K or more) it is only a lower bound and is not checked.", "",
+           "sits at its sample ceiling (half of log K or more) it is only a lower bound and is not checked. "
+           "\"Tilt learned\" is the slope of the trained model's log π_θ/π_ref on r_λ/β over π_ref's samples of "
+           "the held-out prompts, within each prompt (1: the model is π_λ* there, 0: it learned none of the "
+           "tilt): a miss with a slope near 0 is the training's, not the prediction's.", "",
            *lines]
     beh = [r for r in summary["points"] if r.get("behaviour")]
     if beh:
