@@ -66,6 +66,14 @@ def test_end_to_end_artifacts_and_resume(tmp_path, tiny_model_dir):
     assert ev["learned_tilt"]["slope"] == pytest.approx(t.slope) and np.isfinite(t.slope)
     assert ev["learned_tilt"]["reweighted_reward_gain"] == pytest.approx(t.reweighted_reward_gain)
     assert ev["learned_tilt"]["n_samples_per_prompt"] == 2
+    # and on the samples the pairs were drawn from (the dual's): the fit on what it saw
+    logps = pd.read_parquet(run / "eval" / "training_samples_logps.parquet")
+    seen = learned_tilt_of(pd.read_parquet(run / "scores.parquet").merge(logps), DualRecord.read(run / "dual.json"),
+                           "reward", ["safety/vowels"], "logp/trained", "logp/ref", seed=cfg.seed)
+    assert ev["learned_tilt_training_samples"]["slope"] == pytest.approx(seen.slope)
+    assert ev["learned_tilt_training_samples"]["n_samples_per_prompt"] == 4
+    report = (run / "report.md").read_text()
+    assert "of the 6 held-out prompts" in report and "of the 6 training prompts" in report
     g = pd.read_parquet(run / "scores.parquet")["safety/vowels"]
     assert dual["constraints"][0]["unsafe_rate_reference"] == pytest.approx((g < 0).mean())
     pairs = pd.read_parquet(run / "pairs.parquet")

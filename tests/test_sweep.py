@@ -62,6 +62,7 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
         assert s["holds"] == (s["achieved_ci"][0] <= here <= s["achieved_ci"][1])
         assert row["kl"]["achieved"] == ev["kl"]["achieved"]
         assert row["learned_tilt"] == ev["learned_tilt"]  # each point's own model against its own λ*
+        assert row["learned_tilt_training_samples"] == ev["learned_tilt_training_samples"]
         k = row["kl"]
         bound = dual["predicted"]["kl"] >= 0.5 * np.log(dual["n_samples_per_prompt"])
         assert k["predicted_is_lower_bound"] == ev["kl"]["predicted_is_lower_bound"] == bound

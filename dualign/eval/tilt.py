@@ -131,15 +131,16 @@ def learned_tilt(logratio, target, reward, safety, safety_names, *, n_boot: int 
         ess_mean=float(np.mean(1.0 / np.sum(w * w, axis=1))))
 
 
-def learned_tilt_line(t: LearnedTilt, predicted: dict | None = None) -> str:
+def learned_tilt_line(t: LearnedTilt, predicted: dict | None = None, where: str = "held-out") -> str:
     """One line for the evaluation log and report: the slope with its CI and the reweighted
     gains, each next to π_λ*'s on the same samples where `predicted` (score name → the
-    held-out prediction; the reward under "reward") has it."""
+    prediction on those samples; the reward under "reward") has it. `where` names the prompts
+    ("held-out", "training")."""
     predicted = predicted or {}
     gains = {"reward": t.reweighted_reward_gain, **t.reweighted_safety_gain}
     parts = [f"{c} {v:+.3f}" + (f" (π_λ*: {predicted[c]:+.3f})" if predicted.get(c) is not None else "")
              for c, v in gains.items()]
-    return (f"tilt learned, on π_ref's {t.n_samples_per_prompt} samples of each of the {t.n_prompts} held-out "
+    return (f"tilt learned, on π_ref's {t.n_samples_per_prompt} samples of each of the {t.n_prompts} {where} "
             f"prompts: slope of log π_θ/π_ref on r_λ/β {t.slope:.3f} [{t.slope_ci[0]:.3f}, {t.slope_ci[1]:.3f}] "
             f"(1: π_λ*, 0: no tilt), correlation {t.correlation:.2f}; those samples reweighted by π_θ/π_ref "
             f"(effective {t.ess_mean:.1f} of {t.n_samples_per_prompt}): " + ", ".join(parts))

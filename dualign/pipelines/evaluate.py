@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from .dual_stage import DualRecord, HeldOutPrediction
 
 
+# log π_θ and log π_ref of the training prompts' π_ref samples (the learned tilt on what was seen)
+TRAINING_LOGPS = "training_samples_logps.parquet"
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """What the evaluate stage compares beyond π_ref and the trained model, and how it scores
@@ -134,10 +138,20 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
         record["baselines"] = {name: compare(tables[name]) for name in plan.baselines}
     trained = LogProbModel("trained", trained_name, lambda: (result.model, result.tokenizer))
     record["kl"] = achieved_kl(trained_path, trained, ref_logps, tokenization, cfg, dual, force=force, log=log)
-    tilt = _learned_tilt(ref_path, trained, ref_logps, tokenization, dual, reward_cols[0], safety_cols, cfg,
-                         force=force, log=log)
+    # how much of λ*'s tilt the model carries: on π_ref's samples of the held-out prompts, and on
+    # the samples it was trained on (pairs drawn from π_ref's samples): the gap is memorization
+    tilt = fit = None
+    if cfg.reference_eval_count() >= 2:
+        tilt = _learned_tilt(ref_path, trained, ref_logps, tokenization, dual, reward_cols[0], safety_cols, cfg,
+                             force=force, log=log)
+    if getattr(cfg, "pairs", None) == "samples":
+        # their log-probs go to a file of their own: scores.parquet keys the pairs stage
+        fit = _learned_tilt(run / "samples.parquet", trained, ref_logps, tokenization, dual, reward_cols[0],
+                            safety_cols, cfg, force=force, log=log, logps_path=run / "eval" / TRAINING_LOGPS)
     if tilt is not None:
         record["learned_tilt"] = tilt.to_dict()
+    if fit is not None:
+        record["learned_tilt_training_samples"] = fit.to_dict()
     if baseline_logps:
         record["baselines_kl"] = {name: kl_of_own_samples(tables[name], col, "logp/ref", cfg)
                                   for name, col in baseline_logps.items()}
@@ -153,11 +167,15 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
     log(f"  KL(π_θ‖π_ref) achieved {k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] nats, "
         f"predicted for π_λ* {kl_prediction_text(dual)}"
         + ("  (achieved indistinguishable from 0: the model barely moved)" if k["achieved_ci"][0] <= 0 else ""))
-    if tilt is not None:
-        from ..eval.tilt import learned_tilt_line
+    from ..eval.tilt import learned_tilt_line
 
+    if tilt is not None:
         log("  " + learned_tilt_line(tilt, None if held_out is None else
                                      {"reward": held_out.reward_gain, **held_out.safety_gain}))
+    if fit is not None:
+        log("  " + learned_tilt_line(fit, {"reward": dual.predicted.reward_gain,
+                                           **{c.name: c.predicted_gain for c in dual.constraints}},
+                                     where="training"))
     if record.get("scores_by_prompt_kind"):
         log("Gain by kind of prompt (a helpfulness reward falls where the model refuses harmful requests):")
         for line in format_kind_gains(record["scores_by_prompt_kind"]):
@@ -173,19 +191,26 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
 
 
 def _learned_tilt(ref_path: Path, trained, reference, tokenization: dict, dual: DualRecord, reward_col: str,
-                  safety_cols, cfg, *, force: bool, log):
-    """How much of λ*'s tilt the trained model learned (`eval.tilt`), on π_ref's samples of the
-    evaluation prompts: their log-probs under both models (`logp/<name>` columns of the
-    reference's scores, cached like the KL's), then `learned_tilt_of`. None where the dual's
-    constraints are not these scores or π_ref has fewer than 2 samples per prompt."""
+                  safety_cols, cfg, *, force: bool, log, logps_path: Path | None = None):
+    """How much of λ*'s tilt the trained model learned (`eval.tilt`), on π_ref's samples
+    `ref_path` (scored next to it: the evaluation prompts' or the training prompts'): their
+    log-probs under both models (`logp/<name>` columns, cached like the KL's, in those scores
+    or in `logps_path`), then `learned_tilt_of`. None where the dual's constraints are not
+    these scores or π_ref has fewer than 2 samples per prompt."""
     import pandas as pd
 
     from .scoring import logprob_columns
 
-    if dual.names != list(safety_cols) or cfg.reference_eval_count() < 2:
+    if dual.names != list(safety_cols) or not Path(ref_path).exists():
         return None
-    logprob_columns([ref_path], [trained, reference], force=force, log=log, **tokenization)
-    table = pd.read_parquet(Path(ref_path).parent / "scores.parquet")
+    scores_path = Path(ref_path).parent / "scores.parquet"
+    logprob_columns([ref_path], [trained, reference], force=force, log=log,
+                    scores_paths=[logps_path or scores_path], **tokenization)
+    table = pd.read_parquet(scores_path)
+    if logps_path is not None:
+        cols = [f"logp/{trained.name}", f"logp/{reference.name}"]
+        table = table.drop(columns=[c for c in cols if c in table]).merge(
+            pd.read_parquet(logps_path)[["prompt_id", "sample_id", *cols]], on=["prompt_id", "sample_id"])
     return learned_tilt_of(table, dual, reward_col, safety_cols, f"logp/{trained.name}", f"logp/{reference.name}",
                            seed=cfg.seed)
 

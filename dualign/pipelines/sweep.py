@@ -227,8 +227,9 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
                      "achieved": kl["achieved"], "achieved_ci": [lo, hi], "predicted_is_lower_bound": bound,
                      "holds": None if bound else bool(_within(checked, lo, hi)
                                                       or abs(kl["achieved"] - checked) <= KL_TOLERANCE * checked)}
-        if ev.get("learned_tilt"):
-            row["learned_tilt"] = ev["learned_tilt"]
+        for key in ("learned_tilt", "learned_tilt_training_samples"):
+            if ev.get(key):
+                row[key] = ev[key]
         if "behaviour" in ev:
             row["behaviour"] = {suite: {"metric": s["metric"], **{m: s["models"][m] for m in s["models"]}}
                                 for suite, s in ev["behaviour"]["suites"].items()}
@@ -266,8 +267,10 @@ def format_sweep_table(summary: dict) -> str:
                      f"{k['achieved']:.3f} [{k['achieved_ci'][0]:.3f}, {k['achieved_ci'][1]:.3f}] | {holds} |")
         if r.get("learned_tilt"):
             t = r["learned_tilt"]
+            seen = r.get("learned_tilt_training_samples")
             lines.append(f"| {r['point']} | {lam} | tilt learned (slope) | 1 | – | "
-                         f"{t['slope']:.3f} [{t['slope_ci'][0]:.3f}, {t['slope_ci'][1]:.3f}] | – |")
+                         f"{t['slope']:.3f} [{t['slope_ci'][0]:.3f}, {t['slope_ci'][1]:.3f}]"
+                         + (f"; on its training samples {seen['slope']:.3f}" if seen else "") + " | – |")
     out = ["# dualign sweep", "", "Predicted by the dual before training (on the training prompts' π_ref samples, "
            "and with λ* on π_ref's samples of the held-out prompts) against what each trained model achieved on "
            "the held-out prompts (95% bootstrap CI over prompts); a gain holds when the held-out prediction (the "
