@@ -201,15 +201,14 @@ def write_report(run: Path, config: dict, dual, record: dict, notes: list[str] =
 
     if record.get("learned_tilt"):
         predicted = {col: e.get("predicted_gain_held_out") for col, e in record["scores"].items()}
-        lines += ["", "How much of λ*'s tilt the training learned, seen as the dual sees π_λ* (π_ref's samples of "
-                  "the held-out prompts, reweighted): a "
+        lines += ["", "How much of λ*'s tilt the training learned, seen as the dual sees π_λ* — "
                   + learned_tilt_line(learned_tilt_from_dict(record["learned_tilt"]), predicted)
                   + ". Where the reweighted gains fall short of π_λ*'s, the training did not learn the tilt; where "
                   "they match but the achieved gains do not, the model moved where π_ref's samples do not reach."]
     if record.get("learned_tilt_training_samples"):
         predicted = {"reward": dual.predicted.reward_gain, **{c.name: c.predicted_gain for c in dual.constraints}}
-        lines += ["", "The same on the samples the pairs were drawn from (π_ref's samples of the training prompts, "
-                  "the dual's own): a " + learned_tilt_line(
+        lines += ["", "The same on the samples the pairs were drawn from (the dual's own) — "
+                  + learned_tilt_line(
                       learned_tilt_from_dict(record["learned_tilt_training_samples"]), predicted, where="training")
                   + ". A slope here far above the held-out one means the training fitted the answers it saw, not "
                   "the tilt."]
