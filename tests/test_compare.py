@@ -82,7 +82,16 @@ def test_every_method_is_evaluated_on_the_same_prompts(compared):
     assert pd_info["generated_tokens"] > 0 and pd_info["scored_responses"] == 2 * sum(r["episodes"] for r in log)
     cfg_pd = json.loads((root / "seed-0" / "primal_dual" / "model" / "dualign_train.json").read_text())
     assert json.dumps(c0["reference_mean"] + c0["margin"])[:8] in json.dumps(cfg_pd)
+    # every method is judged on the held-out prompts against π_λ*'s predicted gain there, not the
+    # dual's margin on its own prompts (which the held-out reference may put out of reach)
+    e = ev["scores"]["safety/vowels"]
+    target = e.get("predicted_gain_held_out_corrected", e.get("predicted_gain_held_out"))
+    assert target is not None and rec["targets"]["safety/vowels"] == pytest.approx(target)
+    for m, row in rec["per_seed"]["0"]["models"].items():
+        g, (_, hi) = row["safety/vowels_gain"], row["safety/vowels_gain_ci"]
+        assert row["safety/vowels_holds"] == ("yes" if g >= target else "within CI" if hi >= target else "no"), m
     table = (root / "compare.md").read_text()
+    assert f"safety/vowels {target:+.3g} (margin {rec['margins']['safety/vowels']:.3g}" in table
     for label in ("MoCAN", "DPO_H", "SafeDPO", "SACPO", "P-SACPO", "primal–dual", "π_ref"):
         assert f"| {label} |" in table, label
     assert (root / "figures" / "compare.png").stat().st_size > 0

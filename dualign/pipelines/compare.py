@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
+from ..eval.summary import prediction_checked
 from ..runio import write_json, write_text
 from .config import OUT_HELP, MoCANConfig, validated
 from .scoring import safety_columns
@@ -415,6 +416,12 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
     samples = pd.read_parquet(run / "samples.parquet", columns=["n_tokens"])
     gen = int(samples["n_tokens"].sum())
     margins = {c.name: c.margin for c in dual.constraints}
+    # The margin is a gain on the dual's prompts; the methods are measured on the held-out ones,
+    # whose reference may be safer (on the demo, making every held-out answer harmless gains +0.36,
+    # the margin is 0.588: no method could meet it there). Each is held to what π_λ* is predicted
+    # to gain on the prompts it is measured on (`prediction_checked`; the margin where none).
+    targets = {c: (prediction_checked(ev["scores"][c]) if c in ev["scores"] else None) for c in margins}
+    targets = {c: (margins[c] if t is None else float(t)) for c, t in targets.items()}
     rows = {}
     models = {"mocan": ev["scores"], **ev.get("baselines", {})}
     kls = {"mocan": (ev["kl"]["achieved"], ev["kl"]["achieved_ci"]),
@@ -426,7 +433,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
             e = sc[c]
             row[f"{c}_gain"], row[f"{c}_gain_ci"] = e["achieved_gain"], e["achieved_gain_ci"]
             row[f"{c}_unsafe_rate"] = e.get("unsafe_rate_trained")
-            mg = margins.get(c)
+            mg = targets.get(c)
             if mg is not None:
                 row[f"{c}_holds"] = ("yes" if e["achieved_gain"] >= mg else
                                      "within CI" if e["achieved_gain_ci"][1] >= mg else "no")
@@ -472,7 +479,7 @@ def seed_summary(seed_dir: Path, cfg: CompareConfig, rivals: dict, n_params: int
         c["flops_total"] = c["flops_sampling"] + c["flops_scoring"] + c["flops_training"]
     for m in rows:
         rows[m]["compute"] = compute.get(m, {})
-    return {"models": rows, "reference": ref, "margins": margins, "lambda": list(dual.lam),
+    return {"models": rows, "reference": ref, "margins": margins, "targets": targets, "lambda": list(dual.lam),
             "n_eval_prompts": ev["n_eval_prompts"], "n_params": n_params}
 
 
@@ -480,7 +487,9 @@ def aggregate(per_seed: dict, cfg: CompareConfig) -> dict:
     """Mean ± sd over seeds of every numeric entry of the seeds' rows (sd 0 with one seed)."""
     seeds = list(per_seed)
     first = per_seed[seeds[0]]
-    out = {"seeds": seeds, "methods": list(first["models"]), "margins": first["margins"],
+    # the held-out target of each constraint, averaged over the seeds (each seed's λ* sets its own)
+    targets = {c: float(np.mean([per_seed[s]["targets"][c] for s in seeds])) for c in first["targets"]}
+    out = {"seeds": seeds, "methods": list(first["models"]), "margins": first["margins"], "targets": targets,
            "reference": first["reference"], "per_seed": {str(s): v for s, v in per_seed.items()}, "summary": {}}
     for m in first["models"]:
         rows = [per_seed[s]["models"][m] for s in seeds if m in per_seed[s]["models"]]
@@ -519,8 +528,10 @@ def format_compare_table(record: dict) -> str:
         ["constraint holds", "refusal (harmful)", "over-refusal (benign)", "over-refusal (borderline)", "KL",
          "wall", "gen. tokens", "trained tokens", "FLOPs (sample / score / train)"]
     lines = [f"Comparison over seed(s) {', '.join(map(str, record['seeds']))}: gains over π_ref on the same held-out "
-             f"prompts ({'95% CI' if one else 'mean ± sd over seeds'}); margin(s) "
-             + ", ".join(f"{k} {v:.3g}" for k, v in record["margins"].items() if v is not None), "",
+             f"prompts ({'95% CI' if one else 'mean ± sd over seeds'}); the constraint holds where the held-out "
+             "gain reaches what π_λ* is predicted to gain on these prompts: "
+             + ", ".join(f"{k} {record['targets'][k]:+.3g} (margin {v:.3g} on the dual's prompts)"
+                         for k, v in record["margins"].items() if v is not None), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = record["reference"]
     lines.append("| π_ref | 0 | " + " | ".join("0" for _ in safety) + " | "
