@@ -85,8 +85,8 @@ def test_every_method_is_evaluated_on_the_same_prompts(compared):
     # every method is judged on the held-out prompts against π_λ*'s predicted gain there, not the
     # dual's margin on its own prompts (which the held-out reference may put out of reach)
     e = ev["scores"]["safety/vowels"]
-    target = e.get("predicted_gain_held_out_corrected", e.get("predicted_gain_held_out"))
-    assert target is not None and rec["targets"]["safety/vowels"] == pytest.approx(target)
+    target = e["predicted_gain_held_out"]  # λ* on π_ref's samples of the held-out prompts
+    assert rec["targets"]["safety/vowels"] == pytest.approx(target)
     for m, row in rec["per_seed"]["0"]["models"].items():
         g, (_, hi) = row["safety/vowels_gain"], row["safety/vowels_gain_ci"]
         assert row["safety/vowels_holds"] == ("yes" if g >= target else "within CI" if hi >= target else "no"), m
