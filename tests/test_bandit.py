@@ -58,5 +58,9 @@ def test_trained_policy_is_the_tilted_policy(tiny_tokenizer, tmp_path, use_lora,
     assert tv(pi_ref, target).max() > 0.2, "the target must differ from the reference for the test to bite"
     assert tv(pi, target).max() < 0.05, f"TV(trained, π_λ*) per prompt = {tv(pi, target)}, target {target}, got {pi}"
 
+    # the predicted gains to 3 decimals (measured gaps: 1e-5 to 3.4e-4): the safety gain is the
+    # dual's own prediction; the reward's is π_λ*'s on the bandit's reward (the dual saw it offset)
     achieved = (pi * SAFETY).sum(1).mean() - SAFETY.mean()
-    assert achieved == pytest.approx(dual.predicted.safety_gain[0], abs=0.05)
+    assert achieved == pytest.approx(dual.predicted.safety_gain[0], abs=1e-3)
+    reward_predicted = (target * REWARD).sum(1).mean() - REWARD.mean()
+    assert (pi * REWARD).sum(1).mean() - REWARD.mean() == pytest.approx(reward_predicted, abs=1e-3)
