@@ -77,6 +77,7 @@ def settings_from_dict(cls, d, section: str, what: str = "settings"):
     """
     import dataclasses
     import difflib
+    import typing
 
     if d is not None and not isinstance(d, dict):
         raise InputError(f"expected a mapping of {what}, got {type(d).__name__}", field=section)
@@ -86,6 +87,15 @@ def settings_from_dict(cls, d, section: str, what: str = "settings"):
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
         raise InputError(f"unknown {what[:-1] if what.endswith('s') else what} ({hint})", field=f"{section}.{key}")
+    # YAML 1.1 (PyYAML, and `--train.learning_rate 5e-4` on the command line) reads 5e-4 as a
+    # string: a float field takes the number it spells, checked here, before any work starts
+    hints = typing.get_type_hints(cls)
+    for key, value in list(d.items()):
+        if hints.get(key) is float and isinstance(value, str):
+            try:
+                d[key] = float(value)
+            except ValueError:
+                raise InputError(f"expected a number, got {value!r}", field=f"{section}.{key}") from None
     try:
         return cls(**d)
     except InputError:

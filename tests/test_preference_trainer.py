@@ -295,6 +295,20 @@ def test_config_maps_to_yaml_and_rejects_unknown_keys():
     assert args.gradient_accumulation_steps == 3 and args.learning_rate == 2e-5
 
 
+
+def test_a_float_written_as_yaml_reads_it_is_a_number():
+    """PyYAML reads `learning_rate: 5e-4` (and `--train.learning_rate 5e-4`) as the string
+    "5e-4": the settings take the number, and a word is a one-line error naming the key."""
+    import yaml
+
+    assert yaml.safe_load("5e-4") == "5e-4"  # the YAML 1.1 quirk this guards against
+    cfg = PreferenceConfig.from_dict(yaml.safe_load("learning_rate: 5e-4\nsft_weight: 1e0\nmax_steps: 3"))
+    assert cfg.learning_rate == 5e-4 and cfg.sft_weight == 1.0 and cfg.max_steps == 3
+    with pytest.raises(InputError, match="expected a number, got 'fast'") as e:
+        PreferenceConfig.from_dict({"learning_rate": "fast"})
+    assert e.value.field == "train.learning_rate"
+
+
 def test_bad_pairs_raise_input_error(tiny_tokenizer, tmp_path):
     cfg = PreferenceConfig(output_dir=str(tmp_path), max_steps=1)
     model = make_tiny_llama(len(tiny_tokenizer))
