@@ -325,7 +325,7 @@ def test_predicted_kl_is_capped_by_log_k_and_the_report_says_so():
 @pytest.mark.parametrize("train, expected", [
     ("{learning_rat: 0.0001}", "field 'train.learning_rat': unknown training setting (did you mean 'learning_rate'?)"),
     ("[1, 2]", "field 'train': expected a mapping of training settings, got list"),
-    ("{num_train_epochs: three}", "field 'train': invalid training settings"),
+    ("{num_train_epochs: three}", "field 'train.num_train_epochs': expected a number, got 'three'"),
 ])
 def test_training_settings_fail_before_any_model_loads(tmp_path, capsys, train, expected):
     # the policy does not exist and the prompts file is empty: a training-key error must come
