@@ -206,10 +206,9 @@ def write_report(run: Path, config: dict, dual, record: dict, notes: list[str] =
                   + ". Where the reweighted gains fall short of π_λ*'s, the training did not learn the tilt; where "
                   "they match but the achieved gains do not, the model moved where π_ref's samples do not reach."]
     if record.get("learned_tilt_training_samples"):
-        predicted = {"reward": dual.predicted.reward_gain, **{c.name: c.predicted_gain for c in dual.constraints}}
         lines += ["", "The same on the samples the pairs were drawn from (the dual's own) — "
-                  + learned_tilt_line(
-                      learned_tilt_from_dict(record["learned_tilt_training_samples"]), predicted, where="training")
+                  + learned_tilt_line(learned_tilt_from_dict(record["learned_tilt_training_samples"]),
+                                      dual.predicted_gains(), where="training")
                   + ". A slope here far above the held-out one means the training fitted the answers it saw, not "
                   "the tilt."]
     if record.get("baselines"):

@@ -142,14 +142,6 @@ def compare_scores(reference: pd.DataFrame, trained: pd.DataFrame, *, reward: st
     return out
 
 
-def prediction_checked(entry: dict) -> float | None:
-    """The prediction an achieved gain is checked against, from an eval.json score entry: the
-    one for the measured (held-out) prompts where there is one, without its K-sample bias where
-    the record has that; else the dual's own. None when the entry has no prediction."""
-    return next((entry[k] for k in ("predicted_gain_held_out_corrected", "predicted_gain_held_out",
-                                    "predicted_gain_corrected", "predicted_gain") if entry.get(k) is not None), None)
-
-
 def gains_by_prompt_kind(reference: pd.DataFrame, trained: pd.DataFrame, kinds: dict[str, list[int]],
                          columns: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Each score's achieved gain on each kind of prompt (the demo prompts are harmful or

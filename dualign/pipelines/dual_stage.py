@@ -312,6 +312,11 @@ class DualRecord(_JsonRecord):
         """The constraint on safety column `name`, or None."""
         return next((c for c in self.constraints if c.name == name), None)
 
+    def predicted_gains(self) -> dict:
+        """Score name → π_λ*'s predicted gain on the dual's prompts ("reward", then each
+        constraint's column)."""
+        return {"reward": self.predicted.reward_gain, **{c.name: c.predicted_gain for c in self.constraints}}
+
     @classmethod
     def from_json(cls, d: dict, file=None) -> DualRecord:
         """The record of dual.json's object `d`; `file` (the path it was read from) names it in errors.

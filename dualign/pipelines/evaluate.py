@@ -173,9 +173,7 @@ def evaluate_stage(run: Path, result, reference, prompts, jobs, cfg, *, method: 
         log("  " + learned_tilt_line(tilt, None if held_out is None else
                                      {"reward": held_out.reward_gain, **held_out.safety_gain}))
     if fit is not None:
-        log("  " + learned_tilt_line(fit, {"reward": dual.predicted.reward_gain,
-                                           **{c.name: c.predicted_gain for c in dual.constraints}},
-                                     where="training"))
+        log("  " + learned_tilt_line(fit, dual.predicted_gains(), where="training"))
     if record.get("scores_by_prompt_kind"):
         log("Gain by kind of prompt (a helpfulness reward falls where the model refuses harmful requests):")
         for line in format_kind_gains(record["scores_by_prompt_kind"]):

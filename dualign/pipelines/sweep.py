@@ -24,7 +24,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..eval.report import kl_at_sample_ceiling
-from ..eval.summary import prediction_checked
 from ..runio import run_lock, write_json, write_text
 from .config import MoCANConfig, validated
 from .dual_stage import DualRecord
@@ -204,7 +203,8 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
             # the check uses the prediction for the measured (held-out) prompts where there is one,
             # without its K-sample bias where the record has that
             here = s.get("predicted_gain_held_out")
-            checked = prediction_checked(s)
+            checked = next(v for v in (s.get("predicted_gain_held_out_corrected"), here,
+                                       s.get("predicted_gain_corrected"), s["predicted_gain"]) if v is not None)
             row["scores"][col] = {"predicted": s["predicted_gain"], "predicted_held_out": here,
                                   "predicted_corrected": s.get("predicted_gain_corrected"),
                                   "predicted_held_out_corrected": s.get("predicted_gain_held_out_corrected"),
