@@ -6,6 +6,7 @@ methods), printing whether each meets the constraint, its reward, and the comput
     .venv/bin/python bench/one_shot_vs_primal_dual.py --quick            # smoke: minutes
     .venv/bin/python bench/one_shot_vs_primal_dual.py                    # the compare demo's size (~20 min)
     .venv/bin/python bench/one_shot_vs_primal_dual.py --pd-steps 96      # a larger primal–dual budget
+    .venv/bin/python bench/one_shot_vs_primal_dual.py --seeds 0,1,2      # mean ± sd over 3 seeds
     .venv/bin/python bench/one_shot_vs_primal_dual.py --from runs/cmp1   # read a finished compare run
 
 The claim (issue 13) is that MoCAN reaches the same constraint at matched or better reward with
@@ -37,6 +38,7 @@ def run(args) -> Path:
 
     cfg = compare_demo_config(new_run_dir(args.out, "one-shot-vs-pd"), quick=args.quick)
     cfg.methods = list(METHODS)
+    cfg.seeds = [int(x) for x in args.seeds.split(",")]
     cfg.primal_dual = {**cfg.primal_dual, "stop_when_met": args.pd_stop_when_met,
                        **({"max_steps": args.pd_steps} if args.pd_steps else {})}
     return run_compare(cfg)
@@ -91,6 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pd-steps", type=int, default=0, help="primal–dual GRPO steps (default: the compare demo's)")
     ap.add_argument("--pd-stop-when-met", type=int, default=3,
                     help="stop primal–dual after the constraint held this many steps in a row (0: never)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, one full comparison each (e.g. 0,1,2)")
     ap.add_argument("--out", default=None, help="run folder (default: a new one under runs/)")
     ap.add_argument("--from", dest="from_dir", default=None, help="summarize a finished compare run instead")
     args = ap.parse_args(argv)

@@ -10,9 +10,11 @@ from ..train.demo_scorers import demo_scorers
 from .config import MoCANConfig, PeCANConfig
 
 
-# Preference pairs the full PeCAN demo pre-aligns on, relabels and trains on (it trains three
-# times): 240 keeps it near 20 minutes on an idle 2-core CPU. The MoCAN demo trains on all.
-PECAN_DEMO_PAIRS = 240
+# Preference pairs of the demos that train more than once (the file is shuffled): the full PeCAN
+# demo pre-aligns on them, relabels them and trains on them (three trainings: 240 keeps it near 20
+# minutes on an idle 2-core CPU), and every point of the sweep demo and method of the compare
+# demo trains on them. The MoCAN demo trains once, on all 833.
+DEMO_SUBSET_PAIRS = 240
 
 
 def _demo_settings(quick: bool, beta: float, epochs: float | None, *, margin_fraction: float,
@@ -76,13 +78,13 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
 
     Sized for ≤ 30 minutes on an idle 2-core CPU (19 min measured, scorers cached):
     PeCAN trains three times and scores every pair under three models, so it
-    uses at most `PECAN_DEMO_PAIRS` preference pairs (the file is shuffled), DPO_H and
+    uses at most `DEMO_SUBSET_PAIRS` preference pairs (the file is shuffled), DPO_H and
     DPO_S get one epoch each (they only need the direction of each label) and the one-shot
     model the MoCAN demo's epochs."""
     reward_dir, cost_dir = demo_scorers(log=log)
     # PeCAN keeps the settings it was measured with (README): its implicit ĝ has no harm scale
     # to clip, and the likelihood term has not been measured with its pre-aligned models yet
-    settings = _demo_settings(quick, beta, epochs, margin_fraction=0.5, max_pairs=PECAN_DEMO_PAIRS,
+    settings = _demo_settings(quick, beta, epochs, margin_fraction=0.5, max_pairs=DEMO_SUBSET_PAIRS,
                               default_epochs=2, train_extra={})
     return PeCANConfig(
         out=str(Path(out)), reward=f"reward:{reward_dir}", safety={"harm": f"cost:{cost_dir}"},
@@ -90,9 +92,24 @@ def pecan_demo_config(out, *, quick: bool = False, margin: float | None = None, 
         margins={} if margin is None else {PeCANConfig.HARMLESS: margin}, **settings)
 
 
+def sweep_demo_config(out, *, quick: bool = False, log=print) -> MoCANConfig:
+    """`dualign sweep --demo`: the MoCAN demo's π_ref, scorers, prompts and training recipe,
+    sized so that four points (four trainings and evaluations on shared samples and scores)
+    fit in about 25 minutes on an idle 2-core CPU: each point trains one epoch on the same
+    `DEMO_SUBSET_PAIRS` preference pairs (the demo: 833 pairs × 3 epochs, about 20 minutes a
+    point) and is evaluated on the held-out prompts without the borderline suite (refusal of
+    the held-out harmful and benign prompts is still measured). `quick`: the quick demo's
+    settings."""
+    cfg = demo_config(out, quick=quick, log=log)
+    if quick:
+        return cfg
+    return dataclasses.replace(cfg, max_pairs=DEMO_SUBSET_PAIRS, behaviour_suites="none",
+                               train={**cfg.train, "num_train_epochs": 1})
+
+
 def compare_demo_config(out, *, quick: bool = False, log=print):
     """`dualign compare --demo`: the MoCAN demo's π_ref, scorers, prompts, margin and training
-    recipe, with every method trained on the same `PECAN_DEMO_PAIRS` preference pairs (the file
+    recipe, with every method trained on the same `DEMO_SUBSET_PAIRS` preference pairs (the file
     is shuffled) so that the five-method comparison fits in about 45 minutes on the 2 cores:
     MoCAN 2 epochs, each DPO-family rival 1 epoch (as PeCAN's DPO_H and DPO_S), the primal–dual
     baseline a fixed number of GRPO steps. The quick version shrinks everything for a smoke run."""
@@ -100,7 +117,7 @@ def compare_demo_config(out, *, quick: bool = False, log=print):
 
     base = demo_config(out, quick=quick, log=log)
     cfg = CompareConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
-    cfg.max_pairs = 48 if quick else PECAN_DEMO_PAIRS
+    cfg.max_pairs = 48 if quick else DEMO_SUBSET_PAIRS
     cfg.train = {**cfg.train, "num_train_epochs": 1 if quick else 2}
     cfg.baseline_train = {"num_train_epochs": 1}
     cfg.primal_dual = {"max_steps": 2 if quick else 24, "num_generations": 4,
