@@ -44,45 +44,73 @@ def run(args) -> Path:
     return run_compare(cfg)
 
 
+def _pm(e: dict, fmt: str = "{:+.3f}") -> str:
+    """A compare.json summary entry {mean, sd} as "mean ± sd" (the sd only over several seeds)."""
+    return fmt.format(e["mean"]) + (f" ± {fmt.format(e['sd']).lstrip('+')}" if e["sd"] else "")
+
+
+def _primal_dual_steps(run_dir: Path, seed: int) -> str:
+    """How the primal–dual loop of one seed ended: steps run, final λ, and its episode window's
+    mean safety against the target (the training-time constraint it stops on)."""
+    path = Path(run_dir) / f"seed-{seed}" / "primal_dual" / "primal_dual_log.jsonl"
+    if not path.exists():
+        return "no primal_dual_log.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    (col, lam), = last["lambda"].items()
+    return (f"{last['step']} steps, λ {lam:.2f}, window safety {last['window_safety'][col]:+.3f} "
+            f"(target {last['target'][col]:+.3f}), met {last.get('met_streak', 0)} steps in a row at the end")
+
+
 def summarize(run_dir: Path) -> str:
-    """The side-by-side table and the verdict, from `compare.json` in `run_dir` (seed means)."""
+    """The side-by-side table and the verdict, from `compare.json` in `run_dir`: means ± sd over
+    the seeds, each seed's verdict, and the compute ratio per seed."""
     d = json.loads((Path(run_dir) / "compare.json").read_text())
     missing = [m for m in METHODS if m not in d["summary"]]
     if missing:
         raise SystemExit(f"{run_dir}/compare.json has no {', '.join(missing)}: run both methods")
     col, margin = next(iter(d["margins"].items()))  # the first constraint (the demo has one)
-    # held to π_λ*'s predicted gain on the held-out prompts they are measured on (compare.json
-    # before it had targets: the margin itself)
+    # held to π_λ*'s predicted gain on the held-out prompts they are measured on, averaged over the
+    # seeds (each seed's verdict uses its own; compare.json before it had targets: the margin)
     target = d.get("targets", {}).get(col, margin)
+    one = len(d["seeds"]) == 1
     rows, holds = [], {}
     for m in METHODS:
         s = d["summary"][m]
         comp = s["compute"]
-        holds[m] = set(s[f"{col}_holds"])
-        rows.append(f"  {m:<12}{s['reward_gain']['mean']:>+9.3f}  [{s['reward_gain_ci'][0]:+.2f}, "
-                    f"{s['reward_gain_ci'][1]:+.2f}]{s[f'{col}_gain']['mean']:>+9.3f} of {target:.3f}  "
-                    f"{'/'.join(sorted(holds[m])):<10}{comp['wall_s']['mean']:>9.0f} s"
-                    f"{comp['flops_total']['mean'] / 1e12:>9.1f} TFLOP")
-    mo, pd = (d["summary"][m]["compute"] for m in METHODS)
-    wall = pd["wall_s"]["mean"] / mo["wall_s"]["mean"]
-    flops = pd["flops_total"]["mean"] / mo["flops_total"]["mean"]
-    met = {m: "yes" in holds[m] for m in METHODS}
+        holds[m] = list(s[f"{col}_holds"])
+        reward = _pm(s["reward_gain"]) + (f" [{s['reward_gain_ci'][0]:+.2f}, {s['reward_gain_ci'][1]:+.2f}]"
+                                          if one else "")
+        flops = {k: v / 1e12 for k, v in comp["flops_total"].items()}
+        rows.append(f"  {m:<12}{reward:>26}{_pm(s[f'{col}_gain']):>18}  {', '.join(holds[m]):<22}"
+                    f"{_pm(comp['wall_s'], '{:.0f}'):>11} s{_pm(flops, '{:.1f}'):>13} TFLOP")
+    per_seed = []
+    for seed in d["seeds"]:
+        c = {m: d["per_seed"][str(seed)]["models"][m]["compute"] for m in METHODS}
+        per_seed.append((c["primal_dual"]["wall_s"] / c["mocan"]["wall_s"],
+                         c["primal_dual"]["flops_total"] / c["mocan"]["flops_total"]))
+    wall, flops = (float(sum(x) / len(x)) for x in zip(*per_seed))
+    met = {m: all(h == "yes" for h in holds[m]) for m in METHODS}
     if all(met.values()):
         better = d["summary"]["mocan"]["reward_gain"]["mean"] >= d["summary"]["primal_dual"]["reward_gain"]["mean"]
         verdict = (f"both meet the margin; MoCAN's reward is {'matched or better' if better else 'lower'}; "
                    f"the claim (≥ 5× less compute) {'holds' if better and flops >= 5 else 'does not hold'} here")
     elif met["mocan"]:
-        verdict = "only MoCAN meets the margin: primal–dual needs a larger budget (--pd-steps) to compare compute"
+        verdict = ("only MoCAN meets the margin (every seed): primal–dual needs a larger budget (--pd-steps) "
+                   "to compare compute; its cost so far is a lower bound on what it needs")
     elif met["primal_dual"]:
-        verdict = "only primal–dual meets the margin: the claim fails here"
+        verdict = "only primal–dual meets the margin (every seed): the claim fails here"
     else:
-        verdict = "neither meets the margin at this size: the claim cannot be judged here"
+        verdict = "neither meets the margin in every seed: the claim cannot be judged here"
     return "\n".join([
         f"{run_dir}: seeds {d['seeds']}, constraint {col} gain ≥ {target:.3f} on the held-out prompts "
         f"(π_λ*'s predicted gain there; the margin on the dual's prompts is {margin:.3f})",
-        f"  {'method':<12}{'reward gain (95% CI)':>25}{'safety gain':>18}  {'holds':<10}{'wall':>11}{'FLOPs':>15}",
+        f"  {'method':<12}{'reward gain':>26}{'safety gain':>18}  {'holds (per seed)':<22}{'wall':>13}{'FLOPs':>19}",
         *rows,
-        f"  compute ratio primal–dual / MoCAN: wall {wall:.2f}×, estimated FLOPs {flops:.2f}×",
+        "  compute ratio primal–dual / MoCAN per seed: " + "; ".join(
+            f"seed {s}: wall {w:.2f}×, FLOPs {f:.2f}×" for s, (w, f) in zip(d["seeds"], per_seed)),
+        f"  mean over seeds: wall {wall:.2f}×, estimated FLOPs {flops:.2f}×",
+        *(f"  primal–dual, seed {s}: {_primal_dual_steps(run_dir, s)}" for s in d["seeds"]),
         f"  verdict: {verdict}",
     ])
 
