@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dualign.dual import DualProblem, sample_bias
+from dualign.dual import DualProblem, sample_bias, trusted_correction
 
 
 def test_two_samples_double_the_plug_in_gains_and_kl():
@@ -14,6 +14,17 @@ def test_two_samples_double_the_plug_in_gains_and_kl():
     assert b.reward_gain_corrected == pytest.approx(2 * b.reward_gain, abs=1e-12)
     assert b.safety_gain_corrected[0] == pytest.approx(2 * b.safety_gain[0], abs=1e-12)
     assert b.kl_corrected == pytest.approx(2 * b.kl, abs=1e-12)
+
+
+def test_a_correction_is_trusted_only_within_half_of_the_prediction():
+    rng = np.random.default_rng(0)
+    b = sample_bias(DualProblem(rng.normal(size=(7, 2)), rng.normal(size=(7, 2)), 0.5), [0.8])  # K = 2: doubles
+    assert not trusted_correction(b.reward_gain, b.reward_gain_corrected)
+    assert not trusted_correction(b.kl, b.kl_corrected)
+    assert trusted_correction(1.0, 1.5) and not trusted_correction(1.0, 1.5001)
+    assert trusted_correction(-0.2, -0.25) and not trusted_correction(-0.2, 0.2)  # a sign flip is never trusted
+    assert not trusted_correction(0.3, None)
+    assert trusted_correction(0.0, 1e-12)  # a zero prediction moved by rounding
 
 
 def test_plug_in_values_are_the_problems_predictions():

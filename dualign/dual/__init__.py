@@ -3,12 +3,13 @@ from ..errors import DualNotConvergedError, InfeasibleMarginError
 from .bootstrap import BootstrapResult, bootstrap_dual
 from .margins import lambda_for_margins, margin_for_lambda
 from .problem import DualProblem, Prediction, validate_scores
-from .sample_bias import SampleBias, sample_bias
+from .sample_bias import MAX_TRUSTED_SHIFT, SampleBias, sample_bias, trusted_correction
 from .solver import DualResult, score_unit, solve_dual, solve_problem
 from .unsafe_rate import (check_unsafe_rate, is_unsafe, margin_for_unsafe_rate, min_unsafe_rate,
                           solve_max_unsafe_rate, unsafe_indicator, unsafe_rate, unsafe_rate_constraints)
 
-__all__ = ["DualProblem", "Prediction", "SampleBias", "sample_bias", "DualResult", "BootstrapResult",
+__all__ = ["DualProblem", "Prediction", "SampleBias", "sample_bias", "MAX_TRUSTED_SHIFT", "trusted_correction",
+           "DualResult", "BootstrapResult",
            "InfeasibleMarginError",
            "DualNotConvergedError", "score_unit",
            "solve_dual", "solve_problem", "bootstrap_dual", "lambda_for_margins",

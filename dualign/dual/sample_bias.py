@@ -21,6 +21,20 @@ import numpy as np
 
 from .problem import DualProblem
 
+# A correction that moves a prediction by more than half of it is outside the 1/K regime the
+# jackknife's expansion assumes (at K = 2 it is exactly the plug-in value again: the estimate
+# doubles): such a corrected value is reported, never used as the prediction that is checked.
+MAX_TRUSTED_SHIFT = 0.5
+
+
+def trusted_correction(plug_in: float, corrected: float | None) -> bool:
+    """Whether a bias-corrected prediction stays within `MAX_TRUSTED_SHIFT` of its plug-in
+    value (relative to |plug_in|; values under 1e-9 in magnitude count as 1e-9). False when
+    there is no corrected value (None)."""
+    if corrected is None:
+        return False
+    return abs(corrected - plug_in) <= MAX_TRUSTED_SHIFT * max(abs(plug_in), 1e-9)
+
 
 @dataclass(frozen=True)
 class SampleBias:

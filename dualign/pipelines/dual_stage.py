@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.scores import ScoreArrays
-from ..dual import (DualProblem, bootstrap_dual, min_unsafe_rate, sample_bias, unsafe_indicator, unsafe_rate,
-                    unsafe_rate_constraints)
+from ..dual import (MAX_TRUSTED_SHIFT, DualProblem, bootstrap_dual, min_unsafe_rate, sample_bias, unsafe_indicator,
+                    unsafe_rate, unsafe_rate_constraints)
 from ..errors import InputError
 from ..eval.report import kl_prediction_text, sample_ceiling_note
 from ..runio import array_digest, write_json
@@ -517,7 +517,7 @@ def bias_corrected_line(b: dict) -> str:
     gains = ", ".join(f"{nm} {v:+.4g}" for nm, v in b["safety_gain"].items())
     line = (f"without the bias of K = {b['k']} samples (jackknife): reward gain {b['reward_gain']:+.4g}, {gains}, "
             f"KL {b['kl']:.3g} nats (the largest moved {b['relative_shift']:.0%})")
-    if b["relative_shift"] > 0.5:  # beyond the 1/K regime the jackknife's expansion assumes
+    if b["relative_shift"] > MAX_TRUSTED_SHIFT:  # beyond the 1/K regime the jackknife's expansion assumes
         line += "; a correction this large is not to be trusted either: draw more samples or raise β"
     return line
 

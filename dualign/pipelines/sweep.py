@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dual import MAX_TRUSTED_SHIFT, trusted_correction
 from ..errors import InputError
 from ..eval.report import kl_at_sample_ceiling
 from ..runio import run_lock, write_json, write_text
@@ -187,6 +188,13 @@ def _within(pred: float, lo: float, hi: float) -> bool:
     return bool(lo <= pred <= hi)
 
 
+def _checked(plug_in: float, corrected: float | None) -> float:
+    """The prediction a point is checked against: without its K-sample bias where the jackknife
+    moved it by at most `MAX_TRUSTED_SHIFT` (at the evaluation's K = 2 it doubles every estimate,
+    a correction the dual's own summary calls untrustworthy), else the K-sample value."""
+    return corrected if trusted_correction(plug_in, corrected) else plug_in
+
+
 def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
     """sweep.json's content: per point λ*, margins, and for reward, each safety score, KL and
     the unsafe rate the predicted value, the achieved one with its 95% CI, and whether the
@@ -201,10 +209,10 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
         for col, s in ev["scores"].items():
             lo, hi = s["achieved_gain_ci"]
             # the check uses the prediction for the measured (held-out) prompts where there is one,
-            # without its K-sample bias where the record has that
+            # without its K-sample bias where the correction can be trusted
             here = s.get("predicted_gain_held_out")
-            checked = next(v for v in (s.get("predicted_gain_held_out_corrected"), here,
-                                       s.get("predicted_gain_corrected"), s["predicted_gain"]) if v is not None)
+            checked = (_checked(here, s.get("predicted_gain_held_out_corrected")) if here is not None
+                       else _checked(s["predicted_gain"], s.get("predicted_gain_corrected")))
             row["scores"][col] = {"predicted": s["predicted_gain"], "predicted_held_out": here,
                                   "predicted_corrected": s.get("predicted_gain_corrected"),
                                   "predicted_held_out_corrected": s.get("predicted_gain_held_out_corrected"),
@@ -222,7 +230,7 @@ def summarize(root: Path, points: list[tuple[str, Path]], kind: str) -> dict:
         # reference samples are usually fewer per prompt, so their KL is the more biased one)
         bound = kl_at_sample_ceiling(dual)
         corrected = (dual.predicted.bias_corrected or {}).get("kl")
-        checked = kl["predicted"] if corrected is None else corrected
+        checked = _checked(kl["predicted"], corrected)
         row["kl"] = {"predicted": kl["predicted"], "predicted_corrected": corrected, "checked": checked,
                      "achieved": kl["achieved"], "achieved_ci": [lo, hi], "predicted_is_lower_bound": bound,
                      "holds": None if bound else bool(_within(checked, lo, hi)
@@ -276,7 +284,9 @@ def format_sweep_table(summary: dict) -> str:
            "the held-out prompts (95% bootstrap CI over prompts); a gain holds when the held-out prediction (the "
            "dual's where there is none) lies inside the CI. A prediction reads `K-sample estimate → without its "
            "bias`: a reweighting of K samples per prompt under-predicts how far π_λ* moves, and the jackknife over "
-           "each prompt's samples removes most of that bias; the check uses the corrected value. "
+           "each prompt's samples removes most of that bias; the check uses the corrected value where the "
+           f"correction moved it by at most {MAX_TRUSTED_SHIFT:.0%} (beyond that the jackknife's 1/K expansion "
+           "fails: with 2 samples per prompt it doubles every estimate), else the K-sample one. "
            f"KL holds when within ±{KL_TOLERANCE:.0%} of the prediction or inside the CI; where the dual's KL "
            "sits at its sample ceiling (half of log K or more) it is only a lower bound and is not checked. "
            "\"Tilt learned\" is the slope of the trained model's log π_θ/π_ref on r_λ/β over π_ref's samples of "
