@@ -13,7 +13,7 @@ from dualign.data.scores import scores_to_arrays
 from dualign.cli import main
 from dualign.dual import solve_dual
 from dualign.pipelines import stages as S
-from dualign.pipelines.sweep import parse_points, point_configs, run_sweep
+from dualign.pipelines.sweep import parse_points, point_configs, run_sweep, summarize
 from test_mocan_pipeline import make_cfg
 
 QUIET = dict(log=lambda *a: None)
@@ -74,6 +74,20 @@ def test_sweep_shares_stages_resumes_after_a_kill_and_writes_the_table(tmp_path,
     assert "fraction-0.3" in table and "KL, nats" in table and "safety/vowels gain" in table
     assert table.count("tilt learned (slope)") == 2
     assert (root / "figures" / "frontier.png").stat().st_size > 1000
+
+    # the held-out prediction checked is the jackknifed one only where the correction moved it by
+    # at most half: with 2 samples per prompt the jackknife doubles it, and the K-sample value is checked
+    ev_path = first / "eval.json"
+    ev = json.loads(ev_path.read_text())
+    entry = ev["scores"]["safety/vowels"]
+    lo, hi = entry["achieved_gain_ci"]
+    here = entry["predicted_gain_held_out"] = (lo + hi) / 2  # inside the CI
+    for corrected, checked in ((2 * here, here), (1.2 * here, 1.2 * here)):
+        entry["predicted_gain_held_out_corrected"] = corrected
+        ev_path.write_text(json.dumps(ev))
+        s = summarize(root, [("fraction-0.3", first)], "fraction")["points"][0]["scores"]["safety/vowels"]
+        assert s["checked"] == pytest.approx(checked, rel=1e-12)
+        assert s["holds"] == (lo <= checked <= hi)
 
 
 def test_lambda_points_are_given_back_by_the_dual(tmp_path):
