@@ -239,7 +239,7 @@ def _add_sweep(sub):
                                    "--demo, and flags; a rerun resumes.")
     p.add_argument("--config", metavar="FILE", help="YAML file of MoCANConfig fields (without margins)")
     p.add_argument("--demo", action="store_true", help="the demo's settings on the embedded default, sized for "
-                   "four points in about 25 minutes on 2 CPU cores (240 pairs, one epoch a point)")
+                   "four points in about 18 minutes on 2 CPU cores (240 pairs, one epoch a point)")
     p.add_argument("--quick", action="store_true", help="with --demo: the quick demo's settings")
     p.add_argument("--margins", metavar="LIST", help="comma-separated fractions of the largest achievable "
                    "safety gain, e.g. 0.25,0.5,0.75,0.9 (with --absolute: margins in score units)")
