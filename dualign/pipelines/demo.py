@@ -96,11 +96,10 @@ def sweep_demo_config(out, *, quick: bool = False, log=print) -> MoCANConfig:
     """`dualign sweep --demo`: the MoCAN demo's π_ref, scorers, prompts and training recipe,
     sized so that four points (four trainings and evaluations on shared samples and scores)
     fit in 25 minutes on an idle 2-core CPU (17 min 54 s measured, scorers cached): each point
-    trains one epoch on the same
-    `DEMO_SUBSET_PAIRS` preference pairs (the demo: 833 pairs × 3 epochs, about 20 minutes a
-    point) and is evaluated on the held-out prompts without the borderline suite (refusal of
-    the held-out harmful and benign prompts is still measured). `quick`: the quick demo's
-    settings."""
+    trains one epoch on the same `DEMO_SUBSET_PAIRS` preference pairs (the demo: 833 pairs × 3
+    epochs, about 20 minutes a point) and is evaluated on the held-out prompts without the
+    borderline suite (refusal of the held-out harmful and benign prompts is still measured).
+    `quick`: the quick demo's settings."""
     cfg = demo_config(out, quick=quick, log=log)
     if quick:
         return cfg
