@@ -44,19 +44,16 @@ def run(args) -> Path:
     return run_compare(cfg)
 
 
-def _pm(e: dict, fmt: str = "{:+.3f}") -> str:
-    """A compare.json summary entry {mean, sd} as "mean ± sd" (the sd only over several seeds)."""
-    return fmt.format(e["mean"]) + (f" ± {fmt.format(e['sd']).lstrip('+')}" if e["sd"] else "")
-
-
 def _primal_dual_steps(run_dir: Path, seed: int) -> str:
     """How the primal–dual loop of one seed ended: steps run, final λ, and its episode window's
     mean safety against the target (the training-time constraint it stops on)."""
-    path = Path(run_dir) / f"seed-{seed}" / "primal_dual" / "primal_dual_log.jsonl"
+    from dualign.runio import read_jsonl
+    from dualign.train.primal_dual_config import LOG_FILE
+
+    path = Path(run_dir) / f"seed-{seed}" / "primal_dual" / LOG_FILE
     if not path.exists():
-        return "no primal_dual_log.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    last = rows[-1]
+        return f"no {LOG_FILE}"
+    last = read_jsonl(path)[-1]
     (col, lam), = last["lambda"].items()
     return (f"{last['step']} steps, λ {lam:.2f}, window safety {last['window_safety'][col]:+.3f} "
             f"(target {last['target'][col]:+.3f}), met {last.get('met_streak', 0)} steps in a row at the end")
@@ -65,6 +62,8 @@ def _primal_dual_steps(run_dir: Path, seed: int) -> str:
 def summarize(run_dir: Path) -> str:
     """The side-by-side table and the verdict, from `compare.json` in `run_dir`: means ± sd over
     the seeds, each seed's verdict, and the compute ratio per seed."""
+    from dualign.pipelines.compare import mean_sd_text
+
     d = json.loads((Path(run_dir) / "compare.json").read_text())
     missing = [m for m in METHODS if m not in d["summary"]]
     if missing:
@@ -79,11 +78,11 @@ def summarize(run_dir: Path) -> str:
         s = d["summary"][m]
         comp = s["compute"]
         holds[m] = list(s[f"{col}_holds"])
-        reward = _pm(s["reward_gain"]) + (f" [{s['reward_gain_ci'][0]:+.2f}, {s['reward_gain_ci'][1]:+.2f}]"
-                                          if one else "")
+        ci = s.get("reward_gain_ci") if one else None  # a CI only for one seed
+        reward = mean_sd_text(s["reward_gain"], "{:+.3f}") + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
         flops = {k: v / 1e12 for k, v in comp["flops_total"].items()}
-        rows.append(f"  {m:<12}{reward:>26}{_pm(s[f'{col}_gain']):>18}  {', '.join(holds[m]):<22}"
-                    f"{_pm(comp['wall_s'], '{:.0f}'):>11} s{_pm(flops, '{:.1f}'):>13} TFLOP")
+        rows.append(f"  {m:<12}{reward:>26}{mean_sd_text(s[f'{col}_gain'], '{:+.3f}'):>18}  {', '.join(holds[m]):<22}"
+                    f"{mean_sd_text(comp['wall_s'], '{:.0f}'):>11} s{mean_sd_text(flops, '{:.1f}'):>13} TFLOP")
     per_seed = []
     for seed in d["seeds"]:
         c = {m: d["per_seed"][str(seed)]["models"][m]["compute"] for m in METHODS}

@@ -27,13 +27,17 @@ from .problem import DualProblem
 MAX_TRUSTED_SHIFT = 0.5
 
 
+def relative_shift(plug_in: float, corrected: float) -> float:
+    """|corrected − plug_in| / |plug_in|: 0.1 means the prediction moves by 10% once its 1/K
+    bias is removed. Values under 1e-9 in magnitude count as 1e-9 (a zero prediction moved by
+    rounding is no shift)."""
+    return float(abs(corrected - plug_in) / max(abs(plug_in), 1e-9))
+
+
 def trusted_correction(plug_in: float, corrected: float | None) -> bool:
     """Whether a bias-corrected prediction stays within `MAX_TRUSTED_SHIFT` of its plug-in
-    value (relative to |plug_in|; values under 1e-9 in magnitude count as 1e-9). False when
-    there is no corrected value (None)."""
-    if corrected is None:
-        return False
-    return abs(corrected - plug_in) <= MAX_TRUSTED_SHIFT * max(abs(plug_in), 1e-9)
+    value (`relative_shift`). False when there is no corrected value (None)."""
+    return corrected is not None and relative_shift(plug_in, corrected) <= MAX_TRUSTED_SHIFT
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,10 @@ class SampleBias:
     k: int
 
     def relative_shift(self) -> float:
-        """Largest |corrected − plug-in| / max(|plug-in|, tiny) over reward gain, safety gains
-        and KL: 0.1 means the prediction moves by 10% once its 1/K bias is removed. Values
-        under 1e-9 in magnitude count as 1e-9 (a zero prediction moved by rounding is no shift)."""
+        """The largest `relative_shift` over reward gain, safety gains and KL."""
         pairs = [(self.reward_gain, self.reward_gain_corrected), (self.kl, self.kl_corrected),
                  *zip(self.safety_gain, self.safety_gain_corrected)]
-        return float(max(abs(c - p) / max(abs(p), 1e-9) for p, c in pairs))
+        return max(relative_shift(p, c) for p, c in pairs)
 
     def to_dict(self) -> dict:
         return {"reward_gain": float(self.reward_gain), "safety_gain": [float(v) for v in self.safety_gain],

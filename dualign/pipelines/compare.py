@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
-from ..runio import write_json, write_text
+from ..runio import read_jsonl, write_json, write_text
 from .config import OUT_HELP, MoCANConfig, validated
 from .scoring import safety_columns
 
@@ -234,8 +234,7 @@ def _train_primal_dual(cfg: CompareConfig, out: Path, seed: int, dual: DualRecor
     log(f"  primal–dual: GRPO on r + λ·g, λ by projected dual ascent, target E[g] ≥ {target:.3f}")
     res = train_primal_dual(model, tok, prompts, reward, safety, pcfg, out, resume=True,
                             metadata={"method": "primal_dual", "base_model": cfg.policy, "margins": list(dual.margins)})
-    rows = [json.loads(line) for line in Path(res.log_path).read_text().splitlines() if line.strip()]
-    episodes = sum(int(r.get("episodes", 0)) for r in rows)
+    episodes = sum(int(r.get("episodes", 0)) for r in read_jsonl(res.log_path))
     return {"model_dir": str(res.model_dir), "generated_tokens": int(res.generated_tokens),
             "trained_tokens": int(res.trained_tokens), "scored_responses": episodes * len(jobs),
             "final_lambda": {k: float(v) for k, v in res.final_lambda.items()}, "steps": int(res.global_step)}
@@ -513,7 +512,9 @@ def aggregate(per_seed: dict, cfg: CompareConfig) -> dict:
     return out
 
 
-def _ms(e: dict | None, fmt: str = "{:+.2f}", pct: bool = False) -> str:
+def mean_sd_text(e: dict | None, fmt: str = "{:+.2f}", pct: bool = False) -> str:
+    """A summary entry {mean, sd} as "mean ± sd" (the sd left out when 0: one seed); "-" for None;
+    `pct`: both as whole percentages."""
     if e is None:
         return "-"
     f = (lambda x: f"{100 * x:.0f}%") if pct else fmt.format
@@ -546,14 +547,14 @@ def format_compare_table(record: dict) -> str:
             if e is None:
                 return "-"
             ci = s.get(f"{k}_ci")
-            return f"{e['mean']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if one and ci else _ms(e)
+            return f"{e['mean']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if one and ci else mean_sd_text(e)
         holds = "; ".join(f"{', '.join(s[f'{c}_holds'])}" for c in safety if f"{c}_holds" in s) or "-"
         c = s.get("compute", {})
         fl = lambda k, c=c: f"{c[k]['mean']:.2g}" if k in c else "-"  # noqa: E731
         row = [LABELS.get(m, m), cell("reward_gain")] + [cell(f"{x}_gain") for x in safety] + \
-            [_ms(s.get(f"{x}_unsafe_rate"), pct=True) for x in safety] + [holds] + \
-            [_ms(s.get(k), pct=True) for k in ("refusal", "over_refusal", "over_refusal_borderline")] + \
-            [_ms(s.get("kl"), "{:.2f}"),
+            [mean_sd_text(s.get(f"{x}_unsafe_rate"), pct=True) for x in safety] + [holds] + \
+            [mean_sd_text(s.get(k), pct=True) for k in ("refusal", "over_refusal", "over_refusal_borderline")] + \
+            [mean_sd_text(s.get("kl"), "{:.2f}"),
              (f"{c['wall_s']['mean'] / 60:.1f} min" if "wall_s" in c else "-"),
              (f"{c['generated_tokens']['mean']:,.0f}" if "generated_tokens" in c else "-"),
              (f"{c['trained_tokens']['mean']:,.0f}" if "trained_tokens" in c else "-"),
