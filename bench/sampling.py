@@ -16,10 +16,12 @@ Tokens counted are the generated tokens up to and including the stop token.
     .venv/bin/python bench/sampling.py --demo-stage [--num-samples 4] [--batch-size 128] [--repeats 3]
 
 runs instead the demo's sample stage shape (the 106 train prompts of dualign/data/demo/prompts.jsonl
-x K, 48 new tokens, temperature 1, top-p 0.9, the demo's batch plan) with the old KV cache
-(`cache="dynamic"`, grown by concatenation) and the preallocated one (`cache="buffer"`),
-alternately in one process, `--repeats` times each: tokens/s, the roofline ratio of every run,
-their mean and spread, and whether both caches gave the same tokens.
+x K, 48 new tokens, temperature 1, top-p 0.9, the demo's batch plan) in the ways `--variants`
+names (`VARIANTS`: "dynamic", transformers' cache grown by concatenation, every prompt run whole;
+"whole", the preallocated cache, every prompt run whole; "shared", today's default, the prompts'
+common prefix run once), alternately in one process, `--repeats` times each: tokens/s, the
+roofline ratio of every run, their mean and spread, each variant's ratio to the first, and how
+many rows gave the first variant's tokens.
 """
 from __future__ import annotations
 
@@ -74,10 +76,15 @@ def timed(f):
     return r, time.perf_counter() - t
 
 
-def demo_stage(model, tok, num_samples, batch_size, repeats, caches=("dynamic", "buffer"), n_prompts=None,
+VARIANTS = {"dynamic": dict(cache="dynamic", share_prefix=False),
+            "whole": dict(cache="buffer", share_prefix=False),
+            "shared": dict(cache="buffer", share_prefix=True)}
+
+
+def demo_stage(model, tok, num_samples, batch_size, repeats, variants=("whole", "shared"), n_prompts=None,
                max_new_tokens=48):
-    """The demo's sample stage (train prompts x K, its batch plan and seeds) once per cache
-    per repeat, alternating caches so a change in machine load hits both alike."""
+    """The demo's sample stage (train prompts x K, its batch plan and seeds) once per variant
+    per repeat, alternating their order so a change in machine load hits all alike."""
     import pandas as pd
 
     from dualign.data.demo_data import demo_path
@@ -87,9 +94,9 @@ def demo_stage(model, tok, num_samples, batch_size, repeats, caches=("dynamic", 
     batches = plan_batches([len(e) for e in enc], num_samples, batch_size)
     us = [row_uniforms(0, rows, max_new_tokens) for rows in batches]
 
-    def stage(cache):
+    def stage(variant):
         return [generate_batch(model, tok, [enc[p] for p, _ in rows], max_new_tokens=max_new_tokens,
-                               temperature=1.0, top_p=0.9, uniforms=u, cache=cache)
+                               temperature=1.0, top_p=0.9, uniforms=u, **VARIANTS[variant])
                 for rows, u in zip(batches, us)]
 
     peak, per_token = matmul_peak_gflops(), linear_flops_per_token(model)
@@ -99,15 +106,15 @@ def demo_stage(model, tok, num_samples, batch_size, repeats, caches=("dynamic", 
           f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s, "
           f"{per_token / 1e9:.3f} GFLOP/token -> ceiling {ceiling:.0f} tok/s")
     generate_batch(model, tok, [enc[0]] * 4, max_new_tokens=4, temperature=0)  # warm-up
-    rates, outs = {c: [] for c in caches}, {}
+    rates, outs = {v: [] for v in variants}, {}
     for r in range(repeats):
-        for cache in (caches if r % 2 == 0 else caches[::-1]):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
             load = os.getloadavg()[0]
-            res, dt = timed(lambda c=cache: stage(c))
+            res, dt = timed(lambda v=v: stage(v))
             n = sum(len(t) for b in res for t, _ in b)
-            rates[cache].append(n / dt)
-            outs.setdefault(cache, res)
-            print(f"run {r + 1} cache={cache:7s}: {n} tokens in {dt:6.1f}s = {n / dt:6.1f} tok/s = "
+            rates[v].append(n / dt)
+            outs.setdefault(v, res)
+            print(f"run {r + 1} {v:7s}: {n} tokens in {dt:6.1f}s = {n / dt:6.1f} tok/s = "
                   f"{n / dt / ceiling:.1%} of the ceiling (load average before the run {load:.2f})", flush=True)
     # the ratio's denominator is the machine's peak: measured again at the end, the higher of
     # the two (another job running during one measurement lowers it and would flatter the ratio)
@@ -116,16 +123,15 @@ def demo_stage(model, tok, num_samples, batch_size, repeats, caches=("dynamic", 
         ceiling = peak2 * 1e9 / per_token
         print(f"fp32 matmul peak measured again: {peak2:.0f} GFLOP/s (ceiling {ceiling:.0f} tok/s); "
               f"the summary below uses it")
-    if len(outs) == 2:
-        same = sum(a == b for x, y in zip(*outs.values()) for a, b in zip(x, y))
-        print(f"tokens identical between the caches: {same}/{len(enc) * num_samples} rows")
-    for cache, v in rates.items():
-        print(f"cache={cache:7s}: {statistics.mean(v):6.1f} tok/s (min {min(v):.1f}, max {max(v):.1f}) = "
-              f"{statistics.mean(v) / ceiling:.1%} of the ceiling (min {min(v) / ceiling:.1%}, "
-              f"max {max(v) / ceiling:.1%})")
-    if len(rates) == 2:
-        print(f"RATIO buffer/dynamic tokens/s: "
-              f"{statistics.mean(rates['buffer']) / statistics.mean(rates['dynamic']):.2f}x")
+    first = variants[0]
+    for v, x in rates.items():
+        print(f"{v:7s}: {statistics.mean(x):6.1f} tok/s (min {min(x):.1f}, max {max(x):.1f}) = "
+              f"{statistics.mean(x) / ceiling:.1%} of the ceiling (min {min(x) / ceiling:.1%}, "
+              f"max {max(x) / ceiling:.1%})")
+        if v != first:
+            same = sum(a == b for x_, y_ in zip(outs[first], outs[v]) for a, b in zip(x_, y_))
+            print(f"RATIO {v}/{first} tokens/s: {statistics.mean(x) / statistics.mean(rates[first]):.2f}x; "
+                  f"rows with {first}'s tokens: {same}/{len(enc) * num_samples}")
 
 
 def main():
@@ -139,9 +145,10 @@ def main():
                     help="K for the sampling comparison; default 2 (--demo-stage: 4, the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--demo-stage", action="store_true",
-                    help="time the demo's sample stage shape with the old and the new KV cache instead")
-    ap.add_argument("--repeats", type=int, default=3, help="--demo-stage: runs per cache")
-    ap.add_argument("--caches", default="dynamic,buffer", help="--demo-stage: which caches to time")
+                    help="time the demo's sample stage shape, the ways --variants names, instead")
+    ap.add_argument("--repeats", type=int, default=3, help="--demo-stage: runs per variant")
+    ap.add_argument("--variants", default="whole,shared",
+                    help=f"--demo-stage: comma-separated, of {', '.join(VARIANTS)}; ratios are to the first")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -149,7 +156,7 @@ def main():
     model, tok = load_policy(a.model)
     if a.demo_stage:
         return demo_stage(model, tok, a.num_samples or 4, a.batch_size or 128, a.repeats,
-                          tuple(a.caches.split(",")), a.n_prompts)
+                          tuple(a.variants.split(",")), a.n_prompts)
     a.num_samples, a.batch_size, a.n_prompts = a.num_samples or 2, a.batch_size or 8, a.n_prompts or 8
     prompts = (PROMPTS * (a.n_prompts // len(PROMPTS) + 1))[:a.n_prompts]
     prompts = [p if i < len(PROMPTS) else f"{p} (variant {i})" for i, p in enumerate(prompts)]

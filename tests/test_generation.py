@@ -38,18 +38,45 @@ def test_same_seed_same_samples_any_batch_size(tiny_model, tiny_tokenizer):
 
 
 def test_a_prompt_runs_once_for_all_its_samples(tiny_model, tiny_tokenizer):
-    """The K rows of a prompt share one prefill (its cache is copied to each row), and give
-    the samples each row gives alone (batch size 1: no sharing at all)."""
-    rows_per_forward = []
+    """The prompts' common prefix (the chat template's opening) runs once for one row, each
+    prompt's own tokens once for its K rows (the cache is copied to each row), and the rows
+    give the samples each gives alone (batch size 1: no sharing at all)."""
+    shapes = []
     hook = tiny_model.register_forward_pre_hook(
-        lambda m, a, k: rows_per_forward.append(k["input_ids"].shape[0]), with_kwargs=True)
+        lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     try:
         shared = sample(tiny_model, tiny_tokenizer, PROMPTS[:2], seed=5, batch_size=6, **KW)
     finally:
         hook.remove()
-    assert rows_per_forward[0] == 2 and rows_per_forward[1] == 6  # prefill of 2 prompts, then 6 rows
+    enc = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS[:2]]
+    S = generation.shared_prefix_length(enc)
+    assert S > 0 and enc[0][:S] == enc[1][:S]
+    # the prefix for one row; the rest of the 2 prompts, left-padded; then 6 rows, a token each
+    assert shapes[:3] == [(1, S), (2, max(map(len, enc)) - S), (6, 1)]
     alone = sample(tiny_model, tiny_tokenizer, PROMPTS[:2], seed=5, batch_size=1, **KW)
     assert shared["response"].tolist() == alone["response"].tolist()
+
+
+def test_shared_prefix_length():
+    f = generation.shared_prefix_length
+    assert f([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert f([[1, 2], [1, 2]]) == 1  # every prompt keeps a token of its own
+    assert f([[7, 1], [8, 1]]) == 0
+    assert f([[1, 2, 3]]) == 0  # nothing to share with one prompt
+    assert f([[1], [1, 2]]) == 0
+
+
+def test_shared_prefix_gives_the_unshared_tokens(tiny_model, tiny_tokenizer):
+    """The common prefix run once and copied, the rest left-padded after it: the same tokens,
+    greedy and sampled, with either cache, as every prompt run whole and left-padded."""
+    enc = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS for _ in range(2)]
+    assert generation.shared_prefix_length(enc) > 3
+    u = np.random.default_rng(1).random((len(enc), 12))
+    for cache in ("buffer", "dynamic"):
+        for kw in (dict(temperature=1.0, top_p=0.9, uniforms=u), dict(temperature=0)):
+            shared, whole = (generate_batch(tiny_model, tiny_tokenizer, enc, max_new_tokens=12, cache=cache,
+                                            share_prefix=share, **kw) for share in (True, False))
+            assert shared == whole
 
 
 def test_sampler_is_inverse_cdf_of_the_nucleus(tiny_model, tiny_tokenizer):
