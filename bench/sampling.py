@@ -13,15 +13,17 @@
     ratio (target ≥ 50%).
 Tokens counted are the generated tokens up to and including the stop token.
 
-    .venv/bin/python bench/sampling.py --demo-stage [--num-samples 4] [--batch-size 128] [--repeats 3]
+    .venv/bin/python bench/sampling.py --demo-stage [--num-samples 4] [--repeats 3] [--variants before,now]
 
 runs instead the demo's sample stage shape (the 106 train prompts of dualign/data/demo/prompts.jsonl
-x K, 48 new tokens, temperature 1, top-p 0.9, the demo's batch plan) in the ways `--variants`
-names (`VARIANTS`: "dynamic", transformers' cache grown by concatenation, every prompt run whole;
-"whole", the preallocated cache, every prompt run whole; "shared", today's default, the prompts'
-common prefix run once), alternately in one process, `--repeats` times each: tokens/s, the
-roofline ratio of every run, their mean and spread, each variant's ratio to the first, and how
-many rows gave the first variant's tokens.
+x K, 48 new tokens, temperature 1, top-p 0.9) in the ways `--variants` names (`VARIANTS`:
+"dynamic", transformers' cache grown by concatenation, batches of 128, every prompt run whole,
+finished rows dropped at once; "before", the same with the preallocated cache (the sampler and
+demo setting before prefix sharing); "shared", "before" with the prompts' common prefix run once;
+"now", today's default and demo setting: the common prefix once, finished rows dropped once they
+are 1/8 of the batch, one batch of 424 rows), alternately in one process, `--repeats` times each:
+tokens/s, the roofline ratio of every run, their mean and spread, each variant's ratio to the
+first, and how many rows gave the first variant's tokens.
 """
 from __future__ import annotations
 
@@ -76,42 +78,47 @@ def timed(f):
     return r, time.perf_counter() - t
 
 
-VARIANTS = {"dynamic": dict(cache="dynamic", share_prefix=False),
-            "whole": dict(cache="buffer", share_prefix=False),
-            "shared": dict(cache="buffer", share_prefix=True)}
+AT_ONCE = 10 ** 9  # compact_at: finished rows leave the batch at the step they finish
+# name: (batch size, generate_batch settings)
+VARIANTS = {"dynamic": (128, dict(cache="dynamic", share_prefix=False, compact_at=AT_ONCE)),
+            "before": (128, dict(cache="buffer", share_prefix=False, compact_at=AT_ONCE)),
+            "shared": (128, dict(cache="buffer", share_prefix=True, compact_at=AT_ONCE)),
+            "now": (512, dict(cache="buffer", share_prefix=True))}
 
 
-def demo_stage(model, tok, num_samples, batch_size, repeats, variants=("whole", "shared"), n_prompts=None,
-               max_new_tokens=48):
-    """The demo's sample stage (train prompts x K, its batch plan and seeds) once per variant
-    per repeat, alternating their order so a change in machine load hits all alike."""
+def demo_stage(model, tok, num_samples, repeats, variants=("before", "now"), n_prompts=None, max_new_tokens=48):
+    """The demo's sample stage (train prompts x K, seeds) once per variant per repeat,
+    alternating their order so a change in machine load hits all alike."""
     import pandas as pd
 
     from dualign.data.demo_data import demo_path
 
     q = pd.read_json(demo_path("prompts"), lines=True)
     enc = [encode_prompt(tok, p) for p in q[q["split"] == "train"]["prompt"]][:n_prompts]
-    batches = plan_batches([len(e) for e in enc], num_samples, batch_size)
-    us = [row_uniforms(0, rows, max_new_tokens) for rows in batches]
 
     def stage(variant):
-        return [generate_batch(model, tok, [enc[p] for p, _ in rows], max_new_tokens=max_new_tokens,
-                               temperature=1.0, top_p=0.9, uniforms=u, **VARIANTS[variant])
-                for rows, u in zip(batches, us)]
+        batch_size, settings = VARIANTS[variant]
+        rows_out = {}
+        for rows in plan_batches([len(e) for e in enc], num_samples, batch_size):
+            res = generate_batch(model, tok, [enc[p] for p, _ in rows], max_new_tokens=max_new_tokens,
+                                 temperature=1.0, top_p=0.9, uniforms=row_uniforms(0, rows, max_new_tokens),
+                                 **settings)
+            rows_out.update(zip(rows, res))
+        return [rows_out[k] for k in sorted(rows_out)]  # by (prompt, sample), whatever the batches
 
     peak, per_token = matmul_peak_gflops(), linear_flops_per_token(model)
     ceiling = peak * 1e9 / per_token
+    plans = "; ".join(f"{v}: batches of <= {VARIANTS[v][0]}, {VARIANTS[v][1]}" for v in variants)
     print(f"demo sample stage: {len(enc)} prompts x K={num_samples} = {len(enc) * num_samples} rows, "
-          f"{len(batches)} batches of <= {batch_size}, {max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s, "
-          f"{per_token / 1e9:.3f} GFLOP/token -> ceiling {ceiling:.0f} tok/s")
+          f"{max_new_tokens} new tokens; {plans}; {torch.get_num_threads()} threads; fp32 matmul peak "
+          f"{peak:.0f} GFLOP/s, {per_token / 1e9:.3f} GFLOP/token -> ceiling {ceiling:.0f} tok/s")
     generate_batch(model, tok, [enc[0]] * 4, max_new_tokens=4, temperature=0)  # warm-up
     rates, outs = {v: [] for v in variants}, {}
     for r in range(repeats):
         for v in (variants if r % 2 == 0 else variants[::-1]):
             load = os.getloadavg()[0]
             res, dt = timed(lambda v=v: stage(v))
-            n = sum(len(t) for b in res for t, _ in b)
+            n = sum(len(t) for t, _ in res)
             rates[v].append(n / dt)
             outs.setdefault(v, res)
             print(f"run {r + 1} {v:7s}: {n} tokens in {dt:6.1f}s = {n / dt:6.1f} tok/s = "
@@ -129,7 +136,7 @@ def demo_stage(model, tok, num_samples, batch_size, repeats, variants=("whole", 
               f"{statistics.mean(x) / ceiling:.1%} of the ceiling (min {min(x) / ceiling:.1%}, "
               f"max {max(x) / ceiling:.1%})")
         if v != first:
-            same = sum(a == b for x_, y_ in zip(outs[first], outs[v]) for a, b in zip(x_, y_))
+            same = sum(a == b for a, b in zip(outs[first], outs[v]))
             print(f"RATIO {v}/{first} tokens/s: {statistics.mean(x) / statistics.mean(rates[first]):.2f}x; "
                   f"rows with {first}'s tokens: {same}/{len(enc) * num_samples}")
 
@@ -140,14 +147,14 @@ def main():
     ap.add_argument("--n-prompts", type=int, default=None,
                     help="default 8 (--demo-stage: all 106 train prompts; fewer: the first n)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=None, help="default 8 (--demo-stage: 128, the demo's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 8 (--demo-stage: each variant's own)")
     ap.add_argument("--num-samples", type=int, default=None,
                     help="K for the sampling comparison; default 2 (--demo-stage: 4, the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--demo-stage", action="store_true",
                     help="time the demo's sample stage shape, the ways --variants names, instead")
     ap.add_argument("--repeats", type=int, default=3, help="--demo-stage: runs per variant")
-    ap.add_argument("--variants", default="whole,shared",
+    ap.add_argument("--variants", default="before,now",
                     help=f"--demo-stage: comma-separated, of {', '.join(VARIANTS)}; ratios are to the first")
     a = ap.parse_args()
     if a.threads:
@@ -155,8 +162,7 @@ def main():
 
     model, tok = load_policy(a.model)
     if a.demo_stage:
-        return demo_stage(model, tok, a.num_samples or 4, a.batch_size or 128, a.repeats,
-                          tuple(a.variants.split(",")), a.n_prompts)
+        return demo_stage(model, tok, a.num_samples or 4, a.repeats, tuple(a.variants.split(",")), a.n_prompts)
     a.num_samples, a.batch_size, a.n_prompts = a.num_samples or 2, a.batch_size or 8, a.n_prompts or 8
     prompts = (PROMPTS * (a.n_prompts // len(PROMPTS) + 1))[:a.n_prompts]
     prompts = [p if i < len(PROMPTS) else f"{p} (variant {i})" for i, p in enumerate(prompts)]

@@ -319,3 +319,22 @@ def test_buffer_layer_in_place_writes_crop_and_overflow():
         layer.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
     with pytest.raises(ValueError, match="capacity"):
         BufferCache(0)
+
+
+def test_finished_rows_riding_along_change_no_tokens(tiny_model, tiny_tokenizer):
+    """Finished rows leave the batch at once, never, or at the default 1/8: the same tokens and
+    stop flags, and a finished row gets no token after its stop token."""
+    enc = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS for _ in range(3)]
+    u = np.random.default_rng(2).random((len(enc), 12))
+    first = generate_batch(tiny_model, tiny_tokenizer, enc, max_new_tokens=12, temperature=1.0, uniforms=u)
+    common = pd.Series([t for toks, _ in first for t in toks]).value_counts().index[:20].tolist()
+    model = _with_stops(tiny_model, common)
+    runs = {at: generate_batch(model, tiny_tokenizer, enc, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                               uniforms=u, **({} if at is None else {"compact_at": at}))
+            for at in (10 ** 9, 1, None)}  # at once; never (only when all are done); the default
+    assert runs[10 ** 9] == runs[1] == runs[None]
+    lengths = [len(t) for t, _ in runs[1]]
+    assert len(set(lengths)) >= 4 and max(lengths) == 12
+    for toks, ran_out in runs[1]:
+        assert ran_out == (len(toks) == 12 and toks[-1] not in common)
+        assert not any(t in common for t in toks[:-1])  # nothing after a stop token

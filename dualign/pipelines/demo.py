@@ -27,12 +27,13 @@ def _demo_settings(quick: bool, beta: float, epochs: float | None, *, margin_fra
     train = {"learning_rate": 1e-4, "per_device_train_batch_size": 4, "lora_r": 16, "lora_alpha": 32,
              "max_length": 192, "warmup_steps": 0, "save_steps": 20, "logging_steps": 5, "seed": 0,
              **train_extra, "num_train_epochs": epochs or (1 if quick else default_epochs)}
-    # sample_batch_size 128: decoding on the CPU is bound by reading the weights, so a step costs
-    # about the same for 32 rows or 128 (bench/sampling.py)
+    # sample_batch_size 512: all 424 rows of the sample stage in one batch; each decoding step
+    # reads every weight once whatever the rows, and 424 rows make 4 batches of 128 one (about
+    # 1.8 GB of keys and values; bench/sampling.py --demo-stage)
     return dict(policy=EMBEDDED_DEFAULT, margin_fraction=margin_fraction, prompts=prompts, prompt_split="train",
                 eval_prompts=prompts, eval_split="eval", max_prompts=16 if quick else 0,
                 max_eval_prompts=12 if quick else 0, num_samples=4, max_new_tokens=32 if quick else 48,
-                temperature=1.0, top_p=0.9, seed=0, sample_batch_size=128, beta=beta,
+                temperature=1.0, top_p=0.9, seed=0, sample_batch_size=512, beta=beta,
                 bootstrap=200 if quick else 1000, max_pairs=48 if quick else max_pairs, eval_num_samples=2,
                 train=train)
 
