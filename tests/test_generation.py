@@ -338,3 +338,5 @@ def test_finished_rows_riding_along_change_no_tokens(tiny_model, tiny_tokenizer)
     for toks, ran_out in runs[1]:
         assert ran_out == (len(toks) == 12 and toks[-1] not in common)
         assert not any(t in common for t in toks[:-1])  # nothing after a stop token
+    with pytest.raises(ValueError, match="compact_at"):
+        generate_batch(model, tiny_tokenizer, enc[:1], max_new_tokens=2, temperature=0, compact_at=0)

@@ -313,9 +313,10 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     A row's tokens are those it gets alone (batch size 1) up to float rounding: the same
     positions and keys, but matrix products of other shapes (the prefix for one row, padding),
     which can round differently in the last bit and, rarely, flip a sampled token. Measured
-    on the demo's 128 rows (SmolLM2-135M, 48 tokens, top-p 0.9): one row of 128 differs from
-    the layout without the shared prefix (which gave that prompt's tokens alone); the tests
-    check token equality on a tiny model.
+    on the demo's sample stage (SmolLM2-135M, 424 rows, 48 tokens, top-p 0.9): 2 rows of 424
+    differ from the layout without the shared prefix (one checked: that layout gave its tokens
+    alone); batches of 128 or one of 424 give the same rows. The tests check token equality on
+    a tiny model.
 
     Parameters
     ----------
@@ -353,7 +354,7 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     Raises
     ------
     ValueError
-        Sampling without `uniforms`, or an unknown `cache`.
+        Sampling without `uniforms`, an unknown `cache`, or `compact_at` < 1.
     """
     import torch
 
@@ -362,6 +363,8 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         raise ValueError("sampling (temperature > 0) needs per-row uniforms")
     if cache not in ("buffer", "dynamic"):
         raise ValueError(f"cache must be 'buffer' or 'dynamic'; got {cache!r}")
+    if compact_at < 1:
+        raise ValueError(f"compact_at must be >= 1; got {compact_at}")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     # Each distinct prompt is run once; its rows (the K samples of a prompt) share its key/value
