@@ -12,6 +12,13 @@ blocks' output when the cache is on) and the training loop; not model loading.
 
 Prints s/pair of each (per repeat, alternating order), the ratio, and the largest difference
 in the final training loss (same model up to float rounding).
+
+    python bench/frozen_blocks.py --mfu --pairs 64 --response-tokens 40
+
+instead measures the demo's training step (frozen blocks cached) on its own: one run of 1 epoch
+and one of 3, timed, and each again under torch's FlopCounterMode; their difference is two
+epochs of steps without the reference pass. Prints s/step, executed GFLOP/step and the share of
+the fp32 matmul peak measured in the same process (`bench/roofline.py`).
 """
 from __future__ import annotations
 
@@ -49,14 +56,47 @@ def one_run(pairs, args, cached: bool) -> tuple[float, float]:
     return (time.perf_counter() - t0) / len(pairs), res.train_loss
 
 
+def step_utilization(pairs, args) -> None:
+    """The demo's training step: time and executed FLOPs of 3 epochs minus 1 epoch."""
+    from roofline import executed_flops, matmul_peak_gflops
+
+    def run(epochs):
+        model, tok = load_policy(EMBEDDED_DEFAULT)
+        cfg = PreferenceConfig(per_device_train_batch_size=4, learning_rate=3e-4, sft_weight=1.0,
+                               num_train_epochs=epochs, max_length=192, max_response_length=args.response_tokens,
+                               lora_last_layers=10, cache_frozen_blocks=True, save_steps=100_000,
+                               logging_steps=100_000, output_dir=tempfile.mkdtemp(prefix="bench-frozen-"))
+        return lambda: train_preferences(model, tok, pairs, cfg, resume=False)
+
+    seconds, flops = {}, {}
+    for epochs in (1, 3):
+        fn = run(epochs)
+        t0 = time.perf_counter()
+        fn()
+        seconds[epochs] = time.perf_counter() - t0
+        flops[epochs] = executed_flops(run(epochs))[1]  # a separate, untimed run: counting is slow
+        print(f"{epochs} epoch(s) incl. the reference pass: {seconds[epochs]:.1f} s, "
+              f"{flops[epochs] / 1e12:.2f} TFLOP", flush=True)
+    peak = matmul_peak_gflops()
+    steps = 2 * -(-len(pairs) // 4)
+    dt, fl = seconds[3] - seconds[1], flops[3] - flops[1]
+    print(f"\ndemo training step ({len(pairs)} pairs, batch 4, {args.response_tokens}-token prefixes): "
+          f"{dt / steps:.2f} s/step, {fl / steps / 1e9:.1f} GFLOP/step executed, {fl / dt / 1e9:.0f} GFLOP/s "
+          f"= {fl / dt / 1e9 / peak:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s, measured now)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=96)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--response-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--mfu", action="store_true", help="the demo step's time and FLOP utilization instead")
     args = ap.parse_args(argv)
     pairs = demo_pairs(args.pairs)
+    if args.mfu:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # roofline.py, when imported from elsewhere
+        return step_utilization(pairs, args)
     times = {False: [], True: []}
     losses = {False: [], True: []}
     for r in range(args.repeats):
