@@ -37,6 +37,7 @@ from dualign.data.demo_data import demo_path  # noqa: E402
 from dualign.data.preferences import load_preferences  # noqa: E402
 from dualign.models.loading import EMBEDDED_DEFAULT, load_policy  # noqa: E402
 from dualign.train import PreferenceConfig, train_preferences  # noqa: E402
+from roofline import executed_flops, matmul_peak_gflops  # noqa: E402
 
 
 def demo_pairs(n: int) -> pd.DataFrame:
@@ -45,36 +46,33 @@ def demo_pairs(n: int) -> pd.DataFrame:
         label=np.where(prefs["better_response_id"] == 1, 0.95, 0.05))
 
 
-def one_run(pairs, args, cached: bool) -> tuple[float, float]:
+def demo_training(pairs, args, *, epochs: float, cached: bool):
+    """A fresh embedded model and the demo's training settings: a call that trains it on `pairs`."""
     model, tok = load_policy(EMBEDDED_DEFAULT)
     cfg = PreferenceConfig(per_device_train_batch_size=4, learning_rate=3e-4, sft_weight=1.0,
-                           num_train_epochs=args.epochs, max_length=192, max_response_length=args.response_tokens,
+                           num_train_epochs=epochs, max_length=192, max_response_length=args.response_tokens,
                            lora_last_layers=10, cache_frozen_blocks=cached, save_steps=100_000,
                            logging_steps=100_000, output_dir=tempfile.mkdtemp(prefix="bench-frozen-"))
+    return lambda: train_preferences(model, tok, pairs, cfg, resume=False)
+
+
+def one_run(pairs, args, cached: bool) -> tuple[float, float]:
+    train = demo_training(pairs, args, epochs=args.epochs, cached=cached)
     t0 = time.perf_counter()
-    res = train_preferences(model, tok, pairs, cfg, resume=False)
+    res = train()
     return (time.perf_counter() - t0) / len(pairs), res.train_loss
 
 
 def step_utilization(pairs, args) -> None:
     """The demo's training step: time and executed FLOPs of 3 epochs minus 1 epoch."""
-    from roofline import executed_flops, matmul_peak_gflops
-
-    def run(epochs):
-        model, tok = load_policy(EMBEDDED_DEFAULT)
-        cfg = PreferenceConfig(per_device_train_batch_size=4, learning_rate=3e-4, sft_weight=1.0,
-                               num_train_epochs=epochs, max_length=192, max_response_length=args.response_tokens,
-                               lora_last_layers=10, cache_frozen_blocks=True, save_steps=100_000,
-                               logging_steps=100_000, output_dir=tempfile.mkdtemp(prefix="bench-frozen-"))
-        return lambda: train_preferences(model, tok, pairs, cfg, resume=False)
-
     seconds, flops = {}, {}
     for epochs in (1, 3):
-        fn = run(epochs)
+        train = demo_training(pairs, args, epochs=epochs, cached=True)
         t0 = time.perf_counter()
-        fn()
+        train()
         seconds[epochs] = time.perf_counter() - t0
-        flops[epochs] = executed_flops(run(epochs))[1]  # a separate, untimed run: counting is slow
+        # a separate, untimed run: counting is slow
+        flops[epochs] = executed_flops(demo_training(pairs, args, epochs=epochs, cached=True))[1]
         print(f"{epochs} epoch(s) incl. the reference pass: {seconds[epochs]:.1f} s, "
               f"{flops[epochs] / 1e12:.2f} TFLOP", flush=True)
     peak = matmul_peak_gflops()
@@ -95,7 +93,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     pairs = demo_pairs(args.pairs)
     if args.mfu:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))  # roofline.py, when imported from elsewhere
         return step_utilization(pairs, args)
     times = {False: [], True: []}
     losses = {False: [], True: []}
